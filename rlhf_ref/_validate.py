@@ -1,0 +1,131 @@
+"""Input validation shared by the reference and every backend wrapper.
+
+Every public function validates once, at its boundary, and raises an error that
+names the argument, what was expected and what was got (numpy/torch style).
+Kernels run with bounds checks off, so nothing past this point catches mistakes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+FLOAT_DTYPES = (np.float32, np.float64)
+
+
+def as_int_array(x, name, ndim=None, shape=None):
+    """Return ``x`` as an int64 array; refuse floats, bools and wrong shapes."""
+    a = np.asarray(x)
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be an integer array, got dtype {a.dtype}")
+    if ndim is not None and a.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {a.shape}")
+    if shape is not None:
+        check_shape(a, name, shape)
+    return a.astype(np.int64, copy=False)
+
+
+def as_float_array(x, name, ndim=None, shape=None, dtype=None, finite=True):
+    """Return ``x`` as a float array (``dtype`` if given, else float64 unless already float32/64)."""
+    a = np.asarray(x)
+    if a.dtype.kind not in "fiub":
+        raise TypeError(f"{name} must be a real numeric array, got dtype {a.dtype}")
+    if dtype is not None:
+        a = a.astype(dtype, copy=False)
+    elif a.dtype not in FLOAT_DTYPES:
+        a = a.astype(np.float64)
+    if ndim is not None and a.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {a.shape}")
+    if shape is not None:
+        check_shape(a, name, shape)
+    if finite and a.size and not np.all(np.isfinite(a)):
+        bad = tuple(int(i) for i in np.argwhere(~np.isfinite(a))[0])
+        raise ValueError(f"{name} must be finite, got {a[bad]} at index {bad}")
+    return a
+
+
+def check_shape(a, name, shape):
+    """``shape`` may contain None for free dimensions."""
+    if a.ndim != len(shape) or any(s is not None and s != d for s, d in zip(shape, a.shape)):
+        want = "(" + ", ".join("?" if s is None else str(s) for s in shape) + ")"
+        raise ValueError(f"{name} must have shape {want}, got {a.shape}")
+
+
+def check_range(value, name, lo=None, hi=None, lo_open=False, hi_open=False):
+    v = float(value)
+    if not np.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if lo is not None and (v < lo or (lo_open and v == lo)):
+        raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {value!r}")
+    if hi is not None and (v > hi or (hi_open and v == hi)):
+        raise ValueError(f"{name} must be {'<' if hi_open else '<='} {hi}, got {value!r}")
+    return v
+
+
+def check_choice(value, name, choices):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
+    return value
+
+
+def check_tokens(tokens, vocab_size, name="tokens"):
+    """tokens (B, T) int; ids must lie in [0, V) where they are read (checked by caller with mask)."""
+    t = as_int_array(tokens, name, ndim=2)
+    return t
+
+
+def check_batch(tokens, mask, prompt_len=None, vocab_size=None):
+    """Validate an episode batch (DESIGN.md §2) and return (tokens int64, mask float64, prompt_len int64).
+
+    mask must be 0/1 and right-padded (each row a prefix of ones); token ids at
+    real positions must lie in [0, vocab_size); prompt_len must be >= 1 on every
+    non-empty row and <= the row length.
+    """
+    tokens = as_int_array(tokens, "tokens", ndim=2)
+    B, T = tokens.shape
+    m = np.asarray(mask)
+    if m.dtype.kind not in "biuf":
+        raise TypeError(f"mask must be a 0/1 numeric or bool array, got dtype {m.dtype}")
+    check_shape(m, "mask", (B, T))
+    if not np.all((m == 0) | (m == 1)):
+        raise ValueError("mask must contain only 0 and 1")
+    m = m.astype(np.float64)
+    lengths = m.sum(axis=1).astype(np.int64)
+    prefix = np.arange(T)[None, :] < lengths[:, None]
+    if not np.array_equal(prefix, m.astype(bool)):
+        row = int(np.argwhere(np.any(prefix != m.astype(bool), axis=1))[0, 0])
+        raise ValueError(f"mask must be right-padded (each row a prefix of ones); row {row} is {m[row].astype(int).tolist()}")
+    if vocab_size is not None and tokens.size:
+        real = m.astype(bool)
+        bad = real & ((tokens < 0) | (tokens >= vocab_size))
+        if bad.any():
+            b, t = (int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(f"tokens must lie in [0, {vocab_size}) on real positions; tokens[{b}, {t}] = {tokens[b, t]}")
+    if prompt_len is None:
+        return tokens, m, None
+    pl = as_int_array(prompt_len, "prompt_len", ndim=1, shape=(B,))
+    nonempty = lengths > 0
+    if np.any(pl[nonempty] < 1):
+        b = int(np.argwhere(nonempty & (pl < 1))[0, 0])
+        raise ValueError(f"prompt_len must be >= 1 (BOS included) on non-empty rows; prompt_len[{b}] = {pl[b]}")
+    if np.any(pl < 0) or np.any(pl > np.maximum(lengths, 0) + (~nonempty) * T):
+        b = int(np.argwhere((pl < 0) | ((pl > lengths) & nonempty))[0, 0])
+        raise ValueError(f"prompt_len must lie in [1, row length]; prompt_len[{b}] = {pl[b]} with row length {lengths[b]}")
+    return tokens, m, pl
+
+
+def check_params(params, expected, name="params"):
+    """``expected`` maps key -> shape. Missing, extra, non-finite or misshapen entries raise."""
+    if not isinstance(params, dict):
+        raise TypeError(f"{name} must be a dict of arrays, got {type(params).__name__}")
+    missing = sorted(set(expected) - set(params))
+    if missing:
+        raise ValueError(f"{name} is missing {missing}; expected keys {sorted(expected)}")
+    for k, shape in expected.items():
+        a = params[k]
+        if not isinstance(a, np.ndarray) or a.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name}[{k!r}] must be a float32 or float64 ndarray, got "
+                            f"{type(a).__name__}{'' if not hasattr(a, 'dtype') else ' ' + str(a.dtype)}")
+        if a.shape != tuple(shape):
+            raise ValueError(f"{name}[{k!r}] must have shape {tuple(shape)}, got {a.shape}")
+        if not np.all(np.isfinite(a)):
+            raise ValueError(f"{name}[{k!r}] must be finite")
