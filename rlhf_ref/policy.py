@@ -1,0 +1,112 @@
+"""The policy over action scores: the readable reference; the kernels in ``_core`` must match it.
+
+Given action scores z (..., V) from the head, DESIGN.md §3 (seed §4.2):
+
+    Boltzmann           log π(a|s)   = α·z_a − logsumexp(α·z)                (max-shifted)
+    ε-mixture           π_ε(a|s)     = (1−ε)·softmax(α·z)_a + ε/V
+                        log π_ε(a|s) = logaddexp(log1p(−ε) + log π(a|s), log(ε/V))   (ε = 0: log π)
+    gradient            ∂ log π_ε(a)/∂z = (1−ε)·(π_a/π_ε,a)·α·(onehot(a) − π)
+    entropy             H = −Σ_a π_ε(a) log π_ε(a),  0·log 0 = 0
+                        ∂H/∂z_j = −(1−ε)·α·π_j·(log π_ε,j − Σ_k π_k log π_ε,k)
+    classic ε-greedy    q = (1−ε)·onehot(argmax z) + ε/V   (ties to the lowest index; ε = 0 is greedy)
+                        zero gradient: for decoding and evaluation, never for training.
+
+Sampling is by inverse CDF from a pre-drawn uniform u ∈ [0, 1): a = #{k : cdf_k ≤ u} with
+cdf the running sum of q from index 0; if rounding leaves u ≥ cdf_{V−1}, the last token with
+q > 0 (DESIGN.md §4). The distribution that samples is the one whose log-probs enter the loss.
+
+Shapes: any leading shape ``(...)``; the last axis is the vocabulary V.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._validate import check_range, check_choice
+
+KINDS = ("boltzmann", "eps_greedy", "greedy")
+
+
+def check_policy_args(alpha, eps, kind="boltzmann"):
+    """Validate α > 0, ε ∈ [0, 1] and the policy kind; returns (alpha, eps, kind)."""
+    check_choice(kind, "policy", KINDS)
+    alpha = check_range(alpha, "alpha", lo=0.0, lo_open=True)
+    eps = check_range(eps, "eps", lo=0.0, hi=1.0)
+    if kind == "greedy" and eps != 0.0:
+        raise ValueError(f"eps must be 0 for the greedy policy, got {eps!r}")
+    return alpha, eps, kind
+
+
+def logsumexp(x, axis=-1):
+    """log Σ exp(x) along ``axis``, max-shifted; rows of -inf give -inf."""
+    m = np.max(x, axis=axis, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    with np.errstate(divide="ignore"):
+        return (m + np.log(np.sum(np.exp(x - m), axis=axis, keepdims=True))).squeeze(axis)
+
+
+def log_softmax(x, axis=-1):
+    """x − logsumexp(x), max-shifted."""
+    return x - np.expand_dims(logsumexp(x, axis), axis)
+
+
+def logprobs(z, alpha=1.0, eps=0.0, kind="boltzmann"):
+    """Full log-distribution log q(·|s) (..., V) of the chosen policy over scores z (..., V)."""
+    alpha, eps, kind = check_policy_args(alpha, eps, kind)
+    V = z.shape[-1]
+    if kind == "boltzmann":
+        logp = log_softmax(alpha * z)
+        if eps == 0.0:
+            return logp
+        with np.errstate(divide="ignore"):
+            return np.logaddexp(np.log1p(-eps) + logp, np.log(eps / V))
+    # classic ε-greedy / greedy: argmax ties to the lowest index
+    greedy = np.argmax(z, axis=-1)
+    onehot = np.arange(V) == greedy[..., None]
+    q = (1.0 - eps) * onehot + eps / V
+    with np.errstate(divide="ignore"):
+        return np.log(q).astype(z.dtype, copy=False)
+
+
+def entropy(logq):
+    """H = −Σ q log q over the last axis, with 0·log 0 = 0."""
+    q = np.exp(logq)
+    return -np.sum(np.where(q > 0, q * logq, 0.0), axis=-1)
+
+
+def grad_logprob(z, actions, upstream, alpha=1.0, eps=0.0):
+    """∂/∂z of Σ upstream·log π_ε(actions|s) for the Boltzmann ε-mixture.
+
+    z (..., V), actions (...) int, upstream (...) -> dz (..., V).
+    """
+    V = z.shape[-1]
+    pi = np.exp(log_softmax(alpha * z))                      # softmax(α z)
+    onehot = np.arange(V) == actions[..., None]
+    scale = upstream * alpha
+    if eps > 0.0:
+        logq = logprobs(z, alpha, eps)
+        pa = np.take_along_axis(pi, actions[..., None], -1)[..., 0]
+        qa = np.exp(np.take_along_axis(logq, actions[..., None], -1)[..., 0])
+        scale = scale * (1.0 - eps) * pa / qa                # (1−ε)·π_a/π_ε,a
+    return scale[..., None] * (onehot - pi)
+
+
+def grad_entropy(z, upstream, alpha=1.0, eps=0.0):
+    """∂/∂z of Σ upstream·H(π_ε(·|s)): −(1−ε)·α·π_j·(log π_ε,j − Σ_k π_k log π_ε,k)."""
+    pi = np.exp(log_softmax(alpha * z))
+    logq = logprobs(z, alpha, eps)
+    pl = np.where(pi > 0, pi * logq, 0.0)                    # π_j log π_ε,j with 0·log 0 = 0
+    return -(upstream * (1.0 - eps) * alpha)[..., None] * (pl - pi * pl.sum(-1, keepdims=True))
+
+
+def sample(logq, u):
+    """Inverse-CDF sampling from log-distributions logq (N, V) with uniforms u (N,) -> ids (N,)."""
+    q = np.exp(logq)
+    cdf = np.cumsum(q, axis=-1)
+    a = np.sum(cdf <= u[:, None], axis=-1)
+    over = a >= q.shape[-1]
+    if np.any(over):
+        # rounding left u >= cdf_{V-1}: the last token with q > 0
+        last = q.shape[-1] - 1 - np.argmax((q > 0)[:, ::-1], axis=-1)
+        a = np.where(over, last, a)
+    return a.astype(np.int64)

@@ -1,0 +1,191 @@
+"""REINFORCE with a KL penalty to a frozen reference policy: the readable reference objective.
+
+Written to be MINIMISED; descent on L is ascent on the expected return J (DESIGN.md §3).
+The founding article writes θ ← θ − η·∇logP·Σγᵗ R_t, which *descends* the return: a sign
+slip. Here θ ← θ − η·∇L with L = L_pg + L_ent + L_value, and
+
+    L_pg    = −Σ_{b,t} w_{b,t} · A_{b,t} · log π_θ(a_t|s_t)
+    L_ent   = −c_H · Σ w · H(π_ε(·|s_t))
+    L_value = c_V · ½ · Σ w · (V(s_t) − G_t)²           (Q(s_t, a_t) for the qvalue critic)
+
+with aggregation weights w (B, T) on the action mask m, N = Σ m, rows with an action n_rows:
+
+    token_mean   w = m / N
+    seq_mean     w = m / (n_b · n_rows)      each row's token mean, averaged over rows
+    seq_sum      w = m / n_rows              the only one unbiased when lengths vary
+
+Held constant (no gradient): A, G, the baselines, whitening statistics, R and β·k. Entropy is
+not held constant. The value of L_pg is not a measure of performance.
+
+    loss_and_grad(params, tokens, mask, prompt_len, reward, cfg, ref_params=...) -> out, grads
+
+``out`` holds every intermediate in data-flow order (the golden vectors store the same names).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, asdict
+
+import numpy as np
+
+from . import model, policy, returns as ret
+from ._validate import as_float_array, check_choice, check_range
+
+AGGREGATIONS = ("token_mean", "seq_mean", "seq_sum")
+
+
+@dataclass(frozen=True)
+class ReinforceConfig:
+    """Every convention and coefficient of the REINFORCE objective (defaults of DESIGN.md §3)."""
+    alpha: float = 1.0          #: inverse temperature α > 0 of the Boltzmann policy
+    eps: float = 0.0            #: ε ∈ [0, 1] of the trainable ε-mixture
+    gamma: float = 1.0          #: discount γ ∈ [0, 1]
+    beta: float = 0.05          #: KL coefficient β ≥ 0
+    kl: str = "k1"              #: KL estimator in the reward: k1, k2, k3
+    returns: str = "rtg"        #: "rtg" (reward-to-go) or "total" (the article's Σγᵗ r_t)
+    baseline: str = "value"     #: value, qvalue, mean, loo, none
+    whiten: str = "off"         #: advantage whitening: off, population, bessel
+    shift_mean: bool = True     #: whitening subtracts the mean (False adds it back)
+    aggregation: str = "token_mean"  #: token_mean, seq_mean, seq_sum
+    entropy_coef: float = 0.0   #: c_H ≥ 0
+    value_coef: float = 0.5     #: c_V ≥ 0
+
+    def __post_init__(self):
+        check_range(self.alpha, "alpha", lo=0.0, lo_open=True)
+        check_range(self.eps, "eps", lo=0.0, hi=1.0)
+        check_range(self.gamma, "gamma", lo=0.0, hi=1.0)
+        check_range(self.beta, "beta", lo=0.0)
+        check_choice(self.kl, "kl", ret.KL_ESTIMATORS)
+        check_choice(self.returns, "returns", ret.RETURNS)
+        check_choice(self.baseline, "baseline", ret.BASELINES)
+        check_choice(self.whiten, "whiten", ret.WHITEN)
+        check_choice(self.aggregation, "aggregation", AGGREGATIONS)
+        check_range(self.entropy_coef, "entropy_coef", lo=0.0)
+        check_range(self.value_coef, "value_coef", lo=0.0)
+        if not isinstance(self.shift_mean, bool):
+            raise TypeError(f"shift_mean must be a bool, got {self.shift_mean!r}")
+
+    @property
+    def critic(self):
+        """The critic head: 'qvalue' with the qvalue baseline, else 'value'."""
+        return "qvalue" if self.baseline == "qvalue" else "value"
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def aggregation_weights(action_mask, kind="token_mean"):
+    """The weights w (B, T) that turn per-token terms into the loss: L = Σ w·ℓ."""
+    check_choice(kind, "aggregation", AGGREGATIONS)
+    m = (action_mask > 0).astype(np.float64)
+    N = m.sum()
+    if N == 0:
+        raise ValueError("the batch has no action (action_mask is all 0): the loss is undefined")
+    n_row = m.sum(axis=1, keepdims=True)
+    n_rows = np.count_nonzero(n_row)
+    if kind == "token_mean":
+        return m / N
+    if kind == "seq_sum":
+        return m / n_rows
+    return np.where(n_row > 0, m / np.maximum(n_row, 1) / n_rows, 0.0)
+
+
+def token_logprobs(logq, tokens, action_mask):
+    """log q(a_t|s_t) (B, T) picked from the full log-distribution, 0 off the action mask."""
+    lp = np.take_along_axis(logq, tokens[:, :, None], axis=-1)[:, :, 0]
+    return np.where(action_mask > 0, lp, 0.0)
+
+
+def sequence_logprobs(params, tokens, mask, prompt_len, alpha=1.0, eps=0.0):
+    """The policy's log-probs of the tokens it produced, (B, T), 0 off the action mask."""
+    policy.check_policy_args(alpha, eps)
+    _, tokens, mask, prompt_len = model.prepare(params, tokens, mask, prompt_len)
+    out, _ = model.forward(params, tokens, mask)
+    am = model.action_mask(mask, prompt_len)
+    return token_logprobs(policy.logprobs(out["scores"], alpha, eps), tokens, am)
+
+
+def loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, ref_params=None, ref_logp=None,
+                  term_grads=False):
+    """The RL loss, every intermediate and ∇L for every parameter.
+
+    params       policy: embedding, lstm, head and the critic head (value, or qvalue)
+    tokens, mask, prompt_len   the episode batch (DESIGN.md §2)
+    reward       (B,) sequence rewards R, added at each row's last action
+    ref_params   the frozen reference policy (scored with the same α, ε), or
+    ref_logp     its token log-probs (B, T) precomputed
+    term_grads   also return the gradient of each loss term: grads['terms'] = {'pg', 'ent', 'value'}
+    """
+    cfg = ReinforceConfig() if cfg is None else cfg
+    if not isinstance(cfg, ReinforceConfig):
+        raise TypeError(f"cfg must be a ReinforceConfig, got {type(cfg).__name__}")
+    V, tokens, mask, prompt_len = model.prepare(params, tokens, mask, prompt_len, ("head", cfg.critic))
+    B, T = tokens.shape
+    reward = as_float_array(reward, "reward", ndim=1, shape=(B,))
+    am = model.action_mask(mask, prompt_len)                                     # (B, T)
+    w = aggregation_weights(am, cfg.aggregation)                                 # (B, T)
+
+    # policy forward: scores, full log-distribution, log-probs of the taken tokens, entropy
+    fwd, cache = model.forward(params, tokens, mask)
+    logq = policy.logprobs(fwd["scores"], cfg.alpha, cfg.eps)                    # (B, T, V)
+    logp = token_logprobs(logq, tokens, am)                                      # (B, T)
+    ent = np.where(am > 0, policy.entropy(logq), 0.0)                            # (B, T)
+
+    # the frozen reference policy, same α and ε
+    if (ref_params is None) == (ref_logp is None):
+        raise ValueError("give exactly one of ref_params (a policy dict) or ref_logp (B, T)")
+    if ref_params is not None:
+        ref_logp = sequence_logprobs(ref_params, tokens, mask, prompt_len, cfg.alpha, cfg.eps)
+    else:
+        ref_logp = np.where(am > 0, as_float_array(ref_logp, "ref_logp", shape=(B, T)), 0.0)
+
+    # KL-shaped rewards, returns, baseline, advantages (all constants for the gradient)
+    kl = ret.kl_per_token(logp, ref_logp, am, cfg.kl)
+    rewards = ret.shaped_rewards(kl, reward, am, cfg.beta)
+    G = ret.discounted_returns(rewards, am, cfg.gamma, cfg.returns)
+    values = fwd.get("values")
+    qvalues = fwd.get("qvalues")
+    b = ret.baseline(cfg.baseline, G, am, values=values, qvalues=qvalues, logq=logq)
+    adv = ret.whiten(np.where(am > 0, G - b, 0.0), am, cfg.whiten, cfg.shift_mean)
+
+    # the critic's prediction at each action
+    if cfg.critic == "value":
+        pred = np.where(am > 0, values, 0.0)
+    else:
+        pred = token_logprobs(qvalues, tokens, am)                              # Q(s_t, a_t)
+
+    # the losses, minimised
+    loss_pg = -np.sum(w * adv * logp)
+    loss_ent = -cfg.entropy_coef * np.sum(w * ent)
+    loss_value = cfg.value_coef * 0.5 * np.sum(w * (pred - G) ** 2)
+    out = {
+        "action_mask": am, "scores": fwd["scores"], "logq": logq, "logp": logp, "ref_logp": ref_logp,
+        "entropy": ent, "kl": kl, "rewards": rewards, "returns": G,
+    }
+    if values is not None:
+        out["values"] = values
+    if qvalues is not None:
+        out["qvalues"] = qvalues
+    out.update({"baseline": b, "advantages": adv, "weights": w,
+                "loss_pg": loss_pg, "loss_ent": loss_ent, "loss_value": loss_value,
+                "loss": loss_pg + loss_ent + loss_value})
+
+    # upstream gradients at the heads
+    d_logp = -w * adv                                                            # ∂L_pg/∂logp
+    dz_pg = policy.grad_logprob(fwd["scores"], tokens, d_logp, cfg.alpha, cfg.eps)
+    dz_ent = policy.grad_entropy(fwd["scores"], -cfg.entropy_coef * w, cfg.alpha, cfg.eps)
+    d_pred = cfg.value_coef * w * (pred - G)                                     # ∂L_value/∂pred
+    if cfg.critic == "value":
+        dcritic = {"dvalues": d_pred}
+    else:
+        dq = np.zeros_like(qvalues)
+        np.put_along_axis(dq, tokens[:, :, None], d_pred[:, :, None], axis=-1)
+        dcritic = {"dqvalues": dq}
+    grads = model.backward(cache, dscores=dz_pg + dz_ent, **dcritic)
+    if term_grads:
+        grads["terms"] = {
+            "pg": model.backward(cache, dscores=dz_pg),
+            "ent": model.backward(cache, dscores=dz_ent),
+            "value": model.backward(cache, **dcritic),
+        }
+    return out, grads
