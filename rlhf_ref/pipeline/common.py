@@ -1,0 +1,264 @@
+"""What every training stage shares: the backend, text ↔ token batches, sampling, checkpoints.
+
+Every heavy computation of the pipeline goes through a *backend* (docs/internals.md, "The
+backend interface"): ``rollout``, ``sft_loss_and_grad``, ``bt_loss_and_grad``,
+``reward_forward``, ``reinforce_loss_and_grad`` and ``sequence_logprobs``. The stages never call
+the reference modules for those, so a compiled backend speeds up this same code unchanged.
+A stage takes ``backend`` as a name ("auto", "numpy", "cython", "numba", "cuda": resolved by
+``rlhf_ref.backends.get``) or as a backend module itself.
+
+Text layout (DESIGN.md §2): a text is ``BOS + characters (+ EOS)``; a prompt is ``BOS +
+prompt characters`` and its ``prompt_len`` counts the BOS; the response follows.
+
+Checkpoints (``save_stage`` / ``load_stage``) go through ``rlhf_ref.io``: an ``.npz`` of arrays
+(never pickled) and a JSON manifest with the schema version, the stage's config, the vocabulary,
+the step reached, the optimiser step count and the state of the stage's random generator
+(``Generator.bit_generator.state`` is plain JSON), so a resumed stage continues exactly where an
+uninterrupted one would be.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+from ..tokenizer import BOS, EOS, PAD, Vocab
+
+DTYPES = {"float32": np.float32, "float64": np.float64}
+
+
+# ---------------------------------------------------------------------------------------------
+# backend
+
+def resolve_backend(backend="auto", job="train"):
+    """A backend module from a name (through the registry) or the module itself."""
+    if not isinstance(backend, str):
+        missing = [f for f in ("rollout", "sft_loss_and_grad", "reinforce_loss_and_grad") if not hasattr(backend, f)]
+        if missing:
+            raise TypeError(f"backend must be a name or a backend module; {backend!r} lacks {missing}")
+        return backend
+    from .. import backends
+    return backends.get(backend, job=job)
+
+
+def backend_name(be):
+    """The short name of a backend module ('numpy', 'cython', ...)."""
+    name = getattr(be, "NAME", None) or getattr(be, "name", None)
+    if isinstance(name, str):
+        return name
+    mod = getattr(be, "__name__", type(be).__name__)
+    return mod.rsplit(".", 1)[-1].replace("_backend_", "").strip("_")
+
+
+def check_dtype(dtype):
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+# ---------------------------------------------------------------------------------------------
+# text <-> token batches
+
+class EncodedTexts:
+    """A list of token sequences stored padded once, so that batches are cheap slices.
+
+    ``ids`` (N, Tmax) int64 right-padded with PAD, ``lengths`` (N,).
+    """
+
+    def __init__(self, seqs):
+        seqs = [np.asarray(s, dtype=np.int64) for s in seqs]
+        if not seqs:
+            raise ValueError("no sequences to encode")
+        self.lengths = np.array([len(s) for s in seqs], dtype=np.int64)
+        self.ids = np.full((len(seqs), int(self.lengths.max())), PAD, dtype=np.int64)
+        for i, s in enumerate(seqs):
+            self.ids[i, :len(s)] = s
+
+    def __len__(self):
+        return len(self.lengths)
+
+    def batch(self, idx):
+        """(tokens (B, T), mask (B, T)) for the rows idx, T the longest of them."""
+        idx = np.asarray(idx, dtype=np.int64)
+        L = self.lengths[idx]
+        T = int(L.max())
+        tokens = self.ids[idx, :T].copy()
+        mask = (np.arange(T)[None, :] < L[:, None]).astype(np.float64)
+        return tokens, mask
+
+
+def encode_texts(vocab, texts, eos=True, errors="strict"):
+    """Texts as BOS + characters (+ EOS), kept padded once (``EncodedTexts``).
+
+    errors="replace" maps characters outside the vocabulary to UNK (for sampled text, whose UNK
+    decodes to U+FFFD, and for preference files from elsewhere)."""
+    return EncodedTexts([vocab.encode(t, eos=eos, errors=errors) for t in texts])
+
+
+def encode_prompts(vocab, prompts, max_new):
+    """Prompt batch for sampling: tokens (B, Pmax + max_new) with BOS + prompt, and prompt_len (B,)."""
+    if int(max_new) < 1:
+        raise ValueError(f"max_new (the response length limit) must be >= 1, got {max_new}")
+    enc = [vocab.encode(p) for p in prompts]
+    pl = np.array([len(e) for e in enc], dtype=np.int64)
+    T = int(pl.max()) + int(max_new)
+    tokens = np.full((len(enc), T), PAD, dtype=np.int64)
+    for b, e in enumerate(enc):
+        tokens[b, :len(e)] = e
+    return tokens, pl
+
+
+def decode_responses(vocab, tokens, mask, prompt_len):
+    """The response text of each row (after the prompt, up to EOS)."""
+    out = []
+    for b in range(tokens.shape[0]):
+        n = int(mask[b].sum())
+        out.append(vocab.decode(tokens[b, int(prompt_len[b]):n]))
+    return out
+
+
+def ended_with_eos(tokens, mask):
+    """(B,) bool: the row's last real token is EOS (False: truncated at the length limit)."""
+    n = mask.sum(axis=1).astype(np.int64)
+    return tokens[np.arange(len(n)), np.maximum(n - 1, 0)] == EOS
+
+
+def pair_batch(vocab, prompts, responses):
+    """Full texts BOS + prompt + response + EOS as (tokens, mask), for the reward model."""
+    enc = EncodedTexts([vocab.encode(p + r, eos=True, errors="replace") for p, r in zip(prompts, responses)])
+    return enc.batch(np.arange(len(enc)))
+
+
+def generate(backend, params, vocab, prompts, rng, max_new, alpha=1.0, eps=0.0, kind="boltzmann",
+             ref_params=None, values=False):
+    """Sample one response per prompt through ``backend.rollout``.
+
+    The uniforms u (B, T) are drawn from ``rng`` (the only randomness). Returns the rollout dict
+    plus 'prompt_len', 'prompts', 'responses' (decoded text) and 'eos' (ended with EOS).
+    """
+    prompts = list(prompts)
+    tokens, pl = encode_prompts(vocab, prompts, max_new)
+    u = rng.random(tokens.shape)                                       # (B, T) token-aligned uniforms
+    ro = dict(backend.rollout(params, tokens, pl, u, alpha=alpha, eps=eps, kind=kind, eos_id=EOS,
+                              ref_params=ref_params, values=values))
+    ro["prompt_len"] = pl
+    ro["prompts"] = prompts
+    ro["responses"] = decode_responses(vocab, ro["tokens"], ro["mask"], pl)
+    ro["eos"] = ended_with_eos(ro["tokens"], ro["mask"])
+    return ro
+
+
+# ---------------------------------------------------------------------------------------------
+# parameters
+
+def policy_part(params):
+    """The policy without its critic heads (what π_ref keeps and what ``rollout`` needs)."""
+    return {k: v for k, v in params.items() if not k.startswith(("value.", "qvalue."))}
+
+
+def copy_params(params):
+    return {k: np.array(v, copy=True) for k, v in params.items()}
+
+
+def cast_params(params, dtype):
+    return {k: np.asarray(v, dtype=dtype).copy() for k, v in params.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# random generators (JSON-able state)
+
+def make_rng(seed, stage):
+    """The stage's generator: PCG64 seeded from (seed, a fixed number per stage name)."""
+    tag = int.from_bytes(stage.encode("utf-8")[:8].ljust(8, b"\0"), "little")
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), tag])))
+
+
+def rng_state(rng):
+    return rng.bit_generator.state
+
+
+def rng_from_state(state):
+    name = state.get("bit_generator") if isinstance(state, dict) else None
+    if name != "PCG64":
+        raise ValueError(f"checkpoint rng state must be a PCG64 state dict, got {name!r}")
+    bg = np.random.PCG64()
+    bg.state = state
+    return np.random.Generator(bg)
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+
+def config_dict(cfg):
+    return dataclasses.asdict(cfg)
+
+
+def save_stage(path, *, stage, step, done, cfg, vocab, groups, rng=None, opt_state=None, extra=None):
+    """Write a stage checkpoint atomically through ``rlhf_ref.io.save_checkpoint``.
+
+    groups   {'policy': params, 'ref': params, ...}: arrays stored as '<group>/<key>'
+    opt_state Adam state ({'t', 'm', 'v'}) stored as 'adam_m/<key>', 'adam_v/<key>' + t in the manifest
+    """
+    from .. import io
+    folder = os.path.dirname(os.fspath(path))
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    arrays = {}
+    for g, params in groups.items():
+        for k, v in params.items():
+            arrays[f"{g}/{k}"] = np.asarray(v)
+    meta = {"stage": stage, "step": int(step), "done": bool(done), "config": config_dict(cfg)
+            if dataclasses.is_dataclass(cfg) else dict(cfg), "groups": sorted(groups)}
+    if opt_state is not None:
+        for k in opt_state["m"]:
+            arrays[f"adam_m/{k}"] = opt_state["m"][k]
+            arrays[f"adam_v/{k}"] = opt_state["v"][k]
+        meta["adam_t"] = int(opt_state["t"])
+    if rng is not None:
+        meta["rng_state"] = rng_state(rng)
+    if extra:
+        meta["extra"] = extra
+    io.save_checkpoint(path, arrays, config=meta, vocab=vocab)
+    return path
+
+
+def load_stage(path, stage=None):
+    """Read a stage checkpoint; returns a dict with 'groups', 'opt_state', 'rng', 'step', 'done',
+    'config', 'vocab', 'extra'. Errors (missing file, truncated, wrong schema, pickle inside) come
+    from ``rlhf_ref.io`` and name the file."""
+    from .. import io
+    arrays, manifest = io.load_checkpoint(path)
+    meta = manifest["config"]
+    if not isinstance(meta, dict) or "stage" not in meta or "step" not in meta:
+        raise ValueError(f"{path}: not a pipeline checkpoint (its manifest has no 'stage'/'step')")
+    if stage is not None and meta["stage"] != stage:
+        raise ValueError(f"{path}: a {meta['stage']!r} checkpoint, expected a {stage!r} one")
+    groups = {}
+    for name, a in arrays.items():
+        g, _, k = name.partition("/")
+        if g in ("adam_m", "adam_v"):
+            continue
+        groups.setdefault(g, {})[k] = a
+    opt_state = None
+    if "adam_t" in meta:
+        opt_state = {"t": int(meta["adam_t"]),
+                     "m": {n.partition("/")[2]: a for n, a in arrays.items() if n.startswith("adam_m/")},
+                     "v": {n.partition("/")[2]: a for n, a in arrays.items() if n.startswith("adam_v/")}}
+    vocab = manifest.get("vocab")
+    return {"groups": groups, "opt_state": opt_state,
+            "rng": rng_from_state(meta["rng_state"]) if "rng_state" in meta else None,
+            "step": int(meta["step"]), "done": bool(meta["done"]), "config": meta["config"],
+            "vocab": vocab if isinstance(vocab, Vocab) or vocab is None else Vocab.from_json(vocab),
+            "extra": meta.get("extra", {}), "stage": meta["stage"], "path": os.fspath(path)}
+
+
+def check_same_config(ckpt, cfg, path):
+    """A resumed stage must run the config it was started with; say which fields differ."""
+    now = config_dict(cfg)
+    then = ckpt["config"]
+    diff = [f"{k}: checkpoint {then.get(k)!r}, now {now[k]!r}" for k in now if then.get(k) != now[k]]
+    if diff:
+        raise ValueError(f"{path} was written with a different {ckpt['stage']} config ({'; '.join(diff)}); "
+                         f"resume with the same settings, or start a fresh run folder")

@@ -1,0 +1,200 @@
+"""Stage 3 — RL fine-tuning with REINFORCE and a KL penalty to the frozen π_ref.
+
+Each iteration (DESIGN.md §3, ``reinforce.py``):
+
+1. draw a batch of prompts and the uniforms u (B, T) from the stage's one seeded generator, and
+   sample responses with ``backend.rollout`` (it also scores them under π_ref: ``ref_logp``);
+2. score each finished text with the reward — the reward model (``backend.reward_forward`` on
+   ``BOS + prompt + response + EOS``, standardised by its mean and spread on π_ref's own samples,
+   measured once at the start), or any callable ``reward(prompts, responses) -> (B,)``;
+3. ``backend.reinforce_loss_and_grad``: r_t = −β·k_t at every action plus R at the last one,
+   returns with discount γ, value-head baseline, optional whitening and entropy bonus;
+   L = L_pg + L_ent + L_value, minimised (descent on L is ascent on J − β·KL);
+4. clip the global gradient norm and take an Adam step.
+
+The metrics of every iteration: the losses, the mean reward-model reward (raw), the mean *true*
+reward when a hidden scorer is given (the simulated annotator's — never used for training),
+KL(π‖π_ref) per sequence (k1 summed over each row's actions, averaged over rows), the mean
+entropy per action, the response length, the share ending with EOS and tokens/s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from .. import optim
+from ..reinforce import ReinforceConfig
+from ..metrics import MetricsLogger, Progress
+from . import common
+
+
+@dataclass
+class RLConfig:
+    """REINFORCE fine-tuning (the RL stage)."""
+    steps: int = 120             #: iterations (one rollout batch and one update each)
+    batch_size: int = 64         #: prompts (episodes) per iteration
+    lr: float = 1e-3             #: Adam learning rate
+    max_grad_norm: float = 1.0   #: global-norm clipping threshold
+    max_new: int = 40            #: response length limit (tokens after the prompt); truncated rows get no bootstrap
+    alpha: float = 1.0           #: inverse temperature α of the Boltzmann policy (sampling and loss)
+    eps: float = 0.0             #: ε of the trainable ε-mixture
+    gamma: float = 1.0           #: discount γ
+    beta: float = 0.05           #: KL coefficient β (per-token penalty −β·k_t)
+    kl: str = "k1"               #: KL estimator in the reward: k1, k2, k3
+    returns: str = "rtg"         #: rtg (reward-to-go) or total
+    baseline: str = "value"      #: value, mean, loo, none (qvalue needs a qvalue head)
+    whiten: str = "off"          #: advantage whitening: off, population, bessel
+    aggregation: str = "token_mean"  #: token_mean, seq_mean, seq_sum
+    entropy_coef: float = 0.0    #: entropy bonus c_H
+    value_coef: float = 0.5      #: value-loss coefficient c_V
+    reward_norm: bool = True     #: standardise the reward model's output by its mean/std on π_ref samples
+    norm_samples: int = 256      #: π_ref samples used for those statistics
+    dtype: str = "float32"       #: parameter dtype
+    ckpt_every: int = 20         #: checkpoint every this many iterations (and at the end)
+    seed: int = 0                #: seeds prompts and sampling
+
+    def reinforce_config(self):
+        """The objective's conventions as a ``ReinforceConfig``."""
+        names = {f.name for f in fields(ReinforceConfig)}
+        return ReinforceConfig(**{k: getattr(self, k) for k in names if hasattr(self, k)})
+
+
+def fingerprint(params):
+    """A short hash of a parameter dict (to refuse resuming against different inputs)."""
+    h = hashlib.sha256()
+    for k in sorted(params):
+        a = np.ascontiguousarray(params[k])
+        h.update(k.encode())
+        h.update(str(a.dtype).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+class RewardModelReward:
+    """The reward model as a reward function: r(BOS + prompt + response + EOS), standardised."""
+
+    def __init__(self, backend, rm_params, vocab, mean=0.0, std=1.0):
+        self.backend, self.rm, self.vocab = backend, rm_params, vocab
+        self.mean, self.std = float(mean), float(std)
+
+    def raw(self, prompts, responses):
+        tokens, mask = common.pair_batch(self.vocab, prompts, responses)
+        return np.asarray(self.backend.reward_forward(self.rm, tokens, mask), dtype=np.float64)
+
+    def __call__(self, prompts, responses):
+        return (self.raw(prompts, responses) - self.mean) / self.std
+
+
+def reinforce_finetune(ref_params, vocab, prompts, reward, cfg=None, *, true_reward=None, backend="auto",
+                       run_dir=None, resume=True, progress="auto", log=print, init_params=None):
+    """Fine-tune a copy of π_ref (``ref_params``, with its value head) on ``prompts``.
+
+    reward       reward-model parameters (a dict with 'reward.weight') or a callable
+                 reward(prompts, responses) -> (B,) — a human's scores, a rule, anything
+    true_reward  optional callable(prompts, responses) -> (B,), logged only (never trained on)
+    Returns (params, info).
+    """
+    cfg = RLConfig() if cfg is None else cfg
+    rcfg = cfg.reinforce_config()
+    if rcfg.critic != "value":
+        raise ValueError("the RL stage trains the value head; baseline='qvalue' is not supported here")
+    be = common.resolve_backend(backend)
+    dtype = common.check_dtype(cfg.dtype)
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("no prompts to fine-tune on")
+    ref = common.cast_params(common.policy_part(ref_params), dtype)
+    ckpt_path = os.path.join(run_dir, "checkpoints", "rl.npz") if run_dir else None
+
+    if isinstance(reward, dict):
+        rm = common.cast_params(reward, dtype)
+        reward_fn = RewardModelReward(be, rm, vocab)
+        inputs = {"ref": fingerprint(ref), "rm": fingerprint(rm)}
+    elif callable(reward):
+        reward_fn, rm = reward, None
+        inputs = {"ref": fingerprint(ref)}
+    else:
+        raise TypeError(f"reward must be reward-model params (a dict) or a callable, got {type(reward).__name__}")
+
+    start, info = 0, {}
+    if ckpt_path and resume and os.path.exists(ckpt_path):
+        ck = common.load_stage(ckpt_path, "rl")
+        common.check_same_config(ck, cfg, ckpt_path)
+        if ck["extra"].get("inputs") != inputs:
+            raise ValueError(f"{ckpt_path} was trained against a different π_ref or reward model "
+                             f"({ck['extra'].get('inputs')} vs {inputs}); start a fresh run folder")
+        params, state, rng, start, info = ck["groups"]["policy"], ck["opt_state"], ck["rng"], ck["step"], dict(ck["extra"])
+        if rm is not None:
+            reward_fn.mean, reward_fn.std = info["reward_mean"], info["reward_std"]
+        if ck["done"]:
+            log(f"  RL: finished checkpoint found at {ckpt_path}")
+            return params, info
+        log(f"  RL: resuming from iteration {start} ({ckpt_path})")
+    else:
+        rng = common.make_rng(cfg.seed, "rl")
+        params = common.cast_params(ref_params if init_params is None else init_params, dtype)
+        if "value.weight" not in params:
+            raise ValueError("the policy needs a value head ('value.weight', 'value.bias') for the value baseline")
+        state = optim.adam_init(params)
+        info = {"inputs": inputs}
+        if rm is not None:
+            # reward statistics on π_ref's own samples: R = (r − mean)/std has mean 0, spread 1 at the start
+            mean, std = 0.0, 1.0
+            if cfg.reward_norm:
+                idx = rng.integers(0, len(prompts), cfg.norm_samples)
+                ro = common.generate(be, ref, vocab, [prompts[i] for i in idx], rng, cfg.max_new, cfg.alpha, cfg.eps)
+                r = reward_fn.raw(ro["prompts"], ro["responses"])
+                mean, std = float(r.mean()), float(r.std() + 1e-6)
+            reward_fn.mean, reward_fn.std = mean, std
+            info.update(reward_mean=mean, reward_std=std)
+    logger = MetricsLogger(os.path.join(run_dir, "metrics", "rl.jsonl"), resume_step=start) if run_dir else None
+
+    bar = Progress(cfg.steps, "RL (REINFORCE)", initial=start, mode=progress)
+    try:
+        for step in range(start + 1, cfg.steps + 1):
+            t0 = time.perf_counter()
+            idx = rng.integers(0, len(prompts), cfg.batch_size)
+            ro = common.generate(be, params, vocab, [prompts[i] for i in idx], rng, cfg.max_new,
+                                 cfg.alpha, cfg.eps, ref_params=ref)
+            if rm is not None:
+                raw = reward_fn.raw(ro["prompts"], ro["responses"])
+                R = (raw - reward_fn.mean) / reward_fn.std
+            else:
+                R = raw = np.asarray(reward_fn(ro["prompts"], ro["responses"]), dtype=np.float64)
+            if R.shape != (cfg.batch_size,) or not np.all(np.isfinite(R)):
+                raise ValueError(f"the reward must return {cfg.batch_size} finite numbers, got shape {R.shape}")
+            out, grads = be.reinforce_loss_and_grad(params, ro["tokens"], ro["mask"], ro["prompt_len"], R,
+                                                    cfg=rcfg, ref_logp=ro["ref_logp"])
+            grads, gnorm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
+            optim.adam_step(params, grads, state, lr=cfg.lr)
+            am = out["action_mask"] > 0
+            n_act = int(am.sum())
+            dt = time.perf_counter() - t0
+            row = {"stage": "rl", "step": step, "loss": float(out["loss"]), "loss_pg": float(out["loss_pg"]),
+                   "loss_value": float(out["loss_value"]), "loss_ent": float(out["loss_ent"]),
+                   "reward": float(R.mean()),
+                   "rm_reward": float(raw.mean()),
+                   "kl_per_sequence": float(np.sum(np.where(am, ro["logp"] - ro["ref_logp"], 0.0))) / cfg.batch_size,
+                   "entropy": float(np.sum(np.where(am, out["entropy"], 0.0)) / max(n_act, 1)),
+                   "response_len": n_act / cfg.batch_size, "eos_rate": float(np.mean(ro["eos"])),
+                   "grad_norm": gnorm, "tokens_per_s": n_act / max(dt, 1e-9)}
+            if true_reward is not None:
+                row["true_reward"] = float(np.mean(true_reward(ro["prompts"], ro["responses"])))
+            if logger:
+                logger.log(row)
+            bar.update(1, rm=row["rm_reward"], **({"true": row["true_reward"]} if "true_reward" in row else {}),
+                       kl=row["kl_per_sequence"])
+            last = step == cfg.steps
+            if ckpt_path and (step % cfg.ckpt_every == 0 or last):
+                common.save_stage(ckpt_path, stage="rl", step=step, done=last, cfg=cfg, vocab=vocab,
+                                  groups={"policy": params}, rng=rng, opt_state=state, extra=info)
+    finally:
+        bar.close()
+        if logger:
+            logger.close()
+    return params, info
