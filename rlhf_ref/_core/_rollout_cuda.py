@@ -464,7 +464,8 @@ def _launch(params, tokens, pl, seqlen, u, alpha, eps, kind, eos_id, ref_params,
     outs = [cuda.to_device(np.zeros((B, T))) for _ in range(5)]   # mask, am, logp, ref_logp, values
     blocks, tpb, rows = launch_config(B)
     _rollout_kernel[blocks, tpb](
-        tok_d, cuda.to_device(pl), cuda.to_device(seqlen), cuda.to_device(u),
+        tok_d, *(cuda.to_device(np.ascontiguousarray(a, dtype=d))
+                 for a, d in ((pl, np.int64), (seqlen, np.int64), (u, np.float64))),
         int(sample), int(eos_id), kind_id, bool(use_mix), V, rows,
         *model_d, cst, mix,
         ref_params is not None, *ref_d, rcst,
