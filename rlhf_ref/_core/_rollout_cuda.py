@@ -296,9 +296,9 @@ def _logp_at(z, b, V, k, kind, use_mix, cst, mix):
 
 
 # ---------------------------------------------------------------------------------------------
-# the kernel
+# the kernel (cache=True: the compiled kernel is kept in __pycache__ for later processes)
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _rollout_kernel(tokens, pl, seqlen, u, sample, eos_id, kind, use_mix, V, rows,
                     emb, WihT, WhhT, b_ih, b_hh, headT, head_b, cst, mix,
                     ref_on, remb, rWihT, rWhhT, rb_ih, rb_hh, rheadT, rhead_b, rcst,
