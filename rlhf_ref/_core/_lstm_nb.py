@@ -1,0 +1,181 @@
+"""Numba twin of ``rlhf_ref/lstm.py``: the LSTM body, forward and backpropagation through time.
+
+Same equations, gate order (i, f, g, o) and padding rule as the reference (state carried
+unchanged over padding; padded ids never read). What differs is only the layout and the
+order of the sums:
+
+* **Time-major buffers** so that every per-step matrix product is one contiguous BLAS call:
+  ``gates (T, B, 4H)`` post-activation, ``cs (T+1, B, H)`` and ``hs (T+1, B, H)`` with
+  ``cs[t+1] = c_t``, ``hs[t+1] = h_t`` (carried over padding) and ``hs[0] = h_{-1} = 0``.
+  So ``hs[t]`` is the state token t is chosen in (the reference's ``hprev[:, t]``).
+* **The input projection by vocabulary row.** ``x_t W_ihᵀ + b_ih + b_hh`` depends on the
+  token only, so when the batch has at least as many positions as the vocabulary has rows
+  (``B·T ≥ V``) it is read from the table ``P = E W_ihᵀ + b_ih + b_hh`` (V, 4H), one GEMM;
+  the backward pass sums ``∂L/∂a`` per token into ``dP`` (V, 4H) and then
+  ``dW_ih = dPᵀ E`` and ``dE = dP W_ih``: two (V × 4H × E) GEMMs in place of two
+  (B·T × 4H × E) ones. Otherwise ``X = E[ids]`` is gathered and multiplied directly.
+* **Only the recurrent product is per step** (``h_{t-1} W_hhᵀ`` forward, ``da_t W_hh``
+  backward); ``dW_hh = Σ_t da_tᵀ h_{t-1}`` is one (4H × B·T × H) GEMM after the loop, and
+  ``da`` is written over ``gates`` as the loop goes, so the backward pass keeps gates and
+  cell states (plus ``hs``, which the heads need anyway) and nothing of size B·T·4H more.
+* ``tanh(c_t)`` is recomputed in the backward pass rather than stored.
+
+All matrix products are ``np.dot`` inside the kernels (SciPy's BLAS, one runtime for the
+whole hot loop); the elementwise work is fused loops over SIMD ``vsigmoid``/``vtanh``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._nb_common import ELEMENTWISE, cst, kernel, vsigmoid, vtanh
+
+
+@kernel
+def input_table(E, W_ih, b_ih, b_hh, P):
+    """P (V, 4H) = E W_ihᵀ + b_ih + b_hh: the input projection of every vocabulary row."""
+    np.dot(E, W_ih.T, P)
+    V, G = P.shape
+    for v in range(V):
+        for g in range(G):
+            P[v, g] += b_ih[g] + b_hh[g]
+
+
+@kernel
+def input_direct(E, W_ih, b_ih, b_hh, ids, lengths, X, XP):
+    """XP (T·B, 4H) = E[ids] W_ihᵀ + b_ih + b_hh for every position (time-major); X (T·B, E) is the gather."""
+    B, T = ids.shape
+    for t in range(T):
+        for b in range(B):
+            X[t * B + b] = E[ids[b, t]]
+    np.dot(X, W_ih.T, XP)
+    G = XP.shape[1]
+    for p in range(XP.shape[0]):
+        for g in range(G):
+            XP[p, g] += b_ih[g] + b_hh[g]
+
+
+@kernel(fastmath=ELEMENTWISE)
+def cell(a, x, c_prev, c, h):
+    """One row of the fused LSTM step, in place.
+
+    a (4H,) holds h_{t-1} W_hhᵀ on entry and the post-activation gates (i, f, g, o) on exit;
+    x (4H,) is the input projection with both biases; writes c_t into c and h_t into h.
+    """
+    H = c.shape[0]
+    for j in range(2 * H):                                   # i, f
+        a[j] = vsigmoid(a[j] + x[j])
+    for j in range(2 * H, 3 * H):                            # g
+        a[j] = vtanh(a[j] + x[j])
+    for j in range(3 * H, 4 * H):                            # o
+        a[j] = vsigmoid(a[j] + x[j])
+    for j in range(H):
+        cj = a[H + j] * c_prev[j] + a[j] * a[2 * H + j]      # c_t = f ⊙ c_{t-1} + i ⊙ g
+        c[j] = cj
+        h[j] = a[3 * H + j] * vtanh(cj)                      # h_t = o ⊙ tanh(c_t)
+
+
+@kernel
+def forward(P, XP, use_table, ids, lengths, W_hh, gates, cs, hs):
+    """The masked LSTM over a batch, time-major, from h₀ = c₀ = 0.
+
+    P (V, 4H) with use_table, else XP (T·B, 4H): the input projection (both biases in).
+    ids (B, T) int64 (0 on padding), lengths (B,) real tokens per row.
+    Fills gates (T, B, 4H), cs and hs (T+1, B, H); padding carries (h, c).
+    """
+    B, T = ids.shape
+    hs[0] = 0.0
+    cs[0] = 0.0
+    for t in range(T):
+        np.dot(hs[t], W_hh.T, gates[t])                      # h_{t-1} W_hhᵀ  (B, 4H)
+        for b in range(B):
+            if t < lengths[b]:
+                x = P[ids[b, t]] if use_table else XP[t * B + b]
+                cell(gates[t, b], x, cs[t, b], cs[t + 1, b], hs[t + 1, b])
+            else:                                            # padding carries the state unchanged
+                cs[t + 1, b] = cs[t, b]
+                hs[t + 1, b] = hs[t, b]
+
+
+@kernel(fastmath=ELEMENTWISE)
+def _cell_backward(a, c_prev, c, dh, dc):
+    """One row of backprop through the step, in place: a (4H,) gates → ∂L/∂(pre-activations);
+    dh, dc (H,) hold ∂L/∂h_t, ∂L/∂c_t on entry; dc becomes ∂L/∂c_{t-1} (f ⊙ dc_t)."""
+    H = c.shape[0]
+    one = cst(a, 1.0)
+    for j in range(H):
+        i, f, g, o = a[j], a[H + j], a[2 * H + j], a[3 * H + j]
+        tc = vtanh(c[j])
+        # backprop through h_t = o ⊙ tanh(c_t)
+        do = dh[j] * tc
+        dct = dc[j] + dh[j] * o * (one - tc * tc)
+        # backprop through c_t = f ⊙ c_{t-1} + i ⊙ g, then the gate nonlinearities
+        a[j] = dct * g * i * (one - i)
+        a[H + j] = dct * c_prev[j] * f * (one - f)
+        a[2 * H + j] = dct * i * (one - g * g)
+        a[3 * H + j] = do * o * (one - o)
+        dc[j] = dct * f                                      # dc_{t-1} = f ⊙ dc_t
+
+
+@kernel
+def backward(gates, cs, hs, lengths, W_hh, dhp, has_dhp, dh, dc, tmp):
+    """Backpropagation through time, in place.
+
+    dhp (T, B, H): ∂L/∂hs[t] from the heads (hs[t] = h_{t-1}), used when has_dhp.
+    dh, dc (B, H): ∂L/∂h, ∂L/∂c after the last step on entry (dh_final, dc_final);
+    ∂L/∂h₀, ∂L/∂c₀ on exit. gates (T, B, 4H) becomes da, ∂L/∂(pre-activations), 0 on padding.
+    tmp (B, H) is scratch.
+    """
+    T, B, G = gates.shape
+    for t in range(T - 1, -1, -1):
+        for b in range(B):
+            if has_dhp and t + 1 < T:
+                dh[b] += dhp[t + 1, b]                       # the output h_t feeds the heads at t+1
+            if t < lengths[b]:
+                _cell_backward(gates[t, b], cs[t, b], cs[t + 1, b], dh[b], dc[b])
+            else:
+                gates[t, b] = 0.0                            # padding: no gradient, dh and dc pass through
+        np.dot(gates[t], W_hh, tmp)                          # dh_{t-1} = da_t W_hh
+        for b in range(B):
+            if t < lengths[b]:
+                dh[b] = tmp[b]
+
+
+@kernel
+def weight_grads(DA, HS, dW_hh, db):
+    """dW_hh = DAᵀ HS (one GEMM over every position), db = Σ DA.  DA (N, 4H), HS (N, H)."""
+    np.dot(DA.T, HS, dW_hh)
+    db[:] = 0.0
+    for p in range(DA.shape[0]):
+        for g in range(DA.shape[1]):
+            db[g] += DA[p, g]
+
+
+@kernel
+def input_backward_table(DA, ids, E, W_ih, dP, dW_ih, dE):
+    """Sum da per token into dP (V, 4H), then dW_ih = dPᵀ E and dE = dP W_ih.  DA (T·B, 4H) time-major."""
+    B, T = ids.shape
+    G = DA.shape[1]
+    dP[:] = 0.0
+    for t in range(T):                                       # a fixed order: deterministic
+        for b in range(B):
+            v = ids[b, t]
+            for g in range(G):
+                dP[v, g] += DA[t * B + b, g]
+    np.dot(dP.T, E, dW_ih)
+    np.dot(dP, W_ih, dE)
+
+
+@kernel
+def input_backward_direct(DA, ids, X, W_ih, dX, dW_ih, dE):
+    """dW_ih = DAᵀ X, dX = DA W_ih scattered into the embedding rows read."""
+    B, T = ids.shape
+    np.dot(DA.T, X, dW_ih)
+    np.dot(DA, W_ih, dX)
+    dE[:] = 0.0
+    Ed = dE.shape[1]
+    for t in range(T):
+        for b in range(B):
+            v = ids[b, t]
+            for k in range(Ed):
+                dE[v, k] += dX[t * B + b, k]
