@@ -16,7 +16,8 @@ whole sequence and the grid strides over tiles (``tile += gridDim.x``): no grid-
 synchronisation is ever needed, and any B runs with any grid. Inside a block, each time step
 is three phases separated by ``cuda.syncthreads()``:
 
-1. **cell** — one work item per (row, hidden unit j), threads striding over them: the item
+1. **cell** — one work item per (row, hidden unit j), threads striding over them (unit-major:
+   neighbouring threads take the tile's rows of one unit, then the next unit): the item
    computes the four gate pre-activations of unit j (dot products over E and H), the gates,
    c_t[j] and h_t[j] (the fused LSTM step; no gate is exchanged between threads). The same
    phase runs the reference policy's LSTM when ``ref_params`` is given (its own E, H).
@@ -30,14 +31,22 @@ is three phases separated by ``cuda.syncthreads()``:
 
 Why one thread per (row, unit) with a whole dot product per thread, rather than threads
 splitting a dot product with shared-memory reductions: it exposes B·H-way parallelism per
-step (2 M work items at B = 4096, H = 512: enough to fill any GPU), weight reads are coalesced
-(the wrapper passes W_ihᵀ (E, 4H), W_hhᵀ (H, 4H), W_headᵀ (H, V+1), so neighbouring threads
-read neighbouring columns), and every number is produced by one thread in one fixed order:
+step (2 M work items at B = 4096, H = 512: enough to fill any GPU), weight reads are shared and
+coalesced (the wrapper passes W_ihᵀ (E, 4H), W_hhᵀ (H, 4H), W_headᵀ (H, V+1); the threads of
+a warp read the same or neighbouring columns, so one 32-byte sector of weights serves up to
+32 multiply-adds, while the tile's h rows, a few KiB, stay in L1), and every number is
+produced by one thread in one fixed order:
 **results are bit-identical for every launch configuration** (threads per block, rows per
 block, grid size), which the tests check with tiny blocks. A split reduction would buy
-parallelism only at tiny B, where this kernel is launch/latency bound anyway. Possible
-speed-ups, not done (no GPU was available to measure them): stage h_{t−1} in shared memory,
-and register-tile several rows per thread so each weight read serves several rows.
+parallelism only at tiny B, where this kernel is launch/latency bound anyway.
+
+Not measured on a GPU yet (none was available while this was written): the kernel has been
+compiled by NVVM to PTX for sm_90 and assembled by ptxas (120 registers, no spills, float32
+and float64 alike), and checked under the simulator. What should bound it at large B is L2
+traffic for the weights (each step reads W_ih, W_hh and the head once per warp); the next
+steps, to be measured, are register-tiling several rows per thread (each weight load feeding
+several accumulators) and staging h_{t−1} in shared memory. Both need dtype-specific local or
+shared arrays, i.e. one kernel built per dtype by a factory.
 
 Scratch lives in global memory (h (2, B, H), c (B, H), z (B, V+1) per model), so H and V are
 limited only by device memory, not by shared memory. The kernel computes in the dtype of the
@@ -49,9 +58,10 @@ scalar), and the classic ε-greedy/greedy log-probs are the reference's float64 
 the parameter dtype (computed once on the host).
 
 Launch sizes come from one place, ``launch_config`` reading the module-level ``config``
-(overridable per process with the environment variables ``RLHF_REF_CUDA_TPB`` threads per
-block, ``RLHF_REF_CUDA_ROWS`` rows per block, ``RLHF_REF_CUDA_MAX_BLOCKS`` grid cap; tests set
-tiny values so several blocks and the grid-stride loop run under the simulator).
+(``CudaConfig``; where a field is 0, the environment variables ``RLHF_REF_CUDA_TPB`` threads per
+block [128], ``RLHF_REF_CUDA_ROWS`` rows per block [B / (4 · SMs), clamped to 1..8] and
+``RLHF_REF_CUDA_MAX_BLOCKS`` grid cap [none: one block per tile]). Tests set tiny values so
+several blocks and the grid-stride loop run under the simulator.
 
 Simulator notes (``NUMBA_ENABLE_CUDASIM=1``, set before Python starts): the simulator runs the
 kernel as Python, one OS thread per CUDA thread; ``math.exp`` on a float32 returns a Python
@@ -69,7 +79,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import cuda
 
-from .. import lstm, model, policy
+from .. import model, policy
 from ..rollout import check_rollout_args
 from ..tokenizer import EOS, PAD
 
@@ -330,12 +340,9 @@ def _rollout_kernel(tokens, pl, seqlen, u, sample, eos_id, kind, use_mix, V, row
             # phase 1: feed token t−1 through the LSTM(s), one (row, unit) per work item
             k = tid
             while k < n1 + n2:
-                if k < n1:
-                    r = k // H
-                    j = k - r * H
-                else:
-                    r = (k - n1) // Hr
-                    j = (k - n1) - r * Hr
+                kk = k if k < n1 else k - n1
+                j = kk // rows                   # unit-major: a warp's rows share weight reads
+                r = kk - j * rows
                 b = b0 + r
                 if b < B and done[b] == 0 and t < seqlen[b]:
                     x = tokens[b, t - 1]
@@ -348,12 +355,9 @@ def _rollout_kernel(tokens, pl, seqlen, u, sample, eos_id, kind, use_mix, V, row
             # phase 2: heads, one (row, column) per work item
             k = tid
             while k < n3 + n4:
-                if k < n3:
-                    r = k // nv
-                    v = k - r * nv
-                else:
-                    r = (k - n3) // V
-                    v = (k - n3) - r * V
+                kk = k if k < n3 else k - n3
+                v = kk // rows
+                r = kk - v * rows
                 b = b0 + r
                 if b < B and done[b] == 0 and t < seqlen[b]:
                     if k < n3:
