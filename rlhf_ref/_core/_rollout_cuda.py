@@ -41,7 +41,7 @@ block, grid size), which the tests check with tiny blocks. A split reduction wou
 parallelism only at tiny B, where this kernel is launch/latency bound anyway.
 
 Not measured on a GPU yet (none was available while this was written): the kernel has been
-compiled by NVVM to PTX for sm_90 and assembled by ptxas (120 registers, no spills, float32
+compiled by NVVM to PTX for sm_90 and assembled by ptxas (about 165 registers, no spills, float32
 and float64 alike), and checked under the simulator. What should bound it at large B is L2
 traffic for the weights (each step reads W_ih, W_hh and the head once per warp); the next
 steps, to be measured, are register-tiling several rows per thread (each weight load feeding
