@@ -20,6 +20,8 @@ package (``numba-cuda[cu12]``) brings them as wheels and is picked up by the sam
 
 from __future__ import annotations
 
+from ..tokenizer import EOS
+
 NAME = "cuda"
 IMPLEMENTED = frozenset({"rollout", "sequence_logprobs"})
 
@@ -51,7 +53,7 @@ def _kernels():
     return _rollout_cuda
 
 
-def rollout(params, prompt_tokens, prompt_len, u, alpha=1.0, eps=0.0, kind="boltzmann", eos_id=2,
+def rollout(params, prompt_tokens, prompt_len, u, alpha=1.0, eps=0.0, kind="boltzmann", eos_id=EOS,
             ref_params=None, values=False):
     """rlhf_ref.rollout.rollout on the GPU: same arguments, checks, keys and dtypes."""
     return _kernels().rollout(params, prompt_tokens, prompt_len, u, alpha, eps, kind, eos_id, ref_params, values)
