@@ -20,14 +20,7 @@ from rlhf_ref import lstm, model, policy, reinforce, rollout as ref_rollout
 from rlhf_ref._core import _backend_cuda as be
 from rlhf_ref.tokenizer import EOS
 
-try:
-    from _tol import kernel_tol
-except ImportError:
-    try:
-        from tests._tol import kernel_tol
-    except ImportError:                       # tests/_tol.py not there yet: same rule, one place here
-        def kernel_tol(dtype, n):
-            return 8.0 * float(np.finfo(dtype).eps) * max(int(n), 1)
+from _tol import assert_close, compare_sampled_tokens
 
 # sizes: B rows, T steps, policy (E, H), reference policy (Er, Hr), vocabulary V
 B, T, E, H, Er, Hr, V = 7, 8, 5, 6, 4, 3, 7
@@ -67,31 +60,16 @@ def cast(p, dt):
     return {k: v.astype(dt) for k, v in p.items()}
 
 
-def first_divergence(tokens, ref_tokens):
-    """Column of each row's first differing token, T if none."""
-    diff = tokens != ref_tokens
-    return np.where(diff.any(axis=1), diff.argmax(axis=1), tokens.shape[1])
+def reference_cdf(p64, ref, alpha, eps, kind):
+    """cdf_ref (B, T, V): the reference's sampling CDF at every step of its own rows."""
+    fwd, _ = model.forward(p64, ref["tokens"], ref["mask"])
+    return np.cumsum(np.exp(policy.logprobs(fwd["scores"], alpha, eps, kind)), axis=-1)
 
 
-def check_tokens_tie_aware(out, ref, p64, u, alpha, eps, kind, tol):
-    """DESIGN.md §4: rows equal up to their first divergence, and a divergence only at a CDF tie.
-
-    Returns the first-divergence column of every row (T where the row is equal).
-    """
-    div = first_divergence(out["tokens"], ref["tokens"])
-    for b in np.flatnonzero(div < T):
-        t = div[b]
-        fwd, _ = model.forward(p64, ref["tokens"][b:b + 1], ref["mask"][b:b + 1])
-        cdf = np.cumsum(np.exp(policy.logprobs(fwd["scores"][0, t], alpha, eps, kind)))
-        gap = np.min(np.abs(cdf - u[b, t]))
-        assert gap <= tol, f"row {b} diverges at t={t} where u is {gap:.3g} from a CDF boundary (not a tie)"
-    return div
-
-
-def assert_close_prefix(x, ref, div, tol, name):
+def assert_close_prefix(x, ref, div, dtype, n, name):
+    """Compare a (B, T) output over each row's common prefix with the reference."""
     for b in range(x.shape[0]):
-        n = div[b]
-        np.testing.assert_allclose(x[b, :n], ref[b, :n], rtol=tol, atol=tol, err_msg=f"{name} row {b}")
+        assert_close(x[b, :div[b]], ref[b, :div[b]], dtype, n, name=f"{name} row {b}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,20 +192,16 @@ def test_rollout_matches_reference(tiny_blocks, dtype, kind, alpha, eps):
     assert out["tokens"].dtype == np.int64
     for k in ref:
         assert out[k].shape == ref[k].shape, k
-    tol = kernel_tol(dtype, E + H + V)
-    div = check_tokens_tie_aware(out, ref, p64, u, alpha, eps, kind, tol)
+    n = T * (E + H) + V                              # the recurrence's chain of roundings, then the head
+    div = compare_sampled_tokens(out["tokens"], ref["tokens"], u, reference_cdf(p64, ref, alpha, eps, kind),
+                                 ref["action_mask"], dtype, n)
     if dtype == np.float64:
         assert (div == T).all(), "float64 must sample the reference's tokens"
     for k in ("mask", "action_mask"):
         for b in range(B):
             np.testing.assert_array_equal(out[k][b, :div[b]], ref[k][b, :div[b]], err_msg=f"{k} row {b}")
-    for k in ("logp", "ref_logp", "values"):
-        assert_close_prefix(out[k], ref[k], div, tol, k)
-    # −inf log-probs (the greedy reference policy off its argmax) must agree exactly
-    for k in ("logp", "ref_logp"):
-        for b in range(B):
-            n = div[b]
-            np.testing.assert_array_equal(np.isneginf(out[k][b, :n]), np.isneginf(ref[k][b, :n]))
+    for k in ("logp", "ref_logp", "values"):     # −inf (greedy π_ref off its argmax) must match exactly
+        assert_close_prefix(out[k], ref[k], div, dtype, n, k)
     # the row structure: everything after EOS is padding, masks 0, per-action arrays 0
     am = out["action_mask"]
     assert np.all(out["logp"][am == 0] == 0) and np.all(out["values"][out["mask"] == 0] == 0)
@@ -244,7 +218,7 @@ def test_rollout_without_optional_outputs_and_eos(tiny_blocks):
     np.testing.assert_array_equal(out["tokens"], ref["tokens"])
     np.testing.assert_array_equal(out["mask"], ref["mask"])
     assert (out["tokens"] == EOS).any()
-    np.testing.assert_allclose(out["logp"], ref["logp"], rtol=kernel_tol(np.float64, E + H + V), atol=1e-14)
+    assert_close(out["logp"], ref["logp"], np.float64, T * (E + H) + V, name="logp")
 
 
 @cuda_test
@@ -294,8 +268,7 @@ def test_sequence_logprobs_matches_reference_and_rollout(tiny_blocks, dtype, eps
     want = reinforce.sequence_logprobs(p64, tokens, mask, pl, 1.5, eps)
     assert got.shape == want.shape
     assert got.dtype == reinforce.sequence_logprobs(p, tokens, mask, pl, 1.5, eps).dtype
-    tol = kernel_tol(dtype, E + H + V)
-    np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+    assert_close(got, want, dtype, T * (E + H) + V, name="sequence_logprobs")
     assert np.all(got[6] == 0)
     # one code path samples and scores: the recomputed log-probs equal the sampling ones bit for bit
     np.testing.assert_array_equal(got[:6], roll["logp"][:6].astype(got.dtype))
