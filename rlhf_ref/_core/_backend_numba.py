@@ -261,8 +261,8 @@ def reinforce_loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, 
     B, T = tokens.shape
     reward = as_float_array(reward, "reward", ndim=1, shape=(B,)).astype(np.float64)
     am = model.action_mask(mask, prompt_len)
-    n_row = am.sum(axis=1)
-    N = n_row.sum()
+    n_row = np.count_nonzero(am > 0, axis=1)
+    N = int(n_row.sum())
     if N == 0:
         raise ValueError("the batch has no action (action_mask is all 0): the loss is undefined")
     if (ref_params is None) == (ref_logp is None):
