@@ -215,8 +215,8 @@ def rollout(params, prompt_tokens, prompt_len, u, alpha=1.0, eps=0.0, kind="bolt
                       tokens, pl, np.ascontiguousarray(u, dtype=np.float64), int(V), float(alpha), float(eps),
                       K.policy.KIND_CODES[kind], int(eos_id),
                       mask, am, logp, ref_logp, vals,
-                      np.empty((B, H), dt), np.empty((B, H), dt), np.empty((B, G), dt), np.empty((B, Kc), dt),
-                      np.empty((B, Hr), dt), np.empty((B, Hr), dt), np.empty((B, 4 * Hr), dt),
+                      np.empty((B, H), dt), np.empty((2, B, H), dt), np.empty((B, G), dt), np.empty((B, Kc), dt),
+                      np.empty((B, Hr), dt), np.empty((2, B, Hr), dt), np.empty((B, 4 * Hr), dt),
                       np.empty((B, V if has_ref else 0), dt), np.empty(V, dt))
     out = {"tokens": tokens, "mask": mask, "action_mask": am, "logp": logp}
     if has_ref:

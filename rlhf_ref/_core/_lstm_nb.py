@@ -63,12 +63,13 @@ def cell(a, x, c_prev, c, h):
     x (4H,) is the input projection with both biases; writes c_t into c and h_t into h.
     """
     H = c.shape[0]
+    # (loops run from 0 with an offset: LLVM does not vectorise these over range(2H, 3H))
     for j in range(2 * H):                                   # i, f
         a[j] = vsigmoid(a[j] + x[j])
-    for j in range(2 * H, 3 * H):                            # g
-        a[j] = vtanh(a[j] + x[j])
-    for j in range(3 * H, 4 * H):                            # o
-        a[j] = vsigmoid(a[j] + x[j])
+    for j in range(H):                                       # g
+        a[2 * H + j] = vtanh(a[2 * H + j] + x[2 * H + j])
+    for j in range(H):                                       # o
+        a[3 * H + j] = vsigmoid(a[3 * H + j] + x[3 * H + j])
     for j in range(H):
         cj = a[H + j] * c_prev[j] + a[j] * a[2 * H + j]      # c_t = f ⊙ c_{t-1} + i ⊙ g
         c[j] = cj

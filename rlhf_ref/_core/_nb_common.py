@@ -9,6 +9,9 @@ Imported only when the numba backend is asked for (``rlhf_ref.backends`` imports
   exp here) would otherwise leave stale machine code behind (numba #6845, measured in
   ``shared/research/packaging-numba-gym-notes.md`` §2). A read-only install with no writable
   cache location falls back to ``cache=False`` (numba #4908) instead of failing at import.
+* ``error_model="numpy"``: a float division by zero gives ±inf/NaN as in NumPy instead of
+  raising ZeroDivisionError; the check Numba otherwise inserts is a branch in every division
+  and keeps LLVM from vectorising σ and tanh (measured: 4–6 ns against 0.4 ns per element).
 * No ``fastmath=True``: it licenses the compiler to assume no ±inf/NaN, which masking and
   log-softmax rely on. Elementwise kernels use ``fastmath={"contract"}`` only: it lets LLVM
   fuse ``a*b + c`` into one FMA (one rounding instead of two); it changes no inf/NaN rule.
@@ -62,6 +65,7 @@ def kernel(fn=None, **opts):
     """``numba.njit`` with a salted on-disk cache; ``opts`` go to njit (``parallel``, ``fastmath``)."""
     if fn is None:
         return lambda f: kernel(f, **opts)
+    opts.setdefault("error_model", "numpy")     # x/0 gives inf/NaN, no ZeroDivisionError branch (which stops SIMD)
     if not CACHE:
         return numba.njit(cache=False, **opts)(fn)
     try:

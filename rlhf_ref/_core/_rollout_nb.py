@@ -30,7 +30,9 @@ def rollout(P, W_hh, Wc, bc, has_value, Pr, W_hhr, Wcr, bcr, has_ref,
     P (V, 4H) input table, W_hh (4H, H), Wc (V[+1], H), bc: the stacked head (and value) —
     and the same for the reference policy (Pr, W_hhr, Wcr, bcr) when has_ref.
     Outputs (B, T), zero on entry: mask, am (action mask), logp, ref_logp, vals.
-    Work: h, c (B, H), a (B, 4H), z (B, K); hr, cr, ar, zr likewise; e (V,).
+    Work: h (B, H), c (2, B, H), a (B, 4H), z (B, K); hr, cr, ar, zr likewise; e (V,).
+    c alternates between its two halves (c_{t-1} in one, c_t into the other): an in-place update
+    would make the cell's input and output overlap, and LLVM then runs the cell unvectorised.
     """
     B, T = tokens.shape
     done = np.zeros(B, np.bool_)
@@ -46,13 +48,13 @@ def rollout(P, W_hh, Wc, bc, has_value, Pr, W_hhr, Wcr, bcr, has_ref,
         np.dot(h, W_hh.T, a)
         for b in range(B):
             if not done[b]:
-                cell(a[b], P[tokens[b, t - 1]], c[b], c[b], h[b])
+                cell(a[b], P[tokens[b, t - 1]], c[t % 2, b], c[(t + 1) % 2, b], h[b])
         np.dot(h, Wc.T, z)
         if has_ref:
             np.dot(hr, W_hhr.T, ar)
             for b in range(B):
                 if not done[b]:
-                    cell(ar[b], Pr[tokens[b, t - 1]], cr[b], cr[b], hr[b])
+                    cell(ar[b], Pr[tokens[b, t - 1]], cr[t % 2, b], cr[(t + 1) % 2, b], hr[b])
             np.dot(hr, Wcr.T, zr)
         for b in range(B):
             if done[b]:
