@@ -47,13 +47,13 @@ from ..tokenizer import BOS, EOS, PAD, Vocab
 def _default_data():
     """Prompts (the training split) and the vocabulary of the embedded corpus."""
     from .. import data
-    return data.env_prompts(), data.vocab()
+    return list(data.default_split().train), data.default_vocab()
 
 
 def _default_reward():
     from ..annotator import SimulatedAnnotator
     ann = SimulatedAnnotator()
-    return lambda prompt, response: float(ann.true_reward(prompt + response))
+    return lambda prompt, response: float(ann.true_reward(response, prompt))
 
 
 class TextGenerationEnv(gym.Env):

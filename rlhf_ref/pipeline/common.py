@@ -167,25 +167,12 @@ def cast_params(params, dtype):
 
 
 # ---------------------------------------------------------------------------------------------
-# random generators (JSON-able state)
+# random generators (their JSON-able state: rlhf_ref.io.generator_state)
 
 def make_rng(seed, stage):
     """The stage's generator: PCG64 seeded from (seed, a fixed number per stage name)."""
     tag = int.from_bytes(stage.encode("utf-8")[:8].ljust(8, b"\0"), "little")
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), tag])))
-
-
-def rng_state(rng):
-    return rng.bit_generator.state
-
-
-def rng_from_state(state):
-    name = state.get("bit_generator") if isinstance(state, dict) else None
-    if name != "PCG64":
-        raise ValueError(f"checkpoint rng state must be a PCG64 state dict, got {name!r}")
-    bg = np.random.PCG64()
-    bg.state = state
-    return np.random.Generator(bg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,8 +185,10 @@ def config_dict(cfg):
 def save_stage(path, *, stage, step, done, cfg, vocab, groups, rng=None, opt_state=None, extra=None):
     """Write a stage checkpoint atomically through ``rlhf_ref.io.save_checkpoint``.
 
-    groups   {'policy': params, 'ref': params, ...}: arrays stored as '<group>/<key>'
-    opt_state Adam state ({'t', 'm', 'v'}) stored as 'adam_m/<key>', 'adam_v/<key>' + t in the manifest
+    groups     {'policy': params, 'rm': params, ...}: arrays stored as '<group>/<key>'
+    opt_state  Adam state ({'t', 'm', 'v'}): arrays 'adam_m/<key>', 'adam_v/<key>'; t in the manifest
+    Manifest: {"config": the stage's config, "vocab": ..., "state": {"stage", "step", "done",
+    "adam_t", "rng_state", "extra"}}.
     """
     from .. import io
     folder = os.path.dirname(os.fspath(path))
@@ -209,49 +198,105 @@ def save_stage(path, *, stage, step, done, cfg, vocab, groups, rng=None, opt_sta
     for g, params in groups.items():
         for k, v in params.items():
             arrays[f"{g}/{k}"] = np.asarray(v)
-    meta = {"stage": stage, "step": int(step), "done": bool(done), "config": config_dict(cfg)
-            if dataclasses.is_dataclass(cfg) else dict(cfg), "groups": sorted(groups)}
+    state = {"stage": stage, "step": int(step), "done": bool(done), "groups": sorted(groups)}
     if opt_state is not None:
         for k in opt_state["m"]:
             arrays[f"adam_m/{k}"] = opt_state["m"][k]
             arrays[f"adam_v/{k}"] = opt_state["v"][k]
-        meta["adam_t"] = int(opt_state["t"])
+        state["adam_t"] = int(opt_state["t"])
     if rng is not None:
-        meta["rng_state"] = rng_state(rng)
-    if extra:
-        meta["extra"] = extra
-    io.save_checkpoint(path, arrays, config=meta, vocab=vocab)
+        state["rng_state"] = io.generator_state(rng)
+    state["extra"] = extra or {}
+    manifest = {"config": config_dict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg),
+                "vocab": vocab.to_json(), "state": state}
+    io.save_checkpoint(path, arrays, manifest)
     return path
 
 
 def load_stage(path, stage=None):
     """Read a stage checkpoint; returns a dict with 'groups', 'opt_state', 'rng', 'step', 'done',
-    'config', 'vocab', 'extra'. Errors (missing file, truncated, wrong schema, pickle inside) come
-    from ``rlhf_ref.io`` and name the file."""
+    'config', 'vocab', 'extra', 'stage'. Errors (missing file, truncated, wrong schema version, a
+    pickle inside) are ``rlhf_ref.io.CheckpointError`` naming the file."""
     from .. import io
     arrays, manifest = io.load_checkpoint(path)
-    meta = manifest["config"]
-    if not isinstance(meta, dict) or "stage" not in meta or "step" not in meta:
-        raise ValueError(f"{path}: not a pipeline checkpoint (its manifest has no 'stage'/'step')")
-    if stage is not None and meta["stage"] != stage:
-        raise ValueError(f"{path}: a {meta['stage']!r} checkpoint, expected a {stage!r} one")
+    st = manifest.get("state")
+    if not isinstance(st, dict) or "stage" not in st or "step" not in st or "config" not in manifest:
+        raise io.CheckpointError(f"{path}: not an rlhf_ref pipeline checkpoint (its manifest has no "
+                                 f"'state' with 'stage' and 'step', or no 'config')")
+    if stage is not None and st["stage"] != stage:
+        raise io.CheckpointError(f"{path}: a {st['stage']!r} checkpoint, expected a {stage!r} one")
     groups = {}
     for name, a in arrays.items():
         g, _, k = name.partition("/")
-        if g in ("adam_m", "adam_v"):
-            continue
-        groups.setdefault(g, {})[k] = a
+        if g not in ("adam_m", "adam_v"):
+            groups.setdefault(g, {})[k] = a
     opt_state = None
-    if "adam_t" in meta:
-        opt_state = {"t": int(meta["adam_t"]),
+    if "adam_t" in st:
+        opt_state = {"t": int(st["adam_t"]),
                      "m": {n.partition("/")[2]: a for n, a in arrays.items() if n.startswith("adam_m/")},
                      "v": {n.partition("/")[2]: a for n, a in arrays.items() if n.startswith("adam_v/")}}
-    vocab = manifest.get("vocab")
+    try:
+        vocab = Vocab.from_json(manifest.get("vocab"))
+    except (ValueError, TypeError) as e:
+        raise io.CheckpointError(f"{path}: bad vocabulary in the manifest: {e}") from None
     return {"groups": groups, "opt_state": opt_state,
-            "rng": rng_from_state(meta["rng_state"]) if "rng_state" in meta else None,
-            "step": int(meta["step"]), "done": bool(meta["done"]), "config": meta["config"],
-            "vocab": vocab if isinstance(vocab, Vocab) or vocab is None else Vocab.from_json(vocab),
-            "extra": meta.get("extra", {}), "stage": meta["stage"], "path": os.fspath(path)}
+            "rng": io.generator_from_state(st["rng_state"]) if "rng_state" in st else None,
+            "step": int(st["step"]), "done": bool(st.get("done", False)), "config": manifest["config"],
+            "vocab": vocab, "extra": st.get("extra") or {}, "stage": st["stage"], "path": os.fspath(path)}
+
+
+def checkpoint_stem(run_dir, stage, step):
+    """``<run_dir>/checkpoints/<stage>-<step, 6 digits>`` (+ .npz and .json)."""
+    return os.path.join(run_dir, "checkpoints", f"{stage}-{int(step):06d}")
+
+
+def stage_checkpoints(run_dir, stage):
+    """The stems of a stage's checkpoints in ``run_dir``, newest (highest step) first."""
+    folder = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(folder):
+        return []
+    found = []
+    for name in os.listdir(folder):
+        stem, ext = os.path.splitext(name)
+        head, _, num = stem.rpartition("-")
+        if ext == ".json" and head == stage and num.isdigit():
+            found.append((int(num), os.path.join(folder, stem)))
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def find_resume(run_dir, stage, cfg, log=print):
+    """The newest readable checkpoint of ``stage`` in ``run_dir`` (None if there is none).
+
+    A checkpoint that fails to load (a crash in the middle of a save, a damaged file) is
+    reported and skipped for the one before it: saves never delete the previous checkpoint
+    until the new one is complete. A readable one written with another config is an error.
+    """
+    from .. import io
+    if not run_dir:
+        return None
+    for stem in stage_checkpoints(run_dir, stage):
+        try:
+            ck = load_stage(stem, stage)
+        except io.CheckpointError as e:
+            log(f"  warning: skipping an unreadable checkpoint: {e}")
+            continue
+        check_same_config(ck, cfg, stem)
+        return ck
+    return None
+
+
+def save_and_prune(run_dir, stage, step, **kw):
+    """Save the stage's checkpoint for ``step``, then delete its older checkpoints."""
+    stem = checkpoint_stem(run_dir, stage, step)
+    save_stage(stem, stage=stage, step=step, **kw)
+    for old in stage_checkpoints(run_dir, stage):
+        if old != stem:
+            for ext in (".json", ".npz"):
+                try:
+                    os.unlink(old + ext)
+                except FileNotFoundError:
+                    pass
+    return stem
 
 
 def check_same_config(ckpt, cfg, path):

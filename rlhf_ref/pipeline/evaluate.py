@@ -12,7 +12,8 @@ For every held-out prompt, one response from π_ref ("before") and one from the 
   token of the fine-tuned policy's responses under π_ref, beside ``ref_loglik_per_token_before``,
   that of π_ref's own samples (minus its entropy rate): a small drop means the fine-tuned text is
   still text π_ref would write; and ``corpus_word_rate_*``, the share of response words that
-  occur in the corpus (invented words, runs of letters, broken spacing lower it).
+  occur in the corpus (invented words, runs of letters, broken spacing lower it); and, when the
+  corpus has a grammar, ``wellformed_rate_*``, the share of texts it can generate.
 """
 
 from __future__ import annotations
@@ -42,11 +43,12 @@ def word_rate(responses, words):
 
 
 def evaluate(backend, policy_params, ref_params, vocab, prompts, rng, *, max_new=40, alpha=1.0, eps=0.0,
-             true_reward=None, true_win=None, words=None, reward=None):
+             true_reward=None, true_win=None, words=None, reward=None, wellformed=None):
     """Compare the fine-tuned policy with π_ref on ``prompts``; returns (metrics dict, samples dict).
 
     true_reward(prompts, responses) -> (B,) and true_win(prompts, a, b) -> (B,) in {0, ½, 1}
-    come from the simulated annotator; reward(prompts, responses) is the learned reward (optional).
+    come from the simulated annotator; reward(prompts, responses) is the learned reward (optional);
+    wellformed(prompt, response) -> bool says whether a text is in the corpus's grammar (optional).
     """
     be = common.resolve_backend(backend)
     ref = common.policy_part(ref_params)
@@ -73,6 +75,10 @@ def evaluate(backend, policy_params, ref_params, vocab, prompts, rng, *, max_new
     if words is not None:
         m["corpus_word_rate_before"] = word_rate(before["responses"], words)
         m["corpus_word_rate_after"] = word_rate(after["responses"], words)
+    if wellformed is not None:
+        for name, ro in (("before", before), ("after", after)):
+            m[f"wellformed_rate_{name}"] = float(np.mean([bool(wellformed(p, r)) for p, r in
+                                                          zip(prompts, ro["responses"])]))
     if true_reward is not None:
         m["true_reward_before"] = float(np.mean(true_reward(prompts, before["responses"])))
         m["true_reward_after"] = float(np.mean(true_reward(prompts, after["responses"])))

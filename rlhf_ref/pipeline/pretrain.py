@@ -39,10 +39,10 @@ class PretrainConfig:
     seed: int = 0               #: seeds initialisation and batch sampling
 
 
-def lr_at(cfg, step):
-    """Cosine decay from lr to lr·min_lr_frac over the run (step counted from 1)."""
-    frac = (step - 1) / max(cfg.steps - 1, 1)
-    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
+def cosine_lr(lr, min_lr_frac, step, steps):
+    """Cosine decay from lr to lr·min_lr_frac over ``steps`` (step counted from 1)."""
+    frac = (step - 1) / max(steps - 1, 1)
+    return lr * (min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
 def heldout_loss(backend, params, enc, batch=256):
@@ -61,7 +61,7 @@ def pretrain(texts, vocab, cfg=None, *, backend="auto", run_dir=None, heldout_te
              progress="auto", log=print):
     """Pretrain a policy on ``texts``; returns (params, info).
 
-    run_dir   where 'checkpoints/pretrain.npz' and 'metrics/pretrain.jsonl' go (None: nowhere)
+    run_dir   where 'checkpoints/pretrain-<step>.npz/.json' and 'metrics/pretrain.jsonl' go (None: nowhere)
     resume    continue from run_dir's checkpoint when there is one (finished: return it at once)
     """
     cfg = PretrainConfig() if cfg is None else cfg
@@ -69,24 +69,21 @@ def pretrain(texts, vocab, cfg=None, *, backend="auto", run_dir=None, heldout_te
     dtype = common.check_dtype(cfg.dtype)
     enc = common.encode_texts(vocab, texts, eos=True)
     enc_ho = common.encode_texts(vocab, heldout_texts, eos=True) if heldout_texts else None
-    ckpt_path = os.path.join(run_dir, "checkpoints", "pretrain.npz") if run_dir else None
 
-    start = 0
-    if ckpt_path and resume and os.path.exists(ckpt_path):
-        ck = common.load_stage(ckpt_path, "pretrain")
-        common.check_same_config(ck, cfg, ckpt_path)
-        params, state, rng, start = ck["groups"]["policy"], ck["opt_state"], ck["rng"], ck["step"]
+    start, info = 0, {}
+    ck = common.find_resume(run_dir, "pretrain", cfg, log) if resume else None
+    if ck is not None:
+        params, state, rng, start, info = ck["groups"]["policy"], ck["opt_state"], ck["rng"], ck["step"], dict(ck["extra"])
         if ck["done"]:
-            log(f"  pretrain: finished checkpoint found at {ckpt_path}")
-            return params, {"resumed_from": start, **ck["extra"]}
-        log(f"  pretrain: resuming from step {start} ({ckpt_path})")
+            log(f"  pretrain: finished checkpoint found ({ck['path']})")
+            return params, info
+        log(f"  pretrain: resuming from step {start} ({ck['path']})")
     else:
         rng = common.make_rng(cfg.seed, "pretrain")
         params = lstm.init_params(len(vocab), cfg.embed, cfg.hidden, rng, heads=("head", "value"), dtype=dtype)
         state = optim.adam_init(params)
     logger = MetricsLogger(os.path.join(run_dir, "metrics", "pretrain.jsonl"), resume_step=start) if run_dir else None
 
-    info = {}
     bar = Progress(cfg.steps, "pretrain", initial=start, mode=progress)
     t_last = time.perf_counter()
     try:
@@ -95,7 +92,7 @@ def pretrain(texts, vocab, cfg=None, *, backend="auto", run_dir=None, heldout_te
             tokens, mask = enc.batch(idx)
             out, grads = be.sft_loss_and_grad(params, tokens, mask)
             grads, gnorm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
-            lr = lr_at(cfg, step)
+            lr = cosine_lr(cfg.lr, cfg.min_lr_frac, step, cfg.steps)
             optim.adam_step(params, grads, state, lr=lr)
             now = time.perf_counter()
             row = {"stage": "pretrain", "step": step, "loss": float(out["loss"]), "grad_norm": gnorm, "lr": lr,
@@ -108,10 +105,10 @@ def pretrain(texts, vocab, cfg=None, *, backend="auto", run_dir=None, heldout_te
             if logger:
                 logger.log(row)
             bar.update(1, loss=row["loss"], **({"heldout": row["heldout_loss"]} if "heldout_loss" in row else {}))
-            if ckpt_path and (step % cfg.ckpt_every == 0 or step == cfg.steps):
+            if run_dir and (step % cfg.ckpt_every == 0 or step == cfg.steps):
                 info["final_loss"] = row["loss"]
-                common.save_stage(ckpt_path, stage="pretrain", step=step, done=step == cfg.steps, cfg=cfg,
-                                  vocab=vocab, groups={"policy": params}, rng=rng, opt_state=state, extra=info)
+                common.save_and_prune(run_dir, "pretrain", step, done=step == cfg.steps, cfg=cfg, vocab=vocab,
+                                      groups={"policy": params}, rng=rng, opt_state=state, extra=info)
     finally:
         bar.close()
         if logger:

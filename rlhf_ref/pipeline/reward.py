@@ -27,6 +27,7 @@ import numpy as np
 from .. import lstm, optim
 from ..metrics import MetricsLogger, Progress
 from . import common
+from .pretrain import cosine_lr
 
 
 @dataclass
@@ -37,7 +38,8 @@ class RewardConfig:
     max_new: int = 40            #: response length limit when sampling pairs from π_ref
     steps: int = 500             #: optimiser steps
     batch_size: int = 64         #: pairs per step
-    lr: float = 3e-3             #: Adam learning rate
+    lr: float = 3e-3             #: Adam learning rate at the start
+    min_lr_frac: float = 0.1     #: the cosine schedule ends at lr · min_lr_frac
     max_grad_norm: float = 1.0   #: global-norm clipping threshold
     init_from_policy: bool = True  #: start embedding and LSTM from π_ref (else a fresh network)
     embed: int = 32              #: E when not initialised from the policy
@@ -91,13 +93,26 @@ def split_pairs(records, heldout_frac, rng):
     return [records[i] for i in idx[n_ho:]], [records[i] for i in idx[:n_ho]]
 
 
+def as_preferences(records):
+    """Records as ``rlhf_ref.preferences.Preference`` objects (dicts are validated), ties refused."""
+    from ..preferences import Preference, preference_from_dict
+    out = []
+    for i, r in enumerate(records):
+        p = r if isinstance(r, Preference) else preference_from_dict(r)
+        if p.tie:
+            raise ValueError(f"preference record {i} is a tie: ties carry no Bradley–Terry information; drop them")
+        out.append(p)
+    return out
+
+
 class EncodedPairs:
-    """Chosen and rejected texts (prompt + response + EOS), padded once, with the margins."""
+    """Chosen and rejected texts (BOS + prompt + response + EOS), padded once, with the margins."""
 
     def __init__(self, vocab, records):
-        self.chosen = common.encode_texts(vocab, [r["prompt"] + r["chosen"] for r in records], errors="replace")
-        self.rejected = common.encode_texts(vocab, [r["prompt"] + r["rejected"] for r in records], errors="replace")
-        self.margin = np.array([float(r.get("margin") or 0.0) for r in records])
+        recs = as_preferences(records)
+        self.chosen = common.encode_texts(vocab, [r.prompt + r.chosen for r in recs], errors="replace")
+        self.rejected = common.encode_texts(vocab, [r.prompt + r.rejected for r in recs], errors="replace")
+        self.margin = np.array([r.margin or 0.0 for r in recs])
 
     def __len__(self):
         return len(self.margin)
@@ -143,17 +158,15 @@ def train_reward_model(train_records, heldout_records, vocab, cfg=None, *, ref_p
         raise ValueError("init_from_policy=True needs ref_params (the pretrained policy)")
     train = EncodedPairs(vocab, train_records)
     held = EncodedPairs(vocab, heldout_records) if heldout_records else None
-    ckpt_path = os.path.join(run_dir, "checkpoints", "reward.npz") if run_dir else None
 
     start, info = 0, {}
-    if ckpt_path and resume and os.path.exists(ckpt_path):
-        ck = common.load_stage(ckpt_path, "reward")
-        common.check_same_config(ck, cfg, ckpt_path)
+    ck = common.find_resume(run_dir, "reward", cfg, log) if resume else None
+    if ck is not None:
         rm, state, rng, start, info = ck["groups"]["rm"], ck["opt_state"], ck["rng"], ck["step"], dict(ck["extra"])
         if ck["done"]:
-            log(f"  reward model: finished checkpoint found at {ckpt_path}")
+            log(f"  reward model: finished checkpoint found ({ck['path']})")
             return rm, info
-        log(f"  reward model: resuming from step {start} ({ckpt_path})")
+        log(f"  reward model: resuming from step {start} ({ck['path']})")
     else:
         rng = common.make_rng(cfg.seed, "reward")
         rm = rm_init(ref_params, vocab, cfg, rng, dtype)
@@ -170,7 +183,7 @@ def train_reward_model(train_records, heldout_records, vocab, cfg=None, *, ref_p
             margin = train.margin[idx] if np.any(train.margin[idx]) else None
             out, grads = be.bt_loss_and_grad(rm, c_tok, c_mask, r_tok, r_mask, margin=margin)
             grads, gnorm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
-            optim.adam_step(rm, grads, state, lr=cfg.lr)
+            optim.adam_step(rm, grads, state, lr=cosine_lr(cfg.lr, cfg.min_lr_frac, step, cfg.steps))
             now = time.perf_counter()
             row = {"stage": "reward", "step": step, "loss": float(out["loss"]), "accuracy": float(out["accuracy"]),
                    "grad_norm": gnorm,
@@ -185,10 +198,10 @@ def train_reward_model(train_records, heldout_records, vocab, cfg=None, *, ref_p
                 logger.log(row)
             bar.update(1, loss=row["loss"], **({"heldout_acc": row["heldout_accuracy"]}
                                                if "heldout_accuracy" in row else {}))
-            if ckpt_path and (step % cfg.ckpt_every == 0 or last):
+            if run_dir and (step % cfg.ckpt_every == 0 or last):
                 info.update(n_train=len(train), n_heldout=0 if held is None else len(held), final_loss=row["loss"])
-                common.save_stage(ckpt_path, stage="reward", step=step, done=last, cfg=cfg, vocab=vocab,
-                                  groups={"rm": rm}, rng=rng, opt_state=state, extra=info)
+                common.save_and_prune(run_dir, "reward", step, done=last, cfg=cfg, vocab=vocab,
+                                      groups={"rm": rm}, rng=rng, opt_state=state, extra=info)
     finally:
         bar.close()
         if logger:

@@ -109,7 +109,6 @@ def reinforce_finetune(ref_params, vocab, prompts, reward, cfg=None, *, true_rew
     if not prompts:
         raise ValueError("no prompts to fine-tune on")
     ref = common.cast_params(common.policy_part(ref_params), dtype)
-    ckpt_path = os.path.join(run_dir, "checkpoints", "rl.npz") if run_dir else None
 
     if isinstance(reward, dict):
         rm = common.cast_params(reward, dtype)
@@ -122,19 +121,18 @@ def reinforce_finetune(ref_params, vocab, prompts, reward, cfg=None, *, true_rew
         raise TypeError(f"reward must be reward-model params (a dict) or a callable, got {type(reward).__name__}")
 
     start, info = 0, {}
-    if ckpt_path and resume and os.path.exists(ckpt_path):
-        ck = common.load_stage(ckpt_path, "rl")
-        common.check_same_config(ck, cfg, ckpt_path)
+    ck = common.find_resume(run_dir, "rl", cfg, log) if resume else None
+    if ck is not None:
         if ck["extra"].get("inputs") != inputs:
-            raise ValueError(f"{ckpt_path} was trained against a different π_ref or reward model "
+            raise ValueError(f"{ck['path']} was trained against a different π_ref or reward model "
                              f"({ck['extra'].get('inputs')} vs {inputs}); start a fresh run folder")
         params, state, rng, start, info = ck["groups"]["policy"], ck["opt_state"], ck["rng"], ck["step"], dict(ck["extra"])
         if rm is not None:
             reward_fn.mean, reward_fn.std = info["reward_mean"], info["reward_std"]
         if ck["done"]:
-            log(f"  RL: finished checkpoint found at {ckpt_path}")
+            log(f"  RL: finished checkpoint found ({ck['path']})")
             return params, info
-        log(f"  RL: resuming from iteration {start} ({ckpt_path})")
+        log(f"  RL: resuming from iteration {start} ({ck['path']})")
     else:
         rng = common.make_rng(cfg.seed, "rl")
         params = common.cast_params(ref_params if init_params is None else init_params, dtype)
@@ -190,9 +188,9 @@ def reinforce_finetune(ref_params, vocab, prompts, reward, cfg=None, *, true_rew
             bar.update(1, rm=row["rm_reward"], **({"true": row["true_reward"]} if "true_reward" in row else {}),
                        kl=row["kl_per_sequence"])
             last = step == cfg.steps
-            if ckpt_path and (step % cfg.ckpt_every == 0 or last):
-                common.save_stage(ckpt_path, stage="rl", step=step, done=last, cfg=cfg, vocab=vocab,
-                                  groups={"policy": params}, rng=rng, opt_state=state, extra=info)
+            if run_dir and (step % cfg.ckpt_every == 0 or last):
+                common.save_and_prune(run_dir, "rl", step, done=last, cfg=cfg, vocab=vocab,
+                                      groups={"policy": params}, rng=rng, opt_state=state, extra=info)
     finally:
         bar.close()
         if logger:
