@@ -249,9 +249,9 @@ def run_all(args):
         except Exception as e:
             log(f"PyTorch not importable ({e}); run with --no-torch to benchmark without it")
             raise
+    from .run import CASES, SMOKE_CASES
     cases = SMOKE_CASES if args.smoke else (tuple(tuple(int(x) for x in c.split(",")) for c in args.cases.split(";"))
                                             if args.cases else None)
-    from .run import CASES
     cases = cases or CASES
     if args.smoke:
         args.repeats, args.min_time = 1, 0.01
