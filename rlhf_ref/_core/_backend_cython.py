@@ -1,0 +1,437 @@
+"""The ``cython`` backend: public wrappers that validate, allocate and launch the ``_*_cy`` kernels.
+
+Interface: ``docs/internals.md`` (the backend interface). Every function validates its arguments
+with the reference's own checks (``_validate``, ``lstm.check_model``, ``model.prepare``,
+``rollout.check_rollout_args``, ``ReinforceConfig``, ``reward_model._prepare``) before any
+kernel runs, in the reference's order (so a bad input raises the reference's error), computes in
+the dtype of ``params`` (float32 or float64) and returns the reference's keys. Every buffer is
+allocated here with NumPy and filled by the kernels, which run with the GIL released.
+
+Kernel modules (twins of the reference; built by setup.py from ``rlhf_ref/_core/*.pyx``):
+
+    _lstm_cy      lstm.py: the body forward / BPTT over a time-major batch, the linear heads
+    _policy_cy    policy.py for one row of scores (a .pxd of inline functions)
+    _train_cy     reinforce.py, returns.py, sft.py: the per-position passes and the per-token chain
+    _rollout_cy   rollout.py: the whole sampling loop in one call
+    _common_cy    exp/tanh/sigmoid (vectorisable, ~1 ulp) and the row-major BLAS wrappers (.pxd)
+
+The matrix products go to SciPy's BLAS (``scipy.linalg.cython_blas``), which the extensions
+import when they load: SciPy is a runtime need of this backend.
+
+Threads: BLAS uses its own threads for the products. The per-row work of a step (the LSTM cell,
+the policy of a row) is split over OpenMP threads when the batch is large enough to pay for it
+(``_threads``); each row is computed by one thread in one order, and every reduction over rows
+is serial, so a result does not depend on the thread count: one seed, one backend, bit-identical
+results (tests/test_cython_backend.py).
+
+``probe()`` says why the backend cannot run (the extensions were not built, or SciPy is missing);
+importing this module never fails: the extensions load on first use.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import model
+from .._validate import as_float_array
+
+NAME = "cython"
+EXTENSIONS = ("_lstm_cy", "_train_cy", "_rollout_cy")
+_K = None                   # the loaded extension modules (a namespace), after _load()
+
+#: the per-row OpenMP split pays from this many rows in a step (below it, one thread)
+PARALLEL_MIN_ROWS = 16
+#: ... and for the per-position passes over (T·B, V) logits, from this many score entries
+PARALLEL_MIN_ENTRIES = 1 << 15
+
+
+def probe():
+    """None when the cython backend can run here, else the reason it cannot."""
+    try:
+        _load()
+    except ModuleNotFoundError as e:
+        name = e.name or ""
+        if name.startswith("rlhf_ref._core."):
+            return (f"compiled extension {name} not built (pip install needs a C compiler and Cython; "
+                    f"see setup.py)")
+        if name.split(".")[0] == "scipy":
+            return "scipy not installed (the Cython kernels call SciPy's BLAS): pip install 'rlhf-ref[cython]'"
+        return f"compiled extensions failed to import: {type(e).__name__}: {e}"
+    except Exception as e:                       # a stale or broken build, an ABI mismatch, ...
+        return f"compiled extensions failed to import: {type(e).__name__}: {e}"
+    return None
+
+
+def _load():
+    global _K
+    if _K is None:
+        import importlib
+        from types import SimpleNamespace
+        mods = {m: importlib.import_module(f"{__package__}.{m}") for m in EXTENSIONS}
+        _K = SimpleNamespace(lstm=mods["_lstm_cy"], train=mods["_train_cy"], rollout=mods["_rollout_cy"])
+    return _K
+
+
+def _require():
+    if _K is None:
+        why = probe()
+        if why is not None:
+            raise RuntimeError(f"the cython backend is unavailable: {why}")
+    return _K
+
+
+def openmp():
+    """(compiled with OpenMP, the OpenMP thread count) of the extensions."""
+    return _require().lstm.openmp()
+
+
+def _threads(rows, width=1):
+    """OpenMP threads for a loop over ``rows`` independent rows of ``width`` entries each."""
+    omp, n = _require().lstm.openmp()
+    if not omp or n < 2:
+        return 1
+    if rows < PARALLEL_MIN_ROWS and rows * width < PARALLEL_MIN_ENTRIES:
+        return 1
+    return int(n)
+
+
+# ----------------------------------------------------------------------------- shared pieces
+
+def _c(a, dt):
+    return np.ascontiguousarray(a, dtype=dt)
+
+
+def _dtype(params):
+    return params["lstm.weight_hh_l0"].dtype
+
+
+def _empty(dt):
+    return np.empty((0, 0), dt)
+
+
+def _head_stack(params, names, dt):
+    """The heads ``names`` that params has, stacked: Wc (K, H), bc (K,), {name: (offset, rows)}."""
+    Ws, bs, off, k = [], [], {}, 0
+    for n in names:
+        if f"{n}.weight" in params:
+            W = params[f"{n}.weight"]
+            Ws.append(W)
+            bs.append(params[f"{n}.bias"])
+            off[n] = (k, W.shape[0])
+            k += W.shape[0]
+    if len(Ws) == 1:
+        return _c(Ws[0], dt), _c(bs[0], dt), off
+    return _c(np.concatenate(Ws, 0), dt), _c(np.concatenate(bs, 0), dt), off
+
+
+class _Body:
+    """The LSTM body's forward pass over a batch and its buffers (time-major); ``backward``."""
+
+    def __init__(self, K, params, tokens, mask, dt):
+        self.K, self.dt = K, dt
+        self.E = _c(params["embedding.weight"], dt)
+        self.W_ih = _c(params["lstm.weight_ih_l0"], dt)
+        self.W_hh = _c(params["lstm.weight_hh_l0"], dt)
+        b_ih, b_hh = _c(params["lstm.bias_ih_l0"], dt), _c(params["lstm.bias_hh_l0"], dt)
+        V, Ed = self.E.shape
+        G, H = self.W_hh.shape
+        B, T = tokens.shape
+        self.B, self.T, self.H, self.G, self.V = B, T, H, G, V
+        self.lengths = np.ascontiguousarray(mask.sum(axis=1), dtype=np.int64)
+        self.ids = np.ascontiguousarray(np.where(mask > 0, tokens, 0).T, dtype=np.int64)   # (T, B)
+        self.use_table = V <= B * T
+        self.P = np.empty((V, G), dt) if self.use_table else _empty(dt)
+        self.X = _empty(dt) if self.use_table else np.empty((T * B, Ed), dt)
+        self.gates = np.empty((T, B, G), dt)
+        self.cs = np.empty((T + 1, B, H), dt)
+        self.hs = np.empty((T + 1, B, H), dt)
+        self.nt = _threads(B, G)
+        K.lstm.forward(self.E, self.W_ih, self.W_hh, b_ih, b_hh, self.ids, self.lengths, self.use_table,
+                       self.P, self.X, self.gates, self.cs, self.hs, self.nt)
+
+    def HS(self):
+        """hs[0:T] as (T·B, H): row t·B + b is the state position t's token is chosen in."""
+        return self.hs[:self.T].reshape(self.T * self.B, self.H)
+
+    def backward(self, dHS=None, dh_final=None):
+        """BPTT from ∂L/∂hs[0:T] (T·B, H) and/or ∂L/∂h_final (B, H); the body's grads dict."""
+        dt, B, H, G = self.dt, self.B, self.H, self.G
+        dh = np.zeros((B, H), dt) if dh_final is None else _c(dh_final, dt).copy()
+        dc = np.zeros((B, H), dt)
+        dE, dW_ih = np.empty_like(self.E), np.empty_like(self.W_ih)
+        dW_hh, db = np.empty_like(self.W_hh), np.empty(G, dt)
+        self.K.lstm.backward(self.E, self.W_ih, self.W_hh, self.ids, self.lengths, self.use_table, self.P, self.X,
+                             self.gates, self.cs, self.hs, _empty(dt) if dHS is None else dHS, dHS is not None,
+                             dh, dc, np.empty((B, H), dt), dE, dW_ih, dW_hh, db, self.nt)
+        return {"embedding.weight": dE, "lstm.weight_ih_l0": dW_ih, "lstm.weight_hh_l0": dW_hh,
+                "lstm.bias_ih_l0": db, "lstm.bias_hh_l0": db.copy()}
+
+
+class _Net(_Body):
+    """The body plus the stacked heads ``names``: logits (T·B, K) at every position (rows t·B + b)."""
+
+    def __init__(self, K, params, tokens, mask, dt, names):
+        super().__init__(K, params, tokens, mask, dt)
+        self.Wc, self.bc, self.off = _head_stack(params, names, dt)
+        self.logits = np.empty((self.T * self.B, self.Wc.shape[0]), dt)
+        K.lstm.linear(self.HS(), self.Wc, self.bc, self.logits)
+
+    def column(self, name, pm):
+        """A one-column head's output (B, T), 0 off the position mask pm."""
+        k0 = self.off[name][0]
+        return self.logits[:, k0].reshape(self.T, self.B).T * pm
+
+    def block(self, name, pm):
+        """A V-column head's output (B, T, V), 0 off the position mask pm."""
+        k0, k = self.off[name]
+        L3 = self.logits[:, k0:k0 + k].reshape(self.T, self.B, k).transpose(1, 0, 2)
+        return L3 * pm[:, :, None].astype(self.dt)
+
+    def backward_all(self, params):
+        """∂L/∂logits is in self.logits (the gradient pass wrote it there); grads with params' keys."""
+        dt = self.dt
+        dWc, dbc = np.empty_like(self.Wc), np.empty_like(self.bc)
+        dHS = np.empty((self.T * self.B, self.H), dt)
+        self.K.lstm.linear_backward(self.HS(), self.Wc, self.logits, self.B, dWc, dbc, dHS)
+        grads = self.backward(dHS=dHS)
+        for n, (k0, k) in self.off.items():
+            grads[f"{n}.weight"] = dWc[k0:k0 + k].copy() if len(self.off) > 1 else dWc
+            grads[f"{n}.bias"] = dbc[k0:k0 + k].copy() if len(self.off) > 1 else dbc
+        return _complete(grads, params, dt)
+
+
+def _complete(grads, params, dt):
+    """Every key of params, in params' order; a head the loss does not reach gets 0."""
+    return {k: (grads[k] if k in grads else np.zeros(v.shape, dt)) for k, v in params.items()}
+
+
+def _stats(K, net, sel, V, alpha, eps, has_q=False, qoff=0):
+    """Pass 1 at the positions sel (B, T): logp, ent, qb, mx, ssum, plq, each (B, T) float64."""
+    B, T = sel.shape
+    outs = [np.empty((B, T)) for _ in range(6)]
+    nt = _threads(T * B, V)
+    K.train.policy_stats(net.logits, net.ids, sel, V, float(alpha), float(eps), qoff, has_q, *outs,
+                         np.empty((max(nt, 1), V), net.dt), nt)
+    return outs
+
+
+# ----------------------------------------------------------------------------- rollout
+
+def rollout(params, prompt_tokens, prompt_len, u, alpha=1.0, eps=0.0, kind="boltzmann", eos_id=2,
+            ref_params=None, values=False):
+    """``rlhf_ref.rollout.rollout`` in one kernel call; same arguments, same keys."""
+    from ..rollout import check_rollout_args
+    tok, pl, u, V = check_rollout_args(params, prompt_tokens, prompt_len, u, alpha, eps, kind, eos_id,
+                                       ref_params, values)
+    K = _require()
+    dt = _dtype(params)
+    B, T = tok.shape
+    tokens = np.ascontiguousarray(np.where(np.arange(T)[None, :] < pl[:, None], tok, 0), dtype=np.int64)
+    mask, am, logp = np.zeros((B, T)), np.zeros((B, T)), np.zeros((B, T))
+    ref_logp = np.zeros((B, T)) if ref_params is not None else None
+    vals = np.zeros((B, T)) if values else None
+    out = {"tokens": tokens, "mask": mask, "action_mask": am, "logp": logp}
+    if ref_params is not None:
+        out["ref_logp"] = ref_logp
+    if values:
+        out["values"] = vals
+    if B == 0 or T == 0:
+        return out
+
+    def prep(p):
+        E, W_ih, W_hh = _c(p["embedding.weight"], dt), _c(p["lstm.weight_ih_l0"], dt), _c(p["lstm.weight_hh_l0"], dt)
+        P = np.empty((E.shape[0], W_hh.shape[0]), dt)
+        K.lstm.input_table(E, W_ih, _c(p["lstm.bias_ih_l0"], dt), _c(p["lstm.bias_hh_l0"], dt), P)
+        return P, W_hh
+
+    P, W_hh = prep(params)
+    Wc, bc, _ = _head_stack(params, ("head", "value") if values else ("head",), dt)
+    H, G, Kc = W_hh.shape[1], W_hh.shape[0], Wc.shape[0]
+    has_ref = ref_params is not None
+    if has_ref:
+        Pr, W_hhr = prep(ref_params)
+        Wcr, bcr, _ = _head_stack(ref_params, ("head",), dt)
+        Hr, Kr = W_hhr.shape[1], Wcr.shape[0]
+    else:
+        Pr, W_hhr, Wcr, bcr = _empty(dt), _empty(dt), _empty(dt), np.empty(0, dt)
+        Hr = Kr = 0
+    nt = _threads(B, G)
+    e = np.empty((max(nt, 1), V), dt)
+    K.rollout.rollout(P, W_hh, Wc, bc, bool(values), Pr, W_hhr, Wcr, bcr, has_ref,
+                      tokens, pl, np.ascontiguousarray(u, dtype=np.float64), int(V), float(alpha), float(eps),
+                      K.rollout.KIND_CODES[kind], int(eos_id), mask, am, logp,
+                      ref_logp if has_ref else _empty(np.float64), vals if values else _empty(np.float64),
+                      np.empty((B, H), dt), np.empty((B, H), dt), np.empty((B, G), dt), np.empty((B, Kc), dt),
+                      np.empty((B, Hr), dt), np.empty((B, Hr), dt), np.empty((B, 4 * Hr), dt), np.empty((B, Kr), dt),
+                      e, np.empty(B, np.uint8), nt)
+    return out
+
+
+# ----------------------------------------------------------------------------- log-probs
+
+def sequence_logprobs(params, tokens, mask, prompt_len, alpha=1.0, eps=0.0):
+    """``rlhf_ref.reinforce.sequence_logprobs``: log π_ε of the produced tokens (B, T), 0 off the action mask."""
+    from ..policy import check_policy_args
+    check_policy_args(alpha, eps)
+    V, tokens, mask, prompt_len = model.prepare(params, tokens, mask, prompt_len)
+    K = _require()
+    dt = _dtype(params)
+    am = model.action_mask(mask, prompt_len)
+    B, T = tokens.shape
+    if B == 0 or T == 0:
+        return np.zeros((B, T), dt)
+    net = _Net(K, params, tokens, mask, dt, ("head",))
+    logp = _stats(K, net, am, V, alpha, eps)[0]
+    # the reference's dtype: params' for ε = 0; float64 for ε > 0 (its ε-mixture promotes)
+    return logp.astype(dt if eps == 0 else np.float64)
+
+
+# ----------------------------------------------------------------------------- REINFORCE
+
+def reinforce_loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, ref_params=None, ref_logp=None):
+    """``rlhf_ref.reinforce.loss_and_grad`` (without term_grads and the (B, T, V) arrays scores/logq)."""
+    from .. import reinforce
+    cfg = reinforce.ReinforceConfig() if cfg is None else cfg
+    if not isinstance(cfg, reinforce.ReinforceConfig):
+        raise TypeError(f"cfg must be a ReinforceConfig, got {type(cfg).__name__}")
+    V, tokens, mask, prompt_len = model.prepare(params, tokens, mask, prompt_len, ("head", cfg.critic))
+    B, T = tokens.shape
+    reward = as_float_array(reward, "reward", ndim=1, shape=(B,)).astype(np.float64)
+    am = model.action_mask(mask, prompt_len)
+    n_row = np.count_nonzero(am > 0, axis=1)
+    N = int(n_row.sum())
+    if N == 0:
+        raise ValueError("the batch has no action (action_mask is all 0): the loss is undefined")
+    if (ref_params is None) == (ref_logp is None):
+        raise ValueError("give exactly one of ref_params (a policy dict) or ref_logp (B, T)")
+    if ref_params is not None:
+        ref_logp = sequence_logprobs(ref_params, tokens, mask, prompt_len, cfg.alpha, cfg.eps)
+    else:
+        ref_logp = as_float_array(ref_logp, "ref_logp", shape=(B, T))
+    ref_logp = np.ascontiguousarray(np.where(am > 0, ref_logp, 0.0), dtype=np.float64)
+    if cfg.baseline == "loo" and np.count_nonzero(n_row) < 2:
+        raise ValueError(f"baseline='loo' needs at least two rows with an action, got {np.count_nonzero(n_row)}")
+    if cfg.whiten == "bessel" and N < 2:
+        raise ValueError(f"whiten='bessel' needs two or more actions, got {N}")
+    K = _require()
+    dt = _dtype(params)
+    T_ = K.train
+
+    # forward: body and every head present; pass 1 at the actions
+    net = _Net(K, params, tokens, mask, dt, ("head", "value", "qvalue"))
+    critic_q = cfg.critic == "qvalue"
+    qoff = net.off["qvalue"][0] if "qvalue" in net.off else 0
+    logp, ent, qb, mx, ssum, plq = _stats(K, net, am, V, cfg.alpha, cfg.eps, critic_q, qoff)
+    pm = model.position_mask(mask)
+    values = net.column("value", pm) if "value" in net.off else None
+    qvalues = net.block("qvalue", pm) if "qvalue" in net.off else None
+    pred_q = np.zeros((B, T))
+    if critic_q:
+        pred_q = np.where(am > 0, np.take_along_axis(qvalues, tokens[:, :, None], -1)[:, :, 0], 0.0)
+
+    # KL-shaped rewards, returns, baseline, advantages, the losses and their upstream gradients
+    kl, rewards, G, bl, adv, w, pred, d_logp, d_ent, d_pred = (np.empty((B, T)) for _ in range(10))
+    loss_pg, loss_ent, loss_value = T_.reinforce_chain(
+        logp, ref_logp, am, reward, np.zeros((B, T)) if values is None else _c(values, np.float64), qb,
+        _c(pred_q, np.float64), critic_q, float(cfg.beta), T_.KL_CODES[cfg.kl], float(cfg.gamma),
+        T_.RETURN_CODES[cfg.returns], T_.BASELINE_CODES[cfg.baseline], T_.WHITEN_CODES[cfg.whiten],
+        bool(cfg.shift_mean), T_.AGG_CODES[cfg.aggregation], float(cfg.entropy_coef), float(cfg.value_coef), ent,
+        kl, rewards, G, bl, adv, w, pred, d_logp, d_ent, d_pred)
+
+    # pass 3: ∂L/∂logits in place, then the backward pass
+    nt = _threads(T * B, net.logits.shape[1])
+    T_.policy_grads(net.logits, net.ids, am, V, float(cfg.alpha), float(cfg.eps), mx, ssum, logp, plq,
+                    d_logp, d_ent, d_pred, net.off[cfg.critic][0], critic_q, nt)
+    grads = net.backward_all(params)
+
+    out = {"action_mask": am, "logp": logp.astype(dt), "ref_logp": ref_logp.astype(dt),
+           "entropy": ent.astype(dt), "kl": kl.astype(dt), "rewards": rewards.astype(dt), "returns": G.astype(dt)}
+    if values is not None:
+        out["values"] = values.astype(dt)
+    if qvalues is not None:
+        out["qvalues"] = qvalues
+    out.update({"baseline": bl.astype(dt), "advantages": adv.astype(dt), "weights": w.astype(dt),
+                "loss_pg": loss_pg, "loss_ent": loss_ent, "loss_value": loss_value,
+                "loss": loss_pg + loss_ent + loss_value})
+    return out, grads
+
+
+# ----------------------------------------------------------------------------- SFT
+
+def sft_loss_and_grad(params, tokens, mask):
+    """``rlhf_ref.sft.loss_and_grad``: next-token cross-entropy, token mean over real t ≥ 1."""
+    _, tokens, mask, _ = model.prepare(params, tokens, mask, None)
+    pm = model.position_mask(mask)
+    n_real = pm.sum()
+    if n_real == 0:
+        raise ValueError("the batch has no next-token target (every row is shorter than 2 real tokens)")
+    K = _require()
+    dt = _dtype(params)
+    V = params["head.weight"].shape[0]
+    net = _Net(K, params, tokens, mask, dt, ("head",))
+    logp, ent, qb, mx, ssum, plq = _stats(K, net, pm, V, 1.0, 0.0)
+    d_logp = np.empty_like(logp)
+    loss = K.train.sft_chain(logp, pm, d_logp)
+    zero = np.zeros_like(logp)
+    K.train.policy_grads(net.logits, net.ids, pm, V, 1.0, 0.0, mx, ssum, logp, plq, d_logp, zero, zero, -1,
+                         False, _threads(net.T * net.B, V))
+    grads = net.backward_all(params)
+    return {"logp": logp.astype(dt), "loss": loss, "n_real": n_real}, grads
+
+
+# ----------------------------------------------------------------------------- reward model
+
+def _reward_net(K, params, tokens, mask, dt):
+    body = _Body(K, params, tokens, mask, dt)
+    h_last = body.hs[body.T]                    # carried over padding: each row's state after its last token
+    r = h_last @ _c(params["reward.weight"], dt).T[:, 0] + _c(params["reward.bias"], dt)[0]
+    return body, h_last, r
+
+
+def reward_forward(params, tokens, mask):
+    """``rlhf_ref.reward_model.forward``'s rewards (B,), read at each row's last real token."""
+    from ..reward_model import _prepare
+    tokens, mask = _prepare(params, tokens, mask, "tokens")
+    K = _require()
+    dt = _dtype(params)
+    if tokens.shape[0] == 0:
+        return np.zeros(0, dt)
+    return _reward_net(K, params, tokens, mask, dt)[2]
+
+
+def bt_loss_and_grad(params, chosen, chosen_mask, rejected, rejected_mask, margin=None):
+    """``rlhf_ref.reward_model.bt_loss_and_grad``: one forward/backward over chosen and rejected stacked."""
+    from ..reward_model import _prepare
+    c_tok, c_mask = _prepare(params, chosen, chosen_mask, "chosen")
+    r_tok, r_mask = _prepare(params, rejected, rejected_mask, "rejected")
+    P = c_tok.shape[0]
+    if r_tok.shape[0] != P:
+        raise ValueError(f"chosen and rejected must have the same number of rows, got {P} and {r_tok.shape[0]}")
+    if P == 0:
+        raise ValueError("no preference pairs: the loss is undefined")
+    m = np.zeros(P) if margin is None else as_float_array(margin, "margin", shape=(P,))
+    K = _require()
+    dt = _dtype(params)
+    T = max(c_tok.shape[1], r_tok.shape[1])
+
+    def pad(a):
+        return np.pad(a, ((0, 0), (0, T - a.shape[1])))
+
+    tokens = np.concatenate([pad(c_tok), pad(r_tok)], 0)
+    mask = np.concatenate([pad(c_mask), pad(r_mask)], 0)
+    body, h_last, r = _reward_net(K, params, tokens, mask, dt)
+    r_c, r_r = r[:P], r[P:]
+    delta = r_c - r_r - m
+    loss = np.logaddexp(0.0, -delta).mean()
+    # ∂L/∂Δ = −σ(−Δ)/P, with σ(−Δ) = exp(−logaddexp(0, Δ)) for stability
+    d_delta = -np.exp(-np.logaddexp(0.0, delta)) / P
+    dr = np.concatenate([d_delta, -d_delta])
+    w_r = params["reward.weight"][0].astype(np.float64)
+    grads = body.backward(dh_final=(dr[:, None] * w_r[None, :]).astype(dt))
+    hl = h_last.astype(np.float64)
+    grads["reward.weight"] = ((d_delta @ hl[:P]) + ((-d_delta) @ hl[P:]))[None, :].astype(dt)
+    grads["reward.bias"] = np.array([d_delta.sum() + (-d_delta).sum()], dt)
+    grads = _complete(grads, params, dt)
+    out = {"reward_chosen": r_c, "reward_rejected": r_r, "delta": delta,
+           "loss": loss, "accuracy": float(np.mean(r_c > r_r))}
+    return out, grads

@@ -1,0 +1,235 @@
+# Cython twin of rlhf_ref/policy.py for ONE row of action scores z (V,), inline (cimported by
+# _train_cy.pyx and _rollout_cy.pyx), so that the training passes and the rollout run the policy
+# fused, with no (B, T, V) temporaries. The formulas are the reference's (policy.py docstring):
+#
+#   Boltzmann    log π(a)   = s_a − lse,  s = α·z (in the row's dtype, as NumPy rounds alpha * z),
+#                lse = m + log Σ_k exp(s_k − m),  m = max_k s_k
+#   ε-mixture    log π_ε(a) = logaddexp(log1p(−ε) + log π(a), log(ε/V)), in float64 (the reference
+#                promotes to float64 there too), ε = 0: log π
+#   classic ε-greedy / greedy   q = (1−ε)·onehot(argmax z) + ε/V (ties to the lowest index)
+#   entropy      H = −Σ_k π_ε,k log π_ε,k,  0·log 0 = 0
+#   gradient     ∂/∂z_j [d_logp·log π_ε(a) + d_ent·H]
+#                  = scale·(δ_ja − π_j) + ce·(π_j log π_ε,j − π_j Σ_k π_k log π_ε,k)
+#                scale = d_logp·α·(1−ε)·π_a/π_ε,a (ε = 0: d_logp·α),  ce = −d_ent·(1−ε)·α
+#   sampling     a = #{k : cdf_k ≤ u}, cdf the running sum of q from index 0 (accumulated in the
+#                dtype q is in, compared with u in float64); if u ≥ cdf_{V−1}: the last k with q_k > 0
+#
+# `e` arguments are (V,) scratch rows of the row's dtype. The exp of a row is one vectorised loop
+# into e; sums over a row use four accumulators in a fixed order (deterministic, and not
+# serialised on the add latency).
+
+from cython cimport floating
+from libc.math cimport log, exp as libm_exp, INFINITY
+from ._common_cy cimport vexp, logaddexp, log1m
+
+cdef enum:
+    BOLTZMANN = 0
+    EPS_GREEDY = 1
+    GREEDY = 2
+
+
+ctypedef struct RowStats:
+    double lp       # log π_ε(a)
+    double ent      # H(π_ε)
+    double qb       # Σ_k π_ε,k Q_k (the qvalue baseline), when asked
+    double plq      # Σ_k π_k log π_ε,k (for the entropy gradient)
+    double mx       # m = max_k α z_k      (in the row's dtype, exactly)
+    double ssum     # S = Σ_k exp(α z_k − m) (in the row's dtype, exactly); lse = m + log S
+
+
+cdef inline floating row_sum(const floating* e, Py_ssize_t V) noexcept nogil:
+    cdef floating s0 = 0, s1 = 0, s2 = 0, s3 = 0
+    cdef Py_ssize_t k = 0
+    while k + 4 <= V:
+        s0 = s0 + e[k]
+        s1 = s1 + e[k + 1]
+        s2 = s2 + e[k + 2]
+        s3 = s3 + e[k + 3]
+        k += 4
+    while k < V:
+        s0 = s0 + e[k]
+        k += 1
+    return (s0 + s1) + (s2 + s3)
+
+
+cdef inline Py_ssize_t argmax_row(const floating* z, Py_ssize_t V) noexcept nogil:
+    """The first maximum (NumPy's argmax: ties to the lowest index)."""
+    cdef Py_ssize_t k, best = 0
+    for k in range(1, V):
+        if z[k] > z[best]:
+            best = k
+    return best
+
+
+cdef inline floating softmax_row(const floating* z, Py_ssize_t V, floating al, floating* e,
+                                 floating* S) noexcept nogil:
+    """e[k] = exp(α z_k − m); returns m and sets S = Σ e."""
+    cdef Py_ssize_t k
+    cdef floating m = al * z[0], s
+    for k in range(1, V):
+        s = al * z[k]
+        if s > m:
+            m = s
+    for k in range(V):
+        e[k] = vexp(al * z[k] - m)
+    S[0] = row_sum(e, V)
+    return m
+
+
+cdef inline floating lse_of(floating m, floating S) noexcept nogil:
+    # lse = m + log S, in the row's dtype as the reference computes it
+    return m + <floating>log(S)
+
+
+cdef inline RowStats stats_row(const floating* z, Py_ssize_t V, Py_ssize_t a, double alpha, double eps,
+                               const floating* qz, bint has_q, floating* e) noexcept nogil:
+    """For an action position: log π_ε(a), the entropy, the qvalue baseline and what the gradient
+    pass needs (Boltzmann ε-mixture over z[:V]; qz[:V] are Q-values, read when has_q)."""
+    cdef RowStats st
+    cdef floating al = <floating>alpha, S, m, lse, pk, lq, zero = 0
+    cdef double l1, le, lqd, qk, ent = 0, plq = 0, qb = 0
+    cdef Py_ssize_t k
+    m = softmax_row(z, V, al, e, &S)
+    lse = lse_of(m, S)
+    st.mx = m
+    st.ssum = S
+    st.lp = al * z[a] - lse
+    if eps > 0.0:
+        l1 = log1m(eps)
+        le = log(eps / V)
+        st.lp = logaddexp(l1 + st.lp, le)
+        for k in range(V):
+            pk = e[k] / S
+            lqd = logaddexp(l1 + <double>(al * z[k] - lse), le)
+            qk = libm_exp(lqd)
+            if qk > 0:
+                ent = ent - qk * lqd
+            if pk > zero:
+                plq = plq + pk * lqd
+            if has_q:
+                qb = qb + qk * qz[k]
+    else:
+        for k in range(V):
+            pk = e[k] / S
+            if pk > zero:                       # 0·log 0 = 0
+                plq = plq + pk * (al * z[k] - lse)
+            if has_q:
+                qb = qb + pk * qz[k]
+        ent = -plq
+    st.ent = ent
+    st.plq = plq
+    st.qb = qb
+    return st
+
+
+cdef inline void grad_row(floating* z, Py_ssize_t V, Py_ssize_t a, double alpha, double eps,
+                          double mx, double ssum, double lq_a, double plq, double d_logp,
+                          double d_ent) noexcept nogil:
+    """Overwrite z[:V] with ∂/∂z of d_logp·log π_ε(a) + d_ent·H(π_ε) (formula above)."""
+    cdef floating al = <floating>alpha, m = <floating>mx, S = <floating>ssum, lse, s, p, lq, zero = 0
+    cdef floating fscale, fce, fplq = <floating>plq
+    cdef double scale, ce, l1, le, lqd, pa
+    cdef Py_ssize_t k
+    lse = lse_of(m, S)
+    scale = d_logp * alpha
+    if eps > 0.0:
+        pa = vexp(al * z[a] - m) / S
+        scale = scale * (1.0 - eps) * pa / libm_exp(lq_a)
+    ce = -d_ent * (1.0 - eps) * alpha
+    fscale = <floating>scale
+    fce = <floating>ce
+    if eps > 0.0:
+        l1 = log1m(eps)
+        le = log(eps / V)
+        for k in range(V):
+            s = al * z[k]
+            p = vexp(s - m) / S
+            lqd = logaddexp(l1 + <double>(s - lse), le)
+            lq = <floating>lqd
+            z[k] = -fscale * p + fce * ((p * lq if p > zero else zero) - p * fplq)
+    elif d_ent != 0.0:
+        for k in range(V):
+            s = al * z[k]
+            p = vexp(s - m) / S
+            lq = s - lse
+            z[k] = -fscale * p + fce * ((p * lq if p > zero else zero) - p * fplq)
+    else:
+        for k in range(V):
+            z[k] = -fscale * (vexp(al * z[k] - m) / S)
+    z[a] = z[a] + fscale
+
+
+cdef inline double greedy_logprob(const floating* z, Py_ssize_t V, Py_ssize_t a, double eps) noexcept nogil:
+    """log q(a) of classic ε-greedy: log((1−ε) + ε/V) at the argmax, log(ε/V) elsewhere, in the
+    row's dtype (the reference rounds log(q) to it); −inf where q = 0."""
+    cdef double qa = ((1.0 - eps) + eps / V) if a == argmax_row(z, V) else eps / V
+    if qa > 0:
+        return <floating>log(qa)
+    return -INFINITY
+
+
+cdef inline double logprob_row(const floating* z, Py_ssize_t V, Py_ssize_t a, double alpha, double eps,
+                               int kind, floating* e) noexcept nogil:
+    """log q(a) under the policy `kind` over z[:V] (the frozen reference policy at a sampled token)."""
+    cdef floating al = <floating>alpha, S, m, lp
+    if kind == BOLTZMANN:
+        m = softmax_row(z, V, al, e, &S)
+        lp = al * z[a] - lse_of(m, S)
+        if eps > 0.0:
+            return logaddexp(log1m(eps) + <double>lp, log(eps / V))
+        return lp
+    return greedy_logprob(z, V, a, eps)
+
+
+cdef inline Py_ssize_t sample_row(const floating* z, Py_ssize_t V, double alpha, double eps, int kind,
+                                  double u, floating* e, double* lp_out) noexcept nogil:
+    """Sample one token from the policy `kind` over z[:V] with the uniform u; lp_out = log q(a)."""
+    cdef floating al = <floating>alpha, S, m, lse, acc = 0, hi, lo
+    cdef double l1, le, lqd, qd, accd = 0
+    cdef Py_ssize_t k, a = -1, last = -1, g
+    if kind == BOLTZMANN:
+        m = softmax_row(z, V, al, e, &S)
+        lse = lse_of(m, S)
+        if eps > 0.0:
+            # the ε-mixture in float64, as the reference computes it
+            l1 = log1m(eps)
+            le = log(eps / V)
+            for k in range(V):
+                qd = libm_exp(logaddexp(l1 + <double>(al * z[k] - lse), le))
+                accd = accd + qd
+                if qd > 0:
+                    last = k
+                if a < 0 and accd > u:
+                    a = k
+            if a < 0:
+                a = last
+            lp_out[0] = logaddexp(l1 + <double>(al * z[a] - lse), le)
+            return a
+        # q_k = exp(log π_k), log π_k = α z_k − lse (policy.sample(exp(logq)))
+        for k in range(V):
+            e[k] = vexp(al * z[k] - lse)
+        for k in range(V):
+            acc = acc + e[k]
+            if acc > u:
+                a = k
+                break
+        if a < 0:
+            for k in range(V - 1, -1, -1):
+                if e[k] > 0:
+                    a = k
+                    break
+        lp_out[0] = al * z[a] - lse
+        return a
+    # classic ε-greedy / greedy
+    g = argmax_row(z, V)
+    hi = <floating>((1.0 - eps) + eps / V)
+    lo = <floating>(eps / V)
+    for k in range(V):
+        acc = acc + (hi if k == g else lo)
+        if acc > u:
+            a = k
+            break
+    if a < 0:
+        a = V - 1 if lo > 0 else g
+    lp_out[0] = greedy_logprob(z, V, a, eps)
+    return a

@@ -1,0 +1,289 @@
+"""Cython twin of the training objectives: ``rlhf_ref/reinforce.py``, ``returns.py``, ``sft.py``.
+
+The network's outputs at every position are one logits block (T·B, K) (time-major rows
+r = t·B + b; the stacked heads: ``head`` columns [0, V), then ``value`` and/or ``qvalue``), made
+by ``_lstm_cy.linear``. Three passes turn it into the losses and ∂L/∂logits, in place:
+
+    policy_stats     per selected position (an action, or a real t ≥ 1 for SFT): log π_ε(a_t),
+                     entropy, the qvalue baseline, and what the gradient pass needs (m, S, Σ π log π_ε);
+                     rows in parallel, each with its own (V,) scratch row
+    reinforce_chain  the per-token scalars of returns.py and reinforce.py in float64, in the
+                     reference's order: k_t, shaped rewards, returns, baseline, advantages
+                     (whitened), aggregation weights, the three losses and their upstream
+                     gradients d_logp = −w·A, d_ent = −c_H·w, d_pred = c_V·w·(pred − G)
+    policy_grads     ∂L/∂logits over the logits' own buffer (policy.grad_logprob and
+                     policy.grad_entropy at the head's columns, d_pred at the critic's column,
+                     0 elsewhere); rows in parallel
+
+(B, T) arrays are batch-major float64, as the reference returns them; the row passes compute in
+the logits' dtype (float32 or float64) and the ε-mixture in float64, as the reference does.
+"""
+
+from cython cimport floating
+from cython.parallel cimport prange, threadid
+from libc.math cimport sqrt, expm1, INFINITY
+from libc.stdint cimport int64_t
+from libc.string cimport memset
+
+from ._policy_cy cimport RowStats, stats_row, grad_row
+
+# codes shared with _backend_cython
+KL_CODES = {"k1": 0, "k2": 1, "k3": 2}
+RETURN_CODES = {"rtg": 0, "total": 1}
+BASELINE_CODES = {"value": 0, "qvalue": 1, "mean": 2, "loo": 3, "none": 4}
+WHITEN_CODES = {"off": 0, "population": 1, "bessel": 2}
+AGG_CODES = {"token_mean": 0, "seq_mean": 1, "seq_sum": 2}
+
+
+# ----------------------------------------------------------------------------- pass 1
+
+cdef inline void _stats_one(const floating* logits, Py_ssize_t K, const int64_t* ids, const double* sel,
+                            Py_ssize_t B, Py_ssize_t T, Py_ssize_t r, Py_ssize_t V, double alpha, double eps,
+                            Py_ssize_t qoff, bint has_q, double* logp, double* ent, double* qb,
+                            double* mx, double* ssum, double* plq, floating* e) noexcept nogil:
+    cdef Py_ssize_t t = r // B, b = r - t * B, i = b * T + t
+    cdef RowStats st
+    if sel[i] == 0:
+        logp[i] = 0
+        ent[i] = 0
+        qb[i] = 0
+        mx[i] = 0
+        ssum[i] = 1
+        plq[i] = 0
+        return
+    st = stats_row(logits + r * K, V, ids[r], alpha, eps, logits + r * K + qoff, has_q, e)
+    logp[i] = st.lp
+    ent[i] = st.ent
+    qb[i] = st.qb
+    mx[i] = st.mx
+    ssum[i] = st.ssum
+    plq[i] = st.plq
+
+
+def policy_stats(const floating[:, ::1] logits, const int64_t[:, ::1] ids, const double[:, ::1] sel,
+                 Py_ssize_t V, double alpha, double eps, Py_ssize_t qoff, bint has_q,
+                 double[:, ::1] logp, double[:, ::1] ent, double[:, ::1] qb, double[:, ::1] mx,
+                 double[:, ::1] ssum, double[:, ::1] plq, floating[:, ::1] work, int nthreads=1):
+    """Pass 1. logits (T·B, K), ids (T, B) the tokens (the actions a_t), sel (B, T) where to
+    compute (elsewhere the outputs are 0). Outputs (B, T) float64: logp, ent (entropy), qb
+    (Σ π_ε Q, when has_q: Q-values at columns [qoff, qoff + V)), mx, ssum, plq. work (n, V)
+    scratch with n ≥ nthreads."""
+    cdef Py_ssize_t T = ids.shape[0], B = ids.shape[1], K = logits.shape[1], r
+    cdef const floating* L = &logits[0, 0]
+    cdef floating* w = &work[0, 0]
+    with nogil:
+        if nthreads > 1 and T * B > 1:
+            for r in prange(T * B, num_threads=nthreads, schedule="static"):
+                _stats_one(L, K, &ids[0, 0], &sel[0, 0], B, T, r, V, alpha, eps, qoff, has_q,
+                           &logp[0, 0], &ent[0, 0], &qb[0, 0], &mx[0, 0], &ssum[0, 0], &plq[0, 0],
+                           w + threadid() * V)
+        else:
+            for r in range(T * B):
+                _stats_one(L, K, &ids[0, 0], &sel[0, 0], B, T, r, V, alpha, eps, qoff, has_q,
+                           &logp[0, 0], &ent[0, 0], &qb[0, 0], &mx[0, 0], &ssum[0, 0], &plq[0, 0], w)
+
+
+# ----------------------------------------------------------------------------- pass 3
+
+cdef inline void _grads_one(floating* logits, Py_ssize_t K, const int64_t* ids, const double* sel,
+                            Py_ssize_t B, Py_ssize_t T, Py_ssize_t r, Py_ssize_t V, double alpha, double eps,
+                            const double* mx, const double* ssum, const double* logp, const double* plq,
+                            const double* d_logp, const double* d_ent, const double* d_pred,
+                            Py_ssize_t pred_col, bint pred_q) noexcept nogil:
+    cdef Py_ssize_t t = r // B, b = r - t * B, i = b * T + t, k
+    cdef floating* z = logits + r * K
+    cdef Py_ssize_t a = ids[r]
+    if sel[i] == 0:
+        memset(z, 0, K * sizeof(floating))
+        return
+    grad_row(z, V, a, alpha, eps, mx[i], ssum[i], logp[i], plq[i], d_logp[i], d_ent[i])
+    for k in range(V, K):
+        z[k] = 0
+    if pred_col >= 0:
+        # the critic's prediction: V(s_t) at pred_col, or Q(s_t, a_t) at pred_col + a_t
+        z[pred_col + (a if pred_q else 0)] = <floating>d_pred[i]
+
+
+def policy_grads(floating[:, ::1] logits, const int64_t[:, ::1] ids, const double[:, ::1] sel,
+                 Py_ssize_t V, double alpha, double eps, const double[:, ::1] mx, const double[:, ::1] ssum,
+                 const double[:, ::1] logp, const double[:, ::1] plq, const double[:, ::1] d_logp,
+                 const double[:, ::1] d_ent, const double[:, ::1] d_pred, Py_ssize_t pred_col, bint pred_q,
+                 int nthreads=1):
+    """Pass 3: overwrite logits (T·B, K) with ∂L/∂logits. The policy's part comes from the
+    upstream d_logp (on log π_ε(a_t)) and d_ent (on the entropy), (B, T); d_pred (B, T) goes to
+    column pred_col (the value head) or pred_col + a_t (the qvalue head, pred_q); pred_col < 0:
+    no critic. Rows off sel are 0."""
+    cdef Py_ssize_t T = ids.shape[0], B = ids.shape[1], K = logits.shape[1], r
+    cdef floating* L = &logits[0, 0]
+    with nogil:
+        if nthreads > 1 and T * B > 1:
+            for r in prange(T * B, num_threads=nthreads, schedule="static"):
+                _grads_one(L, K, &ids[0, 0], &sel[0, 0], B, T, r, V, alpha, eps, &mx[0, 0], &ssum[0, 0],
+                           &logp[0, 0], &plq[0, 0], &d_logp[0, 0], &d_ent[0, 0], &d_pred[0, 0], pred_col, pred_q)
+        else:
+            for r in range(T * B):
+                _grads_one(L, K, &ids[0, 0], &sel[0, 0], B, T, r, V, alpha, eps, &mx[0, 0], &ssum[0, 0],
+                           &logp[0, 0], &plq[0, 0], &d_logp[0, 0], &d_ent[0, 0], &d_pred[0, 0], pred_col, pred_q)
+
+
+# ----------------------------------------------------------------------------- pass 2
+
+def reinforce_chain(const double[:, ::1] logp, const double[:, ::1] ref_logp, const double[:, ::1] am,
+                    const double[::1] reward, const double[:, ::1] values, const double[:, ::1] qb,
+                    const double[:, ::1] pred_q, bint critic_q, double beta, int kl_code, double gamma,
+                    int ret_code, int base_code, int whiten_code, bint shift_mean, int agg_code,
+                    double entropy_coef, double value_coef, const double[:, ::1] ent,
+                    double[:, ::1] kl, double[:, ::1] rewards, double[:, ::1] G, double[:, ::1] bl,
+                    double[:, ::1] adv, double[:, ::1] w, double[:, ::1] pred,
+                    double[:, ::1] d_logp, double[:, ::1] d_ent, double[:, ::1] d_pred):
+    """The per-token chain of returns.py and reinforce.py, float64, every (B, T) output 0 off
+    the action mask am. values: V(s_t) (value critic), qb: Σ π_ε Q (qvalue baseline), pred_q:
+    Q(s_t, a_t) (qvalue critic). Returns (loss_pg, loss_ent, loss_value). The caller has checked
+    what the reference raises on (no action; loo with < 2 rows; bessel with < 2 actions)."""
+    cdef Py_ssize_t B = logp.shape[0], T = logp.shape[1], b, t, last
+    cdef double x, k, g, tot, disc, N = 0, nrows = 0, n_b, s_b = 0, S_all = 0, mu, var, den, sd
+    cdef double loss_pg = 0, loss_ent = 0, loss_value = 0, e
+    with nogil:
+        for b in range(B):
+            n_b = 0
+            for t in range(T):
+                if am[b, t] > 0:
+                    n_b = n_b + 1
+            N = N + n_b
+            if n_b > 0:
+                nrows = nrows + 1
+        for b in range(B):
+            # KL estimate k_t and shaped rewards r_t = −β·k_t (+ R at the row's last action)
+            last = -1
+            n_b = 0
+            for t in range(T):
+                if am[b, t] > 0:
+                    x = logp[b, t] - ref_logp[b, t]
+                    if kl_code == 0:
+                        k = x
+                    elif kl_code == 1:
+                        k = 0.5 * x * x
+                    else:
+                        k = expm1(-x) + x
+                    kl[b, t] = k
+                    rewards[b, t] = -beta * k
+                    last = t
+                    n_b = n_b + 1
+                else:
+                    kl[b, t] = 0
+                    rewards[b, t] = 0
+            if last >= 0:
+                rewards[b, last] = rewards[b, last] + reward[b]
+            # returns over actions only
+            if ret_code == 0:                        # G_t = r_t + γ G_{t+1}
+                g = 0
+                for t in range(T - 1, -1, -1):
+                    if am[b, t] > 0:
+                        g = rewards[b, t] + gamma * g
+                        G[b, t] = g
+                    else:
+                        G[b, t] = 0
+            else:                                    # G = Σ_j γ^j r_j, written at every action
+                tot = 0
+                disc = 1
+                for t in range(T):
+                    if am[b, t] > 0:
+                        tot = tot + disc * rewards[b, t]
+                        disc = disc * gamma
+                for t in range(T):
+                    G[b, t] = tot if am[b, t] > 0 else 0
+            # aggregation weights
+            for t in range(T):
+                if am[b, t] > 0:
+                    if agg_code == 0:
+                        w[b, t] = 1.0 / N
+                    elif agg_code == 2:
+                        w[b, t] = 1.0 / nrows
+                    else:
+                        w[b, t] = 1.0 / n_b / nrows
+                else:
+                    w[b, t] = 0
+        # baselines
+        if base_code == 2 or base_code == 3:
+            for b in range(B):
+                for t in range(T):
+                    if am[b, t] > 0:
+                        S_all = S_all + G[b, t]
+        for b in range(B):
+            if base_code == 3:
+                s_b = 0
+                n_b = 0
+                for t in range(T):
+                    if am[b, t] > 0:
+                        s_b = s_b + G[b, t]
+                        n_b = n_b + 1
+            for t in range(T):
+                if am[b, t] == 0:
+                    bl[b, t] = 0
+                elif base_code == 0:
+                    bl[b, t] = values[b, t]
+                elif base_code == 1:
+                    bl[b, t] = qb[b, t]
+                elif base_code == 2:
+                    bl[b, t] = S_all / N
+                elif base_code == 3:
+                    bl[b, t] = (S_all - s_b) / (N - n_b)
+                else:
+                    bl[b, t] = 0
+                adv[b, t] = G[b, t] - bl[b, t] if am[b, t] > 0 else 0
+        # whitening over all actions (statistics are constants)
+        if whiten_code != 0:
+            mu = 0
+            for b in range(B):
+                for t in range(T):
+                    if am[b, t] > 0:
+                        mu = mu + adv[b, t]
+            mu = mu / N
+            var = 0
+            for b in range(B):
+                for t in range(T):
+                    if am[b, t] > 0:
+                        var = var + (adv[b, t] - mu) * (adv[b, t] - mu)
+            den = N - 1 if whiten_code == 2 else N
+            sd = sqrt(var / den + 1e-8)
+            for b in range(B):
+                for t in range(T):
+                    if am[b, t] > 0:
+                        e = (adv[b, t] - mu) / sd
+                        if not shift_mean:
+                            e = e + mu
+                        adv[b, t] = e
+        # the critic's prediction, the losses (minimised) and their upstream gradients
+        for b in range(B):
+            for t in range(T):
+                if am[b, t] > 0:
+                    pred[b, t] = pred_q[b, t] if critic_q else values[b, t]
+                    loss_pg = loss_pg - w[b, t] * adv[b, t] * logp[b, t]
+                    loss_ent = loss_ent + w[b, t] * ent[b, t]
+                    e = pred[b, t] - G[b, t]
+                    loss_value = loss_value + w[b, t] * e * e
+                    d_logp[b, t] = -w[b, t] * adv[b, t]
+                    d_ent[b, t] = -entropy_coef * w[b, t]
+                    d_pred[b, t] = value_coef * w[b, t] * e
+                else:
+                    pred[b, t] = 0
+                    d_logp[b, t] = 0
+                    d_ent[b, t] = 0
+                    d_pred[b, t] = 0
+    return loss_pg, -entropy_coef * loss_ent, value_coef * 0.5 * loss_value
+
+
+def sft_chain(const double[:, ::1] logp, const double[:, ::1] pm, double[:, ::1] d_logp):
+    """L_sft = −Σ logp / N_real over the positions pm; d_logp = −1/N_real there. Returns L_sft."""
+    cdef Py_ssize_t B = logp.shape[0], T = logp.shape[1], b, t
+    cdef double n = 0, s = 0
+    with nogil:
+        for b in range(B):
+            for t in range(T):
+                if pm[b, t] > 0:
+                    n = n + 1
+                    s = s + logp[b, t]
+        for b in range(B):
+            for t in range(T):
+                d_logp[b, t] = -1.0 / n if pm[b, t] > 0 else 0
+    return -s / n
