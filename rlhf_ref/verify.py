@@ -106,8 +106,13 @@ class CaseReport:
             lines.append(s)
         else:
             lines.append(f"{head} {self.case}" + (f"  ({self.description})" if verbose and self.description else ""))
+        prev = None
         for f in self.findings:
-            lines.append("     " + f.format())
+            line = "     " + f.format()
+            if f.hint and f.hint == prev:
+                line = line.replace(f.hint, "the same (see above)")
+            prev = f.hint or prev
+            lines.append(line)
         if not self.ok and self.not_compared:
             lines.append(f"     ({len(self.checked)} quantities matched before; {len(self.not_compared)} after the "
                          f"first difference not compared)")
@@ -219,6 +224,7 @@ class _Ctx:
 
     def variant(self, key, sections, config=None, transform=None):
         """vectors.compute with config overrides and/or transformed inputs (cached by key)."""
+        key = (key, tuple(sections))
         if key not in self._variants:
             cfg = dict(self.cfg, **(config or {}))
             inp = dict(self.inputs)
@@ -404,10 +410,9 @@ _GATE_ORDERS.sort(key=lambda o: (o not in (("i", "g", "f", "o"), ("f", "i", "g",
 
 
 def _gate_hint(order):
-    return (f"matches the reference with the LSTM gate blocks read in the order ({', '.join(order)}): the weights "
-            f"are in PyTorch's order (i, f, g, o) — rows [0:H] input, [H:2H] forget, [2H:3H] cell, [3H:4H] output "
-            f"(TF/Keras i, f, c, o is the same) — but your LSTM uses them as ({', '.join(order)}); permute the "
-            f"row blocks of lstm.weight_ih_l0, weight_hh_l0, bias_ih_l0, bias_hh_l0 when loading")
+    return (f"matches the reference with the LSTM gate blocks taken as ({', '.join(order)}): the weights are in "
+            f"PyTorch's order (i, f, g, o), rows [0:H] input, [H:2H] forget, [2H:3H] cell, [3H:4H] output (TF/Keras "
+            f"i, f, c, o is the same); permute the row blocks of the lstm.* weights and biases when loading them")
 
 
 def _forward_variants(ctx, name, section, models):
@@ -441,6 +446,13 @@ def _forward_variants(ctx, name, section, models):
                     out[k] = np.zeros_like(inp[k])
             return out
         return tf
+    if ctx.dtype == np.float64:
+        def to32(inp):
+            return {k: (v.astype(np.float32).astype(np.float64) if k.split("/")[0] in ("policy", "ref", "rm")
+                        else v) for k, v in inp.items()}
+        c.append(("matches the reference with the parameters rounded to float32: somewhere they pass through "
+                  "float32 (e.g. loaded into a float32 module by load_state_dict, then cast to float64; cast "
+                  "the module first, then load)", lambda: ctx.variant("params32", [section], transform=to32)))
     c.append(("matches an LSTM without lstm.bias_hh_l0: PyTorch's LSTM has two biases and adds both "
               "(b_ih + b_hh); a one-bias LSTM must load their sum",
               lambda: ctx.variant("no_bhh", [section], transform=one_bias("hh"))))
@@ -886,6 +898,12 @@ def _grad_hints(ctx, name, impl):
     atol, rtol = ctx.tol(name)
     allm = lambda cand: all(_matches(got[k], cand[k], atol, rtol) for k in have)  # noqa: E731
     hints = []
+    zero = {k: np.zeros_like(v) for k, v in gold.items()}
+    if loss == "loss_ent" and allm(zero) and any(np.any(v != 0) for v in gold.values()):
+        return ("the entropy term has no gradient: the entropy must not be detached (only A, G, the baselines, the "
+                "whitening statistics, R and β·k are constants)")
+    if allm(zero) and any(np.any(v != 0) for v in gold.values()):
+        return f"the gradient of {loss} is 0 for every parameter: the loss was detached from the parameters"
     if allm({k: -v for k, v in gold.items()}):
         return f"the gradient of {loss} has the wrong sign for every parameter: the losses are minimised (θ ← θ − η·∇L)"
     num = sum(float(np.sum(got[k] * gold[k])) for k in have)
@@ -900,10 +918,6 @@ def _grad_hints(ctx, name, impl):
                 extra = ": the wrong sign"
             return (f"the gradient of {loss} is {cfac:.6g}× the expected for every parameter{extra} (a normalisation, "
                     f"aggregation or coefficient differs while the values match)")
-    zero = {k: np.zeros_like(v) for k, v in gold.items()}
-    if loss == "loss_ent" and allm(zero) and any(np.any(v != 0) for v in gold.values()):
-        return ("the entropy term has no gradient: the entropy must not be detached (only A, G, the baselines, the "
-                "whitening statistics, R and β·k are constants)")
     if loss in ("loss_value", "loss") and model_prefix == "policy":
         body = [k for k in have if "/embedding." in k or "/lstm." in k]
         if body and all(_matches(got[k], np.zeros_like(gold[k]), atol, rtol) for k in body) and \
@@ -992,7 +1006,7 @@ def _diagnose(ctx, name, got, section):
     # generic patterns
     if _matches(got, -want, atol, rtol):
         return f"{name} has the opposite sign"
-    if want.ndim >= 2 and want.shape[:2] == getattr(ctx, "am", np.zeros((0, 0))).shape:
+    if section == "rl" and want.ndim >= 2 and want.shape[:2] == ctx.am.shape:
         bad = ~_close(got, want, atol, rtol)
         while bad.ndim > 2:
             bad = bad.any(-1)
@@ -1007,7 +1021,7 @@ def _diagnose(ctx, name, got, section):
             if hasattr(ctx, "am"):
                 last = ret.last_action_index(ctx.am)
                 bb, tt = np.nonzero(bad)
-                if bb.size and np.all(tt == last[bb]):
+                if bb.size and np.all(tt == last[bb]) and np.any(ctx.am[bb].sum(axis=1) > 1):
                     return f"only each row's last action differs in {name} (where R is added, EOS, truncation)"
     if ctx.dtype == np.float64 and np.asarray(got).dtype == np.float32:
         return f"{name} is float32 in a float64 case: compute this case in float64"
@@ -1182,8 +1196,13 @@ def verify_case(entry, golden, outputs, layout=None, strict_mask=True):
                   (f"; worst {_idx(ix)}" if ix else "") + \
                   f": got {_fmt(got64[ix])}, expected {_fmt(want64[ix])} (|Δ| {_fmt(abs(got64[ix] - want64[ix]))}, " \
                   f"tolerance {_fmt(atol + rtol * abs(want64[ix]))})"
-            if n.startswith("grad/"):
-                hint = _grad_hints(ctx, n, outputs if layout == "token-aligned" else outputs)
+            raw_dt = np.asarray(outputs[n]).dtype
+            if ctx.dtype == np.float64 and raw_dt == np.float32 and np.all(_close(
+                    got64, want64, *(x * np.finfo(np.float32).eps / np.finfo(np.float64).eps for x in (atol, rtol)))):
+                hint = (f"{n} is float32 in a float64 case and matches to float32 precision: compute this case in "
+                        f"float64 (the case's dtype is in its config)")
+            elif n.startswith("grad/"):
+                hint = _grad_hints(ctx, n, outputs)
             else:
                 hint = _diagnose(ctx, n, got64, section)
             rep.findings.append(Finding(name, section, "differs", n, msg, hint, ix))
