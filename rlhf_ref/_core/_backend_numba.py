@@ -24,19 +24,24 @@ from .._validate import as_float_array
 
 NAME = "numba"
 _K = None            # the loaded kernel modules (a namespace), after _load()
+TABLE_MIN_POSITIONS = 1.0   # the input projection goes through the (V, 4H) table when B·T ≥ this × V
 
 
 def probe():
     """None when the numba backend can run here, else the reason it cannot."""
     try:
         import numba  # noqa: F401
-    except ModuleNotFoundError:
+    except ModuleNotFoundError as e:
+        if "halted" in str(e):                   # sys.modules["numba"] = None: present but blocked
+            return f"numba import failed: {type(e).__name__}: {e}"
         return "numba not installed"
     except Exception as e:                       # ImportError when NumPy is too new for numba, and others
         return f"numba import failed: {type(e).__name__}: {e}"
     try:
         import scipy.linalg.cython_blas  # noqa: F401  (np.dot inside numba kernels calls it)
-    except ModuleNotFoundError:
+    except ModuleNotFoundError as e:
+        if "halted" in str(e):
+            return f"scipy import failed: {type(e).__name__}: {e} (numba's np.dot needs SciPy's BLAS)"
         return "scipy not installed (numba's np.dot needs SciPy's BLAS)"
     except Exception as e:
         return f"scipy import failed: {type(e).__name__}: {e}"
@@ -100,7 +105,7 @@ class _Body:
         self.B, self.T, self.H, self.G, self.V = B, T, H, G, V
         self.lengths = mask.sum(axis=1).astype(np.int64)
         self.ids = np.ascontiguousarray(np.where(mask > 0, tokens, 0), dtype=np.int64)   # padded ids never read
-        self.use_table = V <= B * T
+        self.use_table = B * T >= TABLE_MIN_POSITIONS * V
         if self.use_table:
             self.P = np.empty((V, G), dt)
             K.lstm.input_table(self.E, self.W_ih, b_ih, b_hh, self.P)
