@@ -7,6 +7,8 @@ Kernels run with bounds checks off, so nothing past this point catches mistakes.
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
 FLOAT_DTYPES = (np.float32, np.float64)
@@ -51,6 +53,10 @@ def check_shape(a, name, shape):
 
 
 def check_range(value, name, lo=None, hi=None, lo_open=False, hi_open=False):
+    is_number = isinstance(value, numbers.Real) or (isinstance(value, np.ndarray) and value.ndim == 0
+                                                     and value.dtype.kind in "iuf")
+    if not is_number or isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     v = float(value)
     if not np.isfinite(v):
         raise ValueError(f"{name} must be finite, got {value!r}")
@@ -78,7 +84,9 @@ def check_batch(tokens, mask, prompt_len=None, vocab_size=None):
 
     mask must be 0/1 and right-padded (each row a prefix of ones); token ids at
     real positions must lie in [0, vocab_size); prompt_len must be >= 1 on every
-    non-empty row and <= the row length.
+    non-empty row and <= the row length. All-padding rows are allowed (their prompt_len
+    may be anything in [0, T]); they take part in no result. Padded ids are never read: the
+    tokens returned hold PAD (0) at every padding position, whatever the caller put there.
     """
     tokens = as_int_array(tokens, "tokens", ndim=2)
     B, T = tokens.shape
@@ -100,6 +108,7 @@ def check_batch(tokens, mask, prompt_len=None, vocab_size=None):
         if bad.any():
             b, t = (int(i) for i in np.argwhere(bad)[0])
             raise ValueError(f"tokens must lie in [0, {vocab_size}) on real positions; tokens[{b}, {t}] = {tokens[b, t]}")
+    tokens = np.where(m > 0, tokens, 0)                    # padded ids are never read (DESIGN.md §2)
     if prompt_len is None:
         return tokens, m, None
     pl = as_int_array(prompt_len, "prompt_len", ndim=1, shape=(B,))

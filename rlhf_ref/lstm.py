@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validate import check_batch, check_params, as_float_array
+from ._validate import FLOAT_DTYPES, check_batch, check_params, as_float_array
 
 BODY_KEYS = ("embedding.weight", "lstm.weight_ih_l0", "lstm.weight_hh_l0", "lstm.bias_ih_l0", "lstm.bias_hh_l0")
 HEAD_SHAPES = {"head": "V", "value": 1, "qvalue": "V", "reward": 1}
@@ -96,6 +96,8 @@ def init_params(V, E, H, rng, heads=("head", "value"), dtype=np.float64):
     for n, v in (("V", V), ("E", E), ("H", H)):
         if int(v) != v or v < 1:
             raise ValueError(f"{n} must be a positive integer, got {v!r}")
+    if np.dtype(dtype) not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32 or float64, got {np.dtype(dtype)}")
     shapes = param_shapes(V, E, H, heads)
     k = 1.0 / np.sqrt(H)
     params = {}
@@ -176,8 +178,8 @@ def backward(dhs, cache, dh_final=None, dc_final=None):
     dW_ih, dW_hh = np.zeros_like(W_ih), np.zeros_like(W_hh)
     db = np.zeros(G, dt)
     dE = np.zeros_like(p["embedding.weight"])
-    dh = np.zeros((B, H), dt) if dh_final is None else np.array(dh_final, dt)
-    dc = np.zeros((B, H), dt) if dc_final is None else np.array(dc_final, dt)
+    dh = np.zeros((B, H), dt) if dh_final is None else as_float_array(dh_final, "dh_final", shape=(B, H), dtype=dt).copy()
+    dc = np.zeros((B, H), dt) if dc_final is None else as_float_array(dc_final, "dc_final", shape=(B, H), dtype=dt).copy()
     for t in reversed(range(T)):
         mt = m[:, t]                                         # (B, 1)
         dh = dh + dhs[:, t] * mt                             # the output is 0 on padding

@@ -63,12 +63,13 @@ def backward(cache, dscores=None, dvalues=None, dqvalues=None):
     dt = hprev.dtype
     grads = {k: np.zeros_like(v) for k, v in p.items()}
     dhprev = np.zeros((B, T, H), dt)
-    for name, d, shape in (("head", dscores, (B, T, None)), ("value", dvalues, (B, T)), ("qvalue", dqvalues, (B, T, None))):
+    for name, arg, d in (("head", "dscores", dscores), ("value", "dvalues", dvalues), ("qvalue", "dqvalues", dqvalues)):
         if d is None:
             continue
         if f"{name}.weight" not in p:
-            raise ValueError(f"d{name}s given but params has no '{name}' head")
-        d = as_float_array(d, f"d{name}s", shape=shape, dtype=dt)
+            raise ValueError(f"{arg} given but params has no '{name}' head")
+        shape = (B, T) if name == "value" else (B, T, p[f"{name}.weight"].shape[0])
+        d = as_float_array(d, arg, shape=shape, dtype=dt)
         d = (d * pm[:, :, None]) if d.ndim == 3 else (d * pm)[:, :, None]        # heads are 0 off pm
         # backprop through the linear head: dW = Σ dᵀ hprev, db = Σ d, dhprev += d W
         grads[f"{name}.weight"] += np.einsum("bto,bth->oh", d, hprev)

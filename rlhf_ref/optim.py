@@ -21,6 +21,9 @@ def _check(params, grads):
     missing = sorted(set(params) - set(grads))
     if missing:
         raise ValueError(f"grads is missing {missing}")
+    extra = sorted(set(grads) - set(params))
+    if extra:
+        raise ValueError(f"grads has unexpected keys {extra}; expected the keys of params {sorted(params)}")
     for k in params:
         if np.shape(grads[k]) != params[k].shape:
             raise ValueError(f"grads[{k!r}] must have shape {params[k].shape}, got {np.shape(grads[k])}")
@@ -37,6 +40,11 @@ def global_norm(grads, keys=None):
 def clip_grad_norm(grads, max_norm):
     """Scale grads so that their global norm is at most max_norm; returns (clipped copy, norm before)."""
     max_norm = check_range(max_norm, "max_norm", lo=0.0, lo_open=True)
+    if not isinstance(grads, dict):
+        raise TypeError(f"grads must be a dict of arrays, got {type(grads).__name__}")
+    for k, g in grads.items():
+        if not np.all(np.isfinite(g)):
+            raise ValueError(f"grads[{k!r}] must be finite")
     norm = global_norm(grads)
     scale = min(1.0, max_norm / (norm + 1e-6))
     return {k: g * scale for k, g in grads.items()}, norm

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validate import check_range, check_choice
+from ._validate import as_float_array, as_int_array, check_range, check_choice
 
 KINDS = ("boltzmann", "eps_greedy", "greedy")
 
@@ -35,6 +35,20 @@ def check_policy_args(alpha, eps, kind="boltzmann"):
     if kind == "greedy" and eps != 0.0:
         raise ValueError(f"eps must be 0 for the greedy policy, got {eps!r}")
     return alpha, eps, kind
+
+
+def _check_scores(z, name="z"):
+    """Scores (..., V): a finite float array with at least one dimension and V >= 1."""
+    z = as_float_array(z, name)
+    if z.ndim < 1 or z.shape[-1] < 1:
+        raise ValueError(f"{name} must have shape (..., V) with V >= 1, got {z.shape}")
+    return z
+
+
+def _check_per_state(x, name, z, integer=False):
+    """An array with one entry per state: shape z.shape[:-1]."""
+    shape = tuple(z.shape[:-1])
+    return as_int_array(x, name, shape=shape) if integer else as_float_array(x, name, shape=shape)
 
 
 def logsumexp(x, axis=-1):
@@ -53,6 +67,7 @@ def log_softmax(x, axis=-1):
 def logprobs(z, alpha=1.0, eps=0.0, kind="boltzmann"):
     """Full log-distribution log q(·|s) (..., V) of the chosen policy over scores z (..., V)."""
     alpha, eps, kind = check_policy_args(alpha, eps, kind)
+    z = _check_scores(z)
     V = z.shape[-1]
     if kind == "boltzmann":
         logp = log_softmax(alpha * z)
@@ -71,7 +86,8 @@ def logprobs(z, alpha=1.0, eps=0.0, kind="boltzmann"):
 def entropy(logq):
     """H = −Σ q log q over the last axis, with 0·log 0 = 0."""
     q = np.exp(logq)
-    return -np.sum(np.where(q > 0, q * logq, 0.0), axis=-1)
+    with np.errstate(invalid="ignore"):                      # 0·(−inf) is discarded by the where
+        return -np.sum(np.where(q > 0, q * logq, 0.0), axis=-1)
 
 
 def grad_logprob(z, actions, upstream, alpha=1.0, eps=0.0):
@@ -79,7 +95,14 @@ def grad_logprob(z, actions, upstream, alpha=1.0, eps=0.0):
 
     z (..., V), actions (...) int, upstream (...) -> dz (..., V).
     """
+    alpha, eps, _ = check_policy_args(alpha, eps)
+    z = _check_scores(z)
     V = z.shape[-1]
+    actions = _check_per_state(actions, "actions", z, integer=True)
+    if actions.size and (actions.min() < 0 or actions.max() >= V):
+        bad = tuple(int(i) for i in np.argwhere((actions < 0) | (actions >= V))[0])
+        raise ValueError(f"actions must lie in [0, {V}); actions[{bad}] = {actions[bad]}")
+    upstream = _check_per_state(upstream, "upstream", z)
     pi = np.exp(log_softmax(alpha * z))                      # softmax(α z)
     onehot = np.arange(V) == actions[..., None]
     scale = upstream * alpha
@@ -93,6 +116,9 @@ def grad_logprob(z, actions, upstream, alpha=1.0, eps=0.0):
 
 def grad_entropy(z, upstream, alpha=1.0, eps=0.0):
     """∂/∂z of Σ upstream·H(π_ε(·|s)): −(1−ε)·α·π_j·(log π_ε,j − Σ_k π_k log π_ε,k)."""
+    alpha, eps, _ = check_policy_args(alpha, eps)
+    z = _check_scores(z)
+    upstream = _check_per_state(upstream, "upstream", z)
     pi = np.exp(log_softmax(alpha * z))
     logq = logprobs(z, alpha, eps)
     pl = np.where(pi > 0, pi * logq, 0.0)                    # π_j log π_ε,j with 0·log 0 = 0
@@ -101,6 +127,12 @@ def grad_entropy(z, upstream, alpha=1.0, eps=0.0):
 
 def sample(logq, u):
     """Inverse-CDF sampling from log-distributions logq (N, V) with uniforms u (N,) -> ids (N,)."""
+    logq = as_float_array(logq, "logq", ndim=2, finite=False)
+    if np.isnan(logq).any() or np.any(logq == np.inf):
+        raise ValueError("logq must hold log-probabilities (no NaN, no +inf)")
+    u = as_float_array(u, "u", shape=(logq.shape[0],))
+    if np.any((u < 0) | (u >= 1)):
+        raise ValueError("u must hold uniforms in [0, 1)")
     q = np.exp(logq)
     cdf = np.cumsum(q, axis=-1)
     a = np.sum(cdf <= u[:, None], axis=-1)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, asdict
 
 import numpy as np
 
-from . import model, policy, returns as ret
+from . import lstm, model, policy, returns as ret
 from ._validate import as_float_array, check_choice, check_range
 
 AGGREGATIONS = ("token_mean", "seq_mean", "seq_sum")
@@ -135,6 +135,9 @@ def loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, ref_params
     if (ref_params is None) == (ref_logp is None):
         raise ValueError("give exactly one of ref_params (a policy dict) or ref_logp (B, T)")
     if ref_params is not None:
+        Vr, _, _ = lstm.check_model(ref_params, ("head",), name="ref_params")
+        if Vr != V:
+            raise ValueError(f"ref_params has vocabulary {Vr}, params has {V}")
         ref_logp = sequence_logprobs(ref_params, tokens, mask, prompt_len, cfg.alpha, cfg.eps)
     else:
         ref_logp = np.where(am > 0, as_float_array(ref_logp, "ref_logp", shape=(B, T)), 0.0)
@@ -159,7 +162,9 @@ def loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, ref_params
     loss_ent = -cfg.entropy_coef * np.sum(w * ent)
     loss_value = cfg.value_coef * 0.5 * np.sum(w * (pred - G) ** 2)
     out = {
-        "action_mask": am, "scores": fwd["scores"], "logq": logq, "logp": logp, "ref_logp": ref_logp,
+        # logq is a per-position array: 0 where the scores are 0 (padding, column 0), DESIGN.md §2
+        "action_mask": am, "scores": fwd["scores"], "logq": np.where(cache["pm"][:, :, None] > 0, logq, 0.0),
+        "logp": logp, "ref_logp": ref_logp,
         "entropy": ent, "kl": kl, "rewards": rewards, "returns": G,
     }
     if values is not None:

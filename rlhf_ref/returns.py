@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validate import check_choice, check_range
+from ._validate import as_float_array, check_choice, check_range
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 RETURNS = ("rtg", "total")
@@ -60,9 +60,10 @@ def shaped_rewards(kl, sequence_reward, action_mask, beta=0.05):
     """r_t = −β·k_t, plus the sequence reward R added at the row's last action. (B, T)"""
     beta = check_range(beta, "beta", lo=0.0)
     r = np.where(action_mask > 0, -beta * kl, 0.0)
+    sequence_reward = as_float_array(sequence_reward, "sequence_reward", shape=(r.shape[0],))
     last = last_action_index(action_mask)
     rows = np.nonzero(last >= 0)[0]
-    r[rows, last[rows]] += np.asarray(sequence_reward, dtype=r.dtype)[rows]
+    r[rows, last[rows]] += sequence_reward.astype(r.dtype, copy=False)[rows]
     return r
 
 

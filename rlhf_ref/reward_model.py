@@ -35,7 +35,11 @@ def _prepare(params, tokens, mask, name):
 
 
 def forward(params, tokens, mask, name="tokens"):
-    """Scalar rewards (B,) read at each row's last real token."""
+    """Scalar rewards (B,) read at each row's last real token.
+
+    Every row needs at least one real token: an all-padding row has no last token, and is rejected
+    with a ValueError naming the row (unlike the policy's functions, which accept such rows).
+    """
     tokens, mask = _prepare(params, tokens, mask, name)
     hs, lcache = lstm.forward(params, tokens, mask)
     h_last, _ = lstm.final_state(lcache)                                # (B, H)

@@ -25,7 +25,7 @@ of a central difference is h²·f'''/6 ≈ 1e-10·f''' and its rounding error ab
 2e-11·|f|, both far below atol for the O(1) losses of the tests; rtol = 1e-6 is what makes an
 analytic gradient that is 0.05 % off (scaled by 1.0005) fail, which the default tolerances of
 ``torch.autograd.gradcheck`` (atol 1e-5, rtol 1e-3) let through (research notes §4.1).
-``tests/test_gradients.py::test_gradcheck_catches_a_gradient_0_05_percent_off`` proves that.
+``tests/test_tol.py::test_gradcheck_catches_a_gradient_0_05_percent_off`` proves that.
 """
 
 from __future__ import annotations
