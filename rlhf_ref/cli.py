@@ -40,6 +40,10 @@ COMMANDS = (
     Command("demo", "rlhf_ref.demo", "the end-to-end RLHF demo: pretrain, preferences, reward model, REINFORCE, evaluate"),
     Command("label", "rlhf_ref.label", "judge pairs of samples (or rate samples) in the terminal, one key per judgement",
             setup="_add_arguments", run="main_label"),
+    Command("sample", "rlhf_ref.pipeline.commands", "generate text from a policy checkpoint (or label candidates)", setup="sample_arguments", run="sample_main"),
+    Command("train-pretrain", "rlhf_ref.pipeline.commands", "pretrain the policy on a corpus (π_ref)", setup="pretrain_arguments", run="pretrain_main"),
+    Command("train-rm", "rlhf_ref.pipeline.commands", "train the reward model on a preference file", setup="rm_arguments", run="rm_main"),
+    Command("train-rl", "rlhf_ref.pipeline.commands", "REINFORCE fine-tuning against the reward model", setup="rl_arguments", run="rl_main"),
 )
 
 

@@ -341,9 +341,15 @@ def add_arguments(parser):
 def main(args):
     """Entry point for ``rlhf-ref demo``: returns the process exit code."""
     if args.threads < 0:
-        raise SystemExit(f"rlhf-ref demo: error: --threads must be >= 0, got {args.threads}")
+        sys.stderr.write(f"rlhf-ref demo: error: --threads must be >= 0, got {args.threads}\n")
+        return 2
     if args.threads:
         limit_blas_threads(args.threads)
-    run_demo(out=args.out, seed=args.seed, backend=args.backend, dtype=args.dtype, quick=args.quick,
-             progress=args.progress, resume=args.resume)
+    from .pipeline.commands import _user_errors
+    try:
+        run_demo(out=args.out, seed=args.seed, backend=args.backend, dtype=args.dtype, quick=args.quick,
+                 progress=args.progress, resume=args.resume)
+    except _user_errors() as e:
+        sys.stderr.write(f"rlhf-ref demo: error: {e}\n")
+        return 2
     return 0
