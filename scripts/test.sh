@@ -61,6 +61,7 @@ if [ -z "${RLHF_REF_REQUIRE_BACKENDS:-}" ]; then
 fi
 export RLHF_REF_REQUIRE_BACKENDS
 export HYPOTHESIS_PROFILE=ci
+export RLHF_REF_REQUIRE_TORCH=1     # torch was installed above: its cross-checks must run
 SLOW=()
 if [ "${RLHF_REF_RUNSLOW:-1}" != 0 ]; then SLOW=(--runslow); fi
 

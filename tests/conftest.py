@@ -52,6 +52,16 @@ def _cuda_skip_reason():
     return _CUDA_WHY
 
 
+def pytest_configure(config):
+    # scripts/test.sh (CI) installs torch for the cross-checks: there a missing torch is an error,
+    # never a quiet skip of every torch-marked test.
+    if os.environ.get("RLHF_REF_REQUIRE_TORCH") == "1":
+        try:
+            import torch  # noqa: F401
+        except Exception as e:
+            raise pytest.UsageError(f"RLHF_REF_REQUIRE_TORCH=1 but torch cannot be imported: {e}")
+
+
 def pytest_collection_modifyitems(config, items):
     runslow = config.getoption("--runslow")
     skip_slow = pytest.mark.skip(reason="slow test: use --runslow to run it")
