@@ -827,14 +827,16 @@ def _hints_for(ctx, name, section):
                 pred = _on(ctx, np.take_along_axis(ctx.g64("qvalues"), g["tokens"][:, :, None], -1)[:, :, 0])
             G = ctx.g64("returns")
             per = 0.5 * (pred - G) ** 2
-            c.append(("loss_value lacks the ½: L_value = c_V·½·Σ w·(V − G)²", lambda: 2 * ctx.g64("loss_value")))
+            c.append(("loss_value lacks the ½: L_value = c_V·½·Σ w·(V − G)²" +
+                      (" (or lacks c_V = 0.5: both double it)" if cfg["value_coef"] == 0.5 else ""),
+                      lambda: 2 * ctx.g64("loss_value")))
             c += _agg_candidates(ctx, per, cfg["value_coef"], "loss_value")
             c.append(("loss_value regresses on the advantages instead of the returns",
                       lambda: cfg["value_coef"] * np.sum(w * 0.5 * (pred - ctx.g64("advantages")) ** 2)))
             if crit == "qvalues":
                 c.append(("loss_value regresses Σ_a π(a|s)·Q(s, a) (the baseline); the qvalue critic regresses "
                           "Q(s_t, a_t)", lambda: cfg["value_coef"] * np.sum(w * 0.5 * (ctx.g64("baseline") - G) ** 2)))
-            if cfg["value_coef"] != 0:
+            if cfg["value_coef"] not in (0.0, 0.5):
                 c.append(("loss_value lacks the coefficient c_V", lambda: ctx.g64("loss_value") / cfg["value_coef"]))
         else:
             pg, en, va = (float(ctx.g64(k)) for k in ("loss_pg", "loss_ent", "loss_value"))
