@@ -1051,7 +1051,7 @@ def _tie_rows(ctx, got_tokens):
     return ties
 
 
-def _rollout_token_hint(ctx, got):
+def _rollout_token_hint(ctx, got, outputs=None):
     want = ctx.g["rollout/tokens"]
     m = ctx.g["rollout/mask"] > 0
     # kept sampling after EOS
@@ -1086,11 +1086,19 @@ def _rollout_token_hint(ctx, got):
                   ("1-u", None, one_minus)))
     for order in _GATE_ORDERS:
         cands.append((_gate_hint(order), (("gates", order), None, _perm_transform(order, ("policy",)))))
+    # tokens are coarse (several variants may sample the same ones): when the implementation gives
+    # its sampling log-probs too, the variant must match those as well
+    lp = None if outputs is None else outputs.get("rollout/logp")
+    lp = None if lp is None or np.shape(lp) != ctx.g["rollout/logp"].shape else np.asarray(lp, np.float64)
+    atol, rtol = ctx.tol("rollout/logp")
+    first = ""
     for desc, (key, cfg, tf) in cands:
-        v = ctx.variant(key, ["rollout"], cfg, tf).get("rollout/tokens")
-        if v is not None and np.array_equal(v, got):
-            return desc
-    return ""
+        v = ctx.variant(key, ["rollout"], cfg, tf)
+        if v and np.array_equal(v["rollout/tokens"], got):
+            if lp is None or _matches(lp, v["rollout/logp"], atol, rtol):
+                return desc
+            first = first or desc
+    return first
 
 
 # ============================================================================ verifying a case
@@ -1166,7 +1174,7 @@ def verify_case(entry, golden, outputs, layout=None, strict_mask=True):
                 ix, msg = r
                 hint = ""
                 if n == "rollout/tokens":
-                    hint = _rollout_token_hint(ctx, got)
+                    hint = _rollout_token_hint(ctx, got, outputs)
                 elif n == "action_mask":
                     hint = next((d for d, f in _hints_for(ctx, n, section)
                                  if np.array_equal(np.asarray(f()) > 0, np.asarray(got) > 0)), "")

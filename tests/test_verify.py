@@ -1,0 +1,356 @@
+"""The verifier (rlhf_ref.verify): no false alarm on correct outputs, and each planted mistake is
+flagged at the right quantity with the right hint.
+
+Two kinds of "other implementation":
+* the golden outputs themselves, and the reference rerun natively in float32, edited by hand
+  (NumPy only: layout, masking, not-produced quantities, CLI, ties);
+* examples/torch_reference.py, an independent PyTorch implementation, with mistakes planted in
+  its small functions by monkeypatching (needs torch: ``pip install torch==2.13.0``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from argparse import Namespace
+
+import numpy as np
+import pytest
+
+from rlhf_ref import vectors as gv, verify as vf
+
+HERE = os.path.dirname(__file__)
+GOLDEN = os.path.join(HERE, "golden")
+EXAMPLE = os.path.join(HERE, os.pardir, "examples", "torch_reference.py")
+
+
+@pytest.fixture(scope="module")
+def manifest():
+    return gv.load_manifest(GOLDEN)
+
+
+@pytest.fixture(scope="module")
+def golden(manifest):
+    return {e["name"]: (e, gv.load_case(manifest, e)) for e in manifest["cases"]}
+
+
+def outputs(golden, name):
+    e, a = golden[name]
+    return dict(gv.outputs_of(e, a))
+
+
+def check(golden, name, out, **kw):
+    e, a = golden[name]
+    return vf.verify_case(e, a, out, **kw)
+
+
+# ============================================================================ no false alarms
+
+def test_golden_outputs_pass(golden):
+    rep = vf.verify(GOLDEN, {n: outputs(golden, n) for n in golden})
+    assert rep.ok and rep.exit_code == 0, rep.format()
+    assert rep.n_checked == sum(len(e["outputs"]) for e, _ in golden.values())
+
+
+def test_reference_run_natively_in_the_case_dtype_passes(golden):
+    """The float32 cases computed in float32 (not rounded from float64) are within tolerance."""
+    outs = {}
+    for n, (e, a) in golden.items():
+        outs[n] = gv.compute(gv.inputs_of(e, a), e["config"], e["sections"], dtype=np.dtype(e["config"]["dtype"]))
+    rep = vf.verify(GOLDEN, outs)
+    assert rep.ok, rep.format()
+
+
+# ============================================================================ hand-planted (NumPy)
+
+def test_not_produced_quantities_are_not_checked(golden):
+    out = {k: v for k, v in outputs(golden, "base").items()
+           if k in ("logp", "kl", "returns", "loss") or k.startswith("grad/loss/")}
+    rep = check(golden, "base", out)
+    assert rep.ok and "scores" in rep.not_checked and "grad/loss_pg/policy/head.weight" in rep.not_checked
+    assert set(rep.checked) == set(out)
+
+
+def test_missing_case_and_nothing_checked(golden):
+    rep = vf.verify(GOLDEN, {"base": outputs(golden, "base")})
+    assert rep.ok and sum(c.missing for c in rep.cases) == len(golden) - 1
+    assert "no outputs for" in rep.format()
+    rep = vf.verify(GOLDEN, {"base": {"something_else": np.zeros(3)}})
+    assert not rep.ok and "nothing was checked" in rep.format()
+
+
+def test_masking_is_a_separate_named_finding(golden):
+    out = outputs(golden, "padding_rows")
+    out["logp"] = np.where(out["logp"] == 0, -0.7, out["logp"])          # values on prompt and padding
+    rep = check(golden, "padding_rows", out)
+    assert not rep.ok
+    [f] = rep.findings
+    assert f.kind == "masking" and f.quantity == "logp"
+    assert "column 0" in f.message and "prompt" in f.message and "padding" in f.message
+    assert "all-padding row" in f.message
+    assert rep.first() is None                                           # the values on the mask match
+    assert check(golden, "padding_rows", out, strict_mask=False).ok      # lenient: a note
+
+
+def test_shifted_layout_is_accepted_when_declared(golden):
+    out = {k: (v[:, 1:] if gv.time_aligned(k) else v) for k, v in outputs(golden, "padding_rows").items()}
+    assert check(golden, "padding_rows", out, layout="shifted").ok
+    assert check(golden, "padding_rows", dict(out, layout=np.array("shifted"))).ok
+    rep = check(golden, "padding_rows", out)
+    f = rep.first("rl")
+    assert f.kind == "shape" and f.quantity == "action_mask" and "shifted" in f.message
+
+
+def test_loss_sign(golden):
+    out = outputs(golden, "base")
+    out["loss_pg"] = -out["loss_pg"]
+    f = check(golden, "base", out).first("rl")
+    assert f.quantity == "loss_pg" and "wrong sign" in f.hint
+
+
+def test_float32_outputs_in_a_float64_case(golden):
+    out = {k: (v.astype(np.float32) if v.dtype == np.float64 else v) for k, v in outputs(golden, "base").items()}
+    f = check(golden, "base", out).first("rl")
+    assert f.quantity == "scores" and "float32 in a float64 case" in f.hint
+
+
+def test_ratio_reversed_k3(golden):
+    out = outputs(golden, "kl_k3")
+    e, a = golden["kl_k3"]
+    x = np.where(a["action_mask"] > 0, a["logp"] - a["ref_logp"], 0.0)
+    out["kl"] = np.expm1(x) - x                                           # trlX / rlhf-book approx_kl3
+    f = check(golden, "kl_k3", out).first("rl")
+    assert f.quantity == "kl" and "k3 with the ratio reversed" in f.hint
+
+
+def test_gradient_hints_without_torch(golden):
+    out = outputs(golden, "value_coef_1")
+    for k in out:
+        if k.startswith("grad/loss_value/"):
+            out[k] = 2 * out[k]
+    f = check(golden, "value_coef_1", out).first("rl")
+    assert f.quantity.startswith("grad/loss_value/") and "2× the expected" in f.hint and "½" in f.hint
+    out = outputs(golden, "base")
+    out["grad/loss/policy/head.bias"] = out["grad/loss/policy/head.bias"] + 1e-3
+    f = check(golden, "base", out).first("rl")
+    assert f.quantity == "grad/loss/policy/head.bias" and "values match" in f.hint
+
+
+def test_rollout_tie_is_accepted(golden):
+    """A token that differs where u sits on a CDF boundary is a tie: the row is compared up to there."""
+    e, a = golden["base"]
+    a = dict(a)
+    b, t = map(int, np.argwhere(a["rollout/action_mask"] > 0)[0])
+    pol = {k.split("/", 1)[1]: a[k] for k in e["inputs"] if k.startswith("policy/")}
+    from rlhf_ref import model, policy
+    fwd, _ = model.forward(pol, a["rollout/tokens"], a["rollout/mask"])
+    cdf = np.cumsum(np.exp(policy.logprobs(fwd["scores"], 1.0, 0.0)), -1)[b, t]
+    tok = int(a["rollout/tokens"][b, t])
+    u = a["rollout/u"].copy()
+    u[b, t] = cdf[tok - 1] if tok > 0 else cdf[0]                         # exactly on a boundary
+    a["rollout/u"] = u
+    out = dict(gv.outputs_of(e, a))
+    got = out["rollout/tokens"].copy()
+    got[b, t] = tok - 1 if tok > 0 else 1                                 # the other side of the tie
+    got[b, t + 1:] = 0
+    out["rollout/tokens"] = got
+    rep = vf.verify_case(e, a, out)
+    assert rep.first("rollout") is None, rep.format()
+    assert any(f.kind == "note" and "tie" in f.message for f in rep.findings)
+
+
+def test_report_is_short_and_ordered(golden):
+    outs = {n: outputs(golden, n) for n in ("base", "kl_k3", "gamma_0_9")}
+    outs["gamma_0_9"]["returns"] = np.zeros_like(outs["gamma_0_9"]["returns"])
+    text = vf.verify(GOLDEN, outs).format()
+    lines = text.splitlines()
+    assert lines[0].startswith("rlhf-ref verify: 36 cases, 2 pass, 1 fail")
+    assert lines[1].startswith("FAIL gamma_0_9")                           # failures first
+    assert "[rl] returns:" in lines[2] and "worst [" in lines[2]
+    assert len(lines) <= 8, text
+
+
+def test_cli_exit_status(golden, tmp_path, capsys):
+    for n in ("base", "kl_k2"):
+        np.savez(tmp_path / f"{n}.npz", **outputs(golden, n))
+    args = Namespace(cases=GOLDEN, outputs=str(tmp_path), layout=None, names=None, lenient_mask=False, verbose=False)
+    assert vf.main(args) == 0
+    out = outputs(golden, "kl_k2")
+    out["kl"] = out["kl"] * 2
+    np.savez(tmp_path / "kl_k2.npz", **out)
+    assert vf.main(args) == 1
+    text = capsys.readouterr().out
+    assert "FAIL kl_k2" in text and "kl:" in text
+    assert vf.main(Namespace(**{**vars(args), "cases": str(tmp_path)})) == 2          # no manifest there
+
+
+def test_cli_verify_through_rlhf_ref_command(golden, tmp_path):
+    import argparse
+    np.savez(tmp_path / "base.npz", **outputs(golden, "base"))
+    try:
+        from rlhf_ref import cli
+        registered = any(c.name == "verify" for c in getattr(cli, "COMMANDS", ()))
+    except Exception:
+        registered = False
+    if registered:
+        assert cli.main(["verify", GOLDEN, str(tmp_path), "--case", "base"]) == 0
+    else:
+        sub = argparse.ArgumentParser().add_subparsers()
+        p = vf.add_subparser(sub)
+        args = p.parse_args([GOLDEN, str(tmp_path), "--case", "base"])
+        assert args.func(args) == 0
+
+
+def test_every_hint_candidate_runs(golden):
+    """Each candidate explanation, planted as the implementation's value (upstream golden), is
+    reported at that quantity, without an exception (three cases that exercise every branch)."""
+    for name in ("all_on", "padding_rows_seq_mean_loo", "qvalue_eps"):
+        e, a = golden[name]
+        gold = gv.outputs_of(e, a)
+        ctx = vf._Ctx(e, a)
+        for n in ("kl", "rewards", "returns", "baseline", "advantages", "weights", "loss_pg", "loss_ent",
+                  "loss_value", "loss", "entropy"):
+            for desc, thunk in vf._hints_for(ctx, n, "rl"):
+                cand = thunk()
+                if cand is None:
+                    continue
+                out = dict(gold)
+                out[n] = np.asarray(cand).astype(a[n].dtype)
+                f = vf.verify_case(e, a, out).first("rl")
+                assert f is None or f.quantity == n, (name, n, desc, f.quantity)
+                assert f is None or f.hint, (name, n, desc)
+
+
+# ============================================================================ the PyTorch example
+
+@pytest.fixture(scope="module")
+def tr():
+    torch = pytest.importorskip("torch")
+    torch.set_num_threads(1)
+    spec = importlib.util.spec_from_file_location("torch_reference_example", EXAMPLE)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_torch_example_passes_every_case(tr, tmp_path):
+    assert tr.main([GOLDEN, str(tmp_path)]) == 0
+    assert sorted(os.listdir(tmp_path)) == sorted(e + ".npz" for e in gv.case_names())
+
+
+def _planted(tr, monkeypatch, cases, **patches):
+    for k, v in patches.items():
+        monkeypatch.setattr(tr, k, v)
+    return vf.verify(GOLDEN, tr.run_all(GOLDEN, cases), names=cases)
+
+
+def _igfo(state):
+    import torch
+    out = dict(state)
+    for k, v in state.items():
+        if k.startswith("lstm."):
+            i, f, g, o = torch.chunk(v, 4, dim=0)
+            out[k] = torch.cat([i, g, f, o])                               # a loader that assumes i, g, f, o
+    return out
+
+
+def _plants(tr):
+    import torch
+    orig = {k: getattr(tr, k) for k in ("discounted_returns", "kl_estimate", "policy_log_probs", "compute_baseline",
+                                        "entropy")}
+
+    def returns_off_by_one(r, am, gamma, kind):
+        G = orig["discounted_returns"](r, am, gamma, kind)
+        out = torch.zeros_like(G)
+        out[:, :-1] = G[:, 1:]
+        return out * am
+
+    def whiten_torch_var(A, am, kind, shift_mean):                          # torch.var is Bessel by default
+        if kind == "off":
+            return A
+        x = A.detach()[am > 0]
+        out = (A - x.mean()) / torch.sqrt(x.var() + 1e-8)
+        return (out if shift_mean else out + x.mean()) * am
+
+    def kl_not_detached(logp, ref_logp, kind):
+        x = logp - ref_logp
+        return {"k1": x, "k2": 0.5 * x * x, "k3": torch.expm1(-x) + x}[kind]
+
+    def baseline_not_detached(kind, G, am, values=None, qvalues=None, logq=None):
+        return values * am if kind == "value" else orig["compute_baseline"](kind, G, am, values, qvalues, logq)
+
+    return {
+        # name: (cases, patches, section, quantity (prefix), hint substring)
+        "loss sign": (["base", "all_on_f32"], {"pg_loss": lambda w, a, lp: (w * a * lp).sum()}, "rl", "loss_pg",
+                      "wrong sign"),
+        "off-by-one returns": (["gamma_0_9", "base"], {"discounted_returns": returns_off_by_one}, "rl", "returns",
+                               "reward-to-go shifted by one step"),
+        "reversed KL ratio k1": (["base"], {"kl_estimate": lambda lp, rl, k: orig["kl_estimate"](rl, lp, k)}, "rl",
+                                 "kl", "k1 with the ratio reversed"),
+        "reversed KL ratio k3": (["kl_k3", "all_on"], {"kl_estimate": lambda lp, rl, k: orig["kl_estimate"](rl, lp, k)},
+                                 "rl", "kl", "k3 with the ratio reversed"),
+        "whitening variance": (["whiten_population", "whiten_no_shift"], {"whiten": whiten_torch_var}, "rl",
+                               "advantages", "Bessel's correction"),
+        "missing mask (mean over all positions)": (["padding_rows"],
+                                                   {"aggregation_weights": lambda am, k: torch.ones_like(am) / am.numel()},
+                                                   "rl", "weights", "mean over all B·T positions"),
+        "temperature missing from learner log-probs": (["alpha_2", "all_on"], {
+            "learner_log_probs": lambda z, a, e: orig["policy_log_probs"](z, 1.0, e)}, "rl", "logq",
+            "without the inverse temperature"),
+        "gate order swapped in the weights": (["base", "qvalue_f32"], {"load_lstm_state": _igfo}, "rl", "scores",
+                                              "gate blocks taken as (i, g, f, o)"),
+        "baseline not detached": (["base", "whiten_bessel"], {"compute_baseline": baseline_not_detached}, "rl",
+                                  "grad/loss_pg/", "baseline is not detached"),
+        "KL penalty not detached": (["base", "all_on", "total_gamma_0_9"], {"kl_estimate": kl_not_detached}, "rl",
+                                    "grad/loss_pg/", "KL penalty is not detached"),
+        "entropy detached": (["entropy_coef"], {"entropy": lambda lq: orig["entropy"](lq).detach()}, "rl",
+                             "grad/loss_ent/", "must not be detached"),
+    }
+
+
+PLANTS = ["loss sign", "off-by-one returns", "reversed KL ratio k1", "reversed KL ratio k3", "whitening variance",
+          "missing mask (mean over all positions)", "temperature missing from learner log-probs",
+          "gate order swapped in the weights", "baseline not detached", "KL penalty not detached", "entropy detached"]
+
+
+@pytest.mark.parametrize("plant", PLANTS)
+def test_planted_mistake_is_flagged_with_its_hint(tr, monkeypatch, plant):
+    cases, patches, section, quantity, hint = _plants(tr)[plant]
+    rep = _planted(tr, monkeypatch, cases, **patches)
+    for c in rep.cases:
+        f = c.first(section)
+        assert f is not None, (plant, c.case, rep.format())
+        assert f.quantity.startswith(quantity), (plant, c.case, f.format())
+        assert hint in f.hint, (plant, c.case, f.format())
+
+
+def test_planted_gate_order_is_also_named_in_the_rollout(tr, monkeypatch):
+    rep = _planted(tr, monkeypatch, ["eps_0_1"], load_lstm_state=_igfo)
+    f = rep.cases[0].first("rollout")
+    assert f.quantity.startswith("rollout/") and "gate blocks taken as (i, g, f, o)" in f.hint
+
+
+def test_planted_unmasked_logp_is_only_a_masking_finding(tr, monkeypatch):
+    orig = tr.rl_objective
+
+    def unmasked(*args, **kw):
+        out = orig(*args, **kw)
+        lq, tokens = out["logq"], args[2]
+        out["logp"] = lq.gather(2, tokens[..., None])[..., 0]            # logp kept at prompt positions too
+        return out
+    rep = _planted(tr, monkeypatch, ["padding_rows"], rl_objective=unmasked)
+    c = rep.cases[0]
+    assert [f.kind for f in c.findings] == ["masking"] and c.findings[0].quantity == "logp"
+    assert not c.ok and c.first() is None
+
+
+def test_planted_float32_load_in_a_float64_case(tr, monkeypatch):
+    import torch
+
+    def load_then_cast(net, arrays, prefix, dtype):                        # load into float32, then cast
+        state = {k[len(prefix):]: torch.from_numpy(np.array(v)) for k, v in arrays.items() if k.startswith(prefix)}
+        net.load_state_dict(state)
+        return net.to(dtype)
+    rep = _planted(tr, monkeypatch, ["base"], load_model=load_then_cast)
+    f = rep.cases[0].first("rl")
+    assert f.quantity == "scores" and "rounded to float32" in f.hint
