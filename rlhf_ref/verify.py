@@ -883,8 +883,6 @@ def _hints_for(ctx, name, section):
         c.append(("bt_loss has the wrong sign", lambda: -ctx.g64("bt_loss")))
         return c
 
-    if name.startswith("rollout/"):
-        return c
     return c
 
 
@@ -899,7 +897,6 @@ def _grad_hints(ctx, name, impl):
     got = {k: np.asarray(impl[k], np.float64) for k in have}
     atol, rtol = ctx.tol(name)
     allm = lambda cand: all(_matches(got[k], cand[k], atol, rtol) for k in have)  # noqa: E731
-    hints = []
     zero = {k: np.zeros_like(v) for k, v in gold.items()}
     if loss == "loss_ent" and allm(zero) and any(np.any(v != 0) for v in gold.values()):
         return ("the entropy term has no gradient: the entropy must not be detached (only A, G, the baselines, the "
@@ -920,10 +917,10 @@ def _grad_hints(ctx, name, impl):
                 extra = ": the wrong sign"
             return (f"the gradient of {loss} is {cfac:.6g}× the expected for every parameter{extra} (a normalisation, "
                     f"aggregation or coefficient differs while the values match)")
-    if loss in ("loss_value", "loss") and model_prefix == "policy":
+    if loss == "loss_value" and model_prefix == "policy":
         body = [k for k in have if "/embedding." in k or "/lstm." in k]
         if body and all(_matches(got[k], np.zeros_like(gold[k]), atol, rtol) for k in body) and \
-                any(np.any(gold[k] != 0) for k in body) and loss == "loss_value":
+                any(np.any(gold[k] != 0) for k in body):
             return ("the value loss does not reach the LSTM body (its features were detached): the value head "
                     "shares the policy's body, and the gradient of L_value flows into it (DESIGN.md §2)")
     if loss == "loss_pg" and model_prefix == "policy":
@@ -931,30 +928,25 @@ def _grad_hints(ctx, name, impl):
         if crit and any(np.any(got[k] != 0) for k in crit) and all(np.all(gold[k] == 0) for k in crit):
             return ("the critic head gets a gradient from L_pg: the baseline is not detached (A = G − b must be "
                     "a constant in L_pg; detach b or A)")
-        cand = _pg_not_detached(ctx, "kl")
+        cand = _kl_not_detached_grad(ctx)
         if cand is not None and allm({k: gold[k] + cand[k.split("/")[-1]] for k in have}):
             return ("the KL penalty is not detached: the gradient of L_pg flows through β·k in the rewards (R and "
                     "β·k are constants; k is computed from the detached log-probs)")
-        cand = _pg_not_detached(ctx, "entropy_in_adv")
     if loss == "loss" and model_prefix == "policy":
-        terms = {t: {k: np.asarray(impl.get(f"grad/{t}/policy/{k.split('/')[-1]}"), np.float64)
-                     if f"grad/{t}/policy/{k.split('/')[-1]}" in impl else None for k in have}
-                 for t in ("loss_pg", "loss_ent", "loss_value")}
-        for t in terms:
-            if all(v is not None for v in terms[t].values()):
-                cand = {k: gold[k] - ctx.g64(f"grad/{t}/policy/{k.split('/')[-1]}") for k in have}
-                if allm(cand):
-                    return f"the total gradient lacks the gradient of {t} (the terms match; their sum does not)"
-    hints.append("the values match but this gradient differs: a missing stop-gradient (A, G, the baselines, the "
-                 "whitening statistics, R and β·k are constants; the entropy is not), or a wrong backward pass "
-                 "through this parameter")
-    return hints[0]
+        for t in ("loss_pg", "loss_ent", "loss_value"):
+            cand = {k: gold[k] - ctx.g64(f"grad/{t}/policy/{k.split('/')[-1]}") for k in have}
+            if any(np.any(ctx.g[f"grad/{t}/policy/{k.split('/')[-1]}"] != 0) for k in have) and allm(cand):
+                return f"the total gradient lacks the gradient of {t}"
+    return ("the values match but this gradient differs: a missing stop-gradient (A, G, the baselines, the "
+            "whitening statistics, R and β·k are constants; the entropy is not), or a wrong backward pass "
+            "through this parameter")
 
 
-def _pg_not_detached(ctx, which):
-    """Extra gradient of L_pg when the KL penalty in the rewards is not detached (dict param -> array)."""
-    if which != "kl" or "logq" not in ctx.g:
-        return None
+def _kl_not_detached_grad(ctx):
+    """The extra gradient of L_pg when the KL penalty in the rewards is not detached (param -> array):
+    G then depends on logp through k(x), x = logp − ref_logp, and ∂L_pg/∂logp_j gains
+    Σ_t w_t·logp_t·β·γ^{j−t}·k'(x_j)/s over the actions t ≤ j of the row (every action for 'total',
+    with γ^{j − first}); s is the whitening denominator (its statistics are constants)."""
     cfg, g = ctx.cfg, ctx.g
     am = ctx.am
     beta, gamma = cfg["beta"], cfg["gamma"]
@@ -993,6 +985,11 @@ def _diagnose(ctx, name, got, section):
     """The hint for the first differing quantity: the first candidate that matches."""
     atol, rtol = ctx.tol(name)
     want = ctx.g64(name)
+    if not np.all(np.isfinite(got)):
+        ix = tuple(int(i) for i in np.argwhere(~np.isfinite(got))[0])
+        return (f"{name} has non-finite values (first {_idx(ix)} = {got[ix]}): mask with where(), not by multiplying "
+                f"(0·(−inf) = NaN where log 0 is masked), keep logsumexp max-shifted, and compute k3 as "
+                f"expm1(−x) + x from the log-ratio")
     for desc, thunk in _hints_for(ctx, name, section):
         try:
             cand = thunk()
@@ -1000,10 +997,7 @@ def _diagnose(ctx, name, got, section):
             continue
         if cand is None:
             continue
-        cand = np.asarray(cand, np.float64)
-        if cand.shape == () and want.shape == ():
-            pass
-        if _matches(got, cand, atol, rtol):
+        if _matches(got, np.asarray(cand, np.float64), atol, rtol):
             return desc
     # generic patterns
     if _matches(got, -want, atol, rtol):
@@ -1101,6 +1095,21 @@ def _rollout_token_hint(ctx, got, outputs=None):
     return first
 
 
+def _int_hint(ctx, n, got, want, section, outputs):
+    """The hint for a differing integer quantity (sampled tokens, masks)."""
+    if n == "rollout/tokens":
+        return _rollout_token_hint(ctx, got, outputs)
+    if n == "action_mask":
+        return next((d for d, f in _hints_for(ctx, n, section) if np.array_equal(np.asarray(f()) > 0, got > 0)), "")
+    if n in ("rollout/mask", "rollout/action_mask"):
+        gl, wl = np.asarray(got).sum(1), want.sum(1)
+        if np.all(gl <= wl):
+            return "the mask ends early: the EOS token is a real token (mask 1) and an action"
+        if np.all(gl >= wl):
+            return "the mask goes on after the row's end (EOS ends a row)"
+    return ""
+
+
 # ============================================================================ verifying a case
 
 def verify_case(entry, golden, outputs, layout=None, strict_mask=True):
@@ -1172,18 +1181,10 @@ def verify_case(entry, golden, outputs, layout=None, strict_mask=True):
                     rep.checked.append(n)
                     continue
                 ix, msg = r
-                hint = ""
-                if n == "rollout/tokens":
-                    hint = _rollout_token_hint(ctx, got, outputs)
-                elif n == "action_mask":
-                    hint = next((d for d, f in _hints_for(ctx, n, section)
-                                 if np.array_equal(np.asarray(f()) > 0, np.asarray(got) > 0)), "")
-                elif n in ("rollout/mask", "rollout/action_mask"):
-                    gl, wl = np.asarray(got).sum(1), want.sum(1)
-                    if np.all(gl - wl <= 0) and np.any(gl < wl):
-                        hint = "the mask ends early: the EOS token is a real token (mask 1) and an action"
-                    elif np.all(gl >= wl):
-                        hint = "the mask goes on after the row's end (EOS ends a row)"
+                try:
+                    hint = _int_hint(ctx, n, got, want, section, outputs)
+                except Exception as ex:          # a hint is a courtesy: never let it hide the finding
+                    hint = f"(no hint: looking for one failed with {type(ex).__name__}: {ex})"
                 rep.findings.append(Finding(name, section, "differs", n, msg, hint, ix))
                 stopped = True
                 continue
@@ -1211,13 +1212,13 @@ def verify_case(entry, golden, outputs, layout=None, strict_mask=True):
                     got64, want64, *(x * np.finfo(np.float32).eps / np.finfo(np.float64).eps for x in (atol, rtol)))):
                 hint = (f"{n} is float32 in a float64 case and matches to float32 precision: compute this case in "
                         f"float64 (the case's dtype is in its config)")
-            elif n.startswith("grad/"):
-                hint = _grad_hints(ctx, n, outputs)
             else:
-                hint = _diagnose(ctx, n, got64, section)
+                try:
+                    hint = _grad_hints(ctx, n, outputs) if n.startswith("grad/") else _diagnose(ctx, n, got64, section)
+                except Exception as ex:          # a hint is a courtesy: never let it hide the finding
+                    hint = f"(no hint: looking for one failed with {type(ex).__name__}: {ex})"
             rep.findings.append(Finding(name, section, "differs", n, msg, hint, ix))
             stopped = True
-    # masking findings first within the case? keep data-flow order; masking findings stay where found
     return rep
 
 
