@@ -22,8 +22,9 @@ the float64 computation starts from exactly the numbers an implementation reads)
 does that from a case's inputs; the test suite reruns it on the stored files.
 
 Files are reproducible byte for byte: fixed seeds (derived from each case's name), the zip
-archive written here with fixed timestamps and member order (not ``np.savez``: NumPy < 2.1 wrote
-the current time into each member), and JSON with a fixed key order. Each file is written
+archive written here with fixed timestamps, attributes and member order and without ZIP64 records
+(``np.savez`` of NumPy 2.4 is byte-stable too, but that depends on the NumPy version, and it forces
+ZIP64), and JSON with a fixed key order. Each file is written
 atomically (``rlhf_ref.io.atomic_write_bytes``: temporary file in the same folder, flush, fsync,
 ``os.replace``).
 """
