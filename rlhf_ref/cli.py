@@ -44,6 +44,8 @@ COMMANDS = (
     Command("train-pretrain", "rlhf_ref.pipeline.commands", "pretrain the policy on a corpus (π_ref)", setup="pretrain_arguments", run="pretrain_main"),
     Command("train-rm", "rlhf_ref.pipeline.commands", "train the reward model on a preference file", setup="rm_arguments", run="rm_main"),
     Command("train-rl", "rlhf_ref.pipeline.commands", "REINFORCE fine-tuning against the reward model", setup="rl_arguments", run="rl_main"),
+    Command("vectors", "rlhf_ref.vectors", "write the golden vectors: versioned cases (.npz + manifest) any implementation can check itself on"),
+    Command("verify", "rlhf_ref.verify", "compare another implementation's outputs with the golden vectors: first difference, where, why"),
 )
 
 

@@ -642,7 +642,8 @@ def main(args) -> int:
         return 2
     if not args.quiet:
         total = sum(os.path.getsize(os.path.join(args.out, c["file"])) for c in man["cases"])
-        print(f"wrote {len(man['cases'])} cases ({total} bytes) and {MANIFEST} to {args.out} "
+        n = len(man['cases'])
+        print(f"wrote {n} case{'' if n == 1 else 's'} ({total} bytes) and {MANIFEST} to {args.out} "
               f"(schema {SCHEMA} v{SCHEMA_VERSION})")
     return 0
 

@@ -1234,6 +1234,12 @@ def verify(cases, outputs, layout=None, names=None, strict_mask=True):
     """
     man = gv.load_manifest(os.fspath(cases))
     outs = load_outputs(outputs) if isinstance(outputs, (str, os.PathLike)) else outputs
+    if not isinstance(outs, dict) or any(not isinstance(v, dict) for v in outs.values()):
+        if isinstance(outs, dict) and names and len(names) == 1:
+            outs = {names[0]: outs}                   # one case's arrays, named by `names`
+        else:
+            raise TypeError("outputs must be a folder of <case>.npz or a dict {case: {name: array}} "
+                            "(for one case's arrays, give names=[case])")
     entries = man["cases"]
     if names:
         known = {e["name"] for e in entries}

@@ -71,6 +71,13 @@ def test_not_produced_quantities_are_not_checked(golden):
     assert set(rep.checked) == set(out)
 
 
+def test_one_case_dict_needs_its_name(golden):
+    rep = vf.verify(GOLDEN, outputs(golden, "base"), names=["base"])
+    assert rep.ok and len(rep.cases) == 1
+    with pytest.raises(TypeError, match="names="):
+        vf.verify(GOLDEN, outputs(golden, "base"))
+
+
 def test_missing_case_and_nothing_checked(golden):
     rep = vf.verify(GOLDEN, {"base": outputs(golden, "base")})
     assert rep.ok and sum(c.missing for c in rep.cases) == len(golden) - 1
@@ -233,6 +240,7 @@ def tr():
     return mod
 
 
+@pytest.mark.torch
 def test_torch_example_passes_every_case(tr, tmp_path):
     assert tr.main([GOLDEN, str(tmp_path)]) == 0
     assert sorted(os.listdir(tmp_path)) == sorted(e + ".npz" for e in gv.case_names())
@@ -313,6 +321,7 @@ PLANTS = ["loss sign", "off-by-one returns", "reversed KL ratio k1", "reversed K
           "gate order swapped in the weights", "baseline not detached", "KL penalty not detached", "entropy detached"]
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("plant", PLANTS)
 def test_planted_mistake_is_flagged_with_its_hint(tr, monkeypatch, plant):
     cases, patches, section, quantity, hint = _plants(tr)[plant]
@@ -324,12 +333,14 @@ def test_planted_mistake_is_flagged_with_its_hint(tr, monkeypatch, plant):
         assert hint in f.hint, (plant, c.case, f.format())
 
 
+@pytest.mark.torch
 def test_planted_gate_order_is_also_named_in_the_rollout(tr, monkeypatch):
     rep = _planted(tr, monkeypatch, ["eps_0_1"], load_lstm_state=_igfo)
     f = rep.cases[0].first("rollout")
     assert f.quantity.startswith("rollout/") and "gate blocks taken as (i, g, f, o)" in f.hint
 
 
+@pytest.mark.torch
 def test_planted_unmasked_logp_is_only_a_masking_finding(tr, monkeypatch):
     orig = tr.rl_objective
 
@@ -344,6 +355,7 @@ def test_planted_unmasked_logp_is_only_a_masking_finding(tr, monkeypatch):
     assert not c.ok and c.first() is None
 
 
+@pytest.mark.torch
 def test_planted_float32_load_in_a_float64_case(tr, monkeypatch):
     import torch
 
