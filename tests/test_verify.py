@@ -366,3 +366,67 @@ def test_planted_float32_load_in_a_float64_case(tr, monkeypatch):
     rep = _planted(tr, monkeypatch, ["base"], load_model=load_then_cast)
     f = rep.cases[0].first("rl")
     assert f.quantity == "scores" and "rounded to float32" in f.hint
+
+
+# ============================================================================ every backend of rlhf_ref
+
+def _backend_outputs(mod, e, a):
+    """A backend's outputs for one case through the backend interface (docs/internals.md); the
+    functions a backend does not implement (NotImplementedError) leave their quantities out."""
+    from rlhf_ref import reinforce
+    cfg = e["config"]
+    rc = reinforce.ReinforceConfig(**{k: cfg[k] for k in reinforce.ReinforceConfig.__dataclass_fields__})
+    split = lambda p: {k.split("/", 1)[1]: a[k] for k in e["inputs"] if k.startswith(p)}  # noqa: E731
+    pol, ref = split("policy/"), split("ref/")
+    o = {}
+
+    def rollout():
+        ro = mod.rollout(pol, a["rollout/prompt_tokens"], a["rollout/prompt_len"], a["rollout/u"], cfg["alpha"],
+                         cfg["eps"], eos_id=cfg["eos_id"])
+        o.update({"rollout/" + k: ro[k] for k in ("tokens", "mask", "action_mask", "logp")})
+
+    def rl():
+        out, g = mod.reinforce_loss_and_grad(pol, a["tokens"], a["mask"], a["prompt_len"], a["reward"], rc,
+                                             ref_params=ref)
+        # the interface's logq is the raw full distribution (the golden one is 0 off the position mask)
+        o.update({k: v for k, v in out.items() if k in e["outputs"] and k != "logq"})
+        o.update({f"grad/loss/policy/{k}": v for k, v in g.items()})
+
+    def sft():
+        out, g = mod.sft_loss_and_grad(pol, a["tokens"], a["mask"])
+        o.update({"sft_logp": out["logp"], "sft_loss": out["loss"]})
+        o.update({f"grad/sft_loss/policy/{k}": v for k, v in g.items()})
+
+    def rm():
+        out, g = mod.bt_loss_and_grad(split("rm/"), a["chosen"], a["chosen_mask"], a["rejected"], a["rejected_mask"])
+        o.update({"reward_chosen": out["reward_chosen"], "reward_rejected": out["reward_rejected"],
+                  "bt_loss": out["loss"]})
+        o.update({f"grad/bt_loss/rm/{k}": v for k, v in g.items()})
+
+    for section, run in (("rollout", rollout), ("rl", rl), ("sft", sft), ("rm", rm)):
+        if section in e["sections"]:
+            try:
+                run()
+            except NotImplementedError:
+                pass
+    return o
+
+
+def _backend_params():
+    from rlhf_ref import backends
+    names = list(backends.available())
+    # compiled backends compile on their first call (numba: ~40 s without its cache): CI runs them
+    return [pytest.param(n, marks=() if n == "numpy" else pytest.mark.slow) for n in names]
+
+
+@pytest.mark.parametrize("backend", _backend_params())
+def test_every_backend_passes_the_golden_vectors(golden, backend):
+    """Each available backend of rlhf_ref, through the backend interface, passes every case."""
+    from rlhf_ref import backends
+    st = backends.available()[backend]
+    if not st.available:
+        pytest.skip(f"backend {backend} unavailable: {st.reason}")
+    mod = backends.get(backend)
+    outs = {n: _backend_outputs(mod, e, a) for n, (e, a) in golden.items()}
+    rep = vf.verify(GOLDEN, outs)
+    assert rep.ok, rep.format()
