@@ -242,9 +242,10 @@ _DIGEST = """
     for dt in (np.float32, np.float64):
         res = _all_outputs(dt)
         out[np.dtype(dt).name] = {k: hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest() for k, v in res.items()}
-    from rlhf_ref._core import _lstm_nb
-    out["hits"] = sum(_lstm_nb.forward.stats.cache_hits.values())
-    out["misses"] = sum(_lstm_nb.forward.stats.cache_misses.values())
+    from rlhf_ref._core import _lstm_nb, _train_nb
+    ks = (_lstm_nb.input_table, _train_nb.policy_stats, _train_nb.policy_grads)
+    out["hits"] = sum(sum(k.stats.cache_hits.values()) for k in ks)
+    out["misses"] = sum(sum(k.stats.cache_misses.values()) for k in ks)
     out["seconds"] = time.perf_counter() - t0
     print(json.dumps(out))
 """
@@ -253,7 +254,7 @@ _DIGEST = """
 @needs_numba
 def test_cold_compile_and_warm_cache_give_identical_bits_and_the_cache_is_used(tmp_path):
     """Process 1 compiles into an empty cache; process 2 loads from it: same bits, cache hits,
-    and (say the timings) much faster. Also the same bits with 1 and 2 BLAS/Numba threads."""
+    and (say the timings) much faster."""
     env = {"NUMBA_CACHE_DIR": str(tmp_path / "cache"), "RLHF_REF_NUMBA_CACHE": "1"}
     cold = json.loads(_run(_DIGEST, env).strip().splitlines()[-1])
     warm = json.loads(_run(_DIGEST, env).strip().splitlines()[-1])
@@ -264,11 +265,61 @@ def test_cold_compile_and_warm_cache_give_identical_bits_and_the_cache_is_used(t
         assert cold[dt] == warm[dt], f"{dt}: cached code gives different bits from freshly compiled code"
     print(f"\nnumba backend, both dtypes, every kernel: cold compile {cold['seconds']:.1f} s, "
           f"warm cache {warm['seconds']:.1f} s")
-    for threads in ("1", "2"):
-        t = json.loads(_run(_DIGEST, {**env, "OPENBLAS_NUM_THREADS": threads, "OMP_NUM_THREADS": threads,
-                                      "NUMBA_NUM_THREADS": threads}).strip().splitlines()[-1])
-        for dt in ("float32", "float64"):
-            assert t[dt] == cold[dt], f"{dt} with {threads} thread(s) differs"
+
+
+@needs_numba
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_fixed_thread_count_gives_identical_bits_across_processes(threads):
+    """With a fixed thread count (Numba and BLAS), two processes give the same bits: the row
+    blocks depend on the thread count only and every reduction has a fixed order."""
+    env = {"OPENBLAS_NUM_THREADS": threads, "OMP_NUM_THREADS": threads, "NUMBA_NUM_THREADS": threads}
+    a = json.loads(_run(_DIGEST, env).strip().splitlines()[-1])
+    b = json.loads(_run(_DIGEST, env).strip().splitlines()[-1])
+    for dt in ("float32", "float64"):
+        assert a[dt] == b[dt], f"{dt}, {threads} thread(s): two processes differ"
+
+
+@needs_numba
+@pytest.mark.parametrize("dt", [np.float32, np.float64], ids=["float32", "float64"])
+def test_parallel_row_blocks_match_the_serial_kernels(dt, monkeypatch):
+    """Row blocks on Numba's threads (``*_par``) against one block: the same tokens, and values
+    equal up to the rounding of a differently blocked BLAS product; repeats bit-identical."""
+    import numba
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs 2 Numba threads")
+    monkeypatch.setattr(nbk, "PARALLEL", "off")
+    serial = _all_outputs(dt)
+    monkeypatch.setattr(nbk, "PARALLEL", "on")
+    old = numba.get_num_threads()
+    numba.set_num_threads(2)
+    try:
+        assert nbk._blocks(5) == 2
+        par, par2 = _all_outputs(dt), _all_outputs(dt)
+    finally:
+        numba.set_num_threads(old)
+    tol = 1e-4 if dt == np.float32 else 1e-12
+    for k in serial:
+        np.testing.assert_array_equal(par[k], par2[k], err_msg=f"{k}: parallel repeats differ")
+        if serial[k].dtype.kind in "iub":
+            np.testing.assert_array_equal(par[k], serial[k], err_msg=k)
+        else:
+            np.testing.assert_allclose(par[k], serial[k], rtol=tol, atol=tol * max(1.0, np.abs(serial[k]).max()),
+                                       err_msg=k)
+
+
+@needs_numba
+def test_blas_thread_control_is_found_and_restored():
+    """The parallel kernels hold SciPy's OpenBLAS (behind np.dot in Numba) to one thread and give
+    the count back; where it cannot be found, "auto" keeps the serial kernels."""
+    bt = nbk._blas_threads()
+    if bt is None:
+        assert nbk.PARALLEL != "auto" or nbk._blocks(8) == 1
+        pytest.skip("no controllable OpenBLAS here")
+    get, put = bt
+    before = get()
+    with nbk._one_blas_thread():
+        assert get() == 1
+    assert get() == before
 
 
 @needs_numba

@@ -17,6 +17,9 @@ Compile cost and caching: see ``_nb_common`` and the numba section of ``tests/te
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
+
 import numpy as np
 
 from .. import model
@@ -25,6 +28,11 @@ from .._validate import as_float_array
 NAME = "numba"
 _K = None            # the loaded kernel modules (a namespace), after _load()
 TABLE_MIN_POSITIONS = 1.0   # the input projection goes through the (V, 4H) table when B·T ≥ this × V
+#: "auto": the recurrences (rollout, LSTM forward and backward) run row blocks on Numba's threads
+#: when there are ≥ 2 of them and the BLAS thread count can be held to 1 meanwhile; "on" also
+#: without that control; "off": one block (BLAS threads each product). Env RLHF_REF_NUMBA_PARALLEL.
+PARALLEL = os.environ.get("RLHF_REF_NUMBA_PARALLEL", "auto")
+_BLAS = None        # (get, set) of the thread count of the BLAS behind np.dot in Numba; False: none found
 
 
 def probe():
@@ -69,6 +77,79 @@ def _require():
     return _K
 
 
+# ----------------------------------------------------------------------------- threads
+
+def _find_blas_threads():
+    """The get/set thread-count functions of SciPy's OpenBLAS (what ``np.dot`` in Numba calls).
+
+    Found among the loaded libraries (/proc/self/maps): SciPy's wheels name them
+    ``scipy_openblas_{get,set}_num_threads``, a system OpenBLAS ``openblas_{get,set}_num_threads``.
+    NumPy's own OpenBLAS (ILP64, symbols suffixed ``64_``) is not the one and is not matched.
+    None elsewhere (another OS, MKL, ...): the parallel kernels then stay off under "auto".
+    """
+    import ctypes
+    import scipy.linalg.cython_blas  # noqa: F401  (loads SciPy's BLAS)
+    paths = []
+    try:
+        with open("/proc/self/maps") as fh:
+            for line in fh:
+                parts = line.split()
+                if len(parts) >= 6 and "blas" in os.path.basename(parts[-1]).lower():
+                    paths.append(parts[-1])
+    except OSError:
+        return None
+    for path in dict.fromkeys(paths):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix in ("scipy_openblas", "openblas"):
+            get = getattr(lib, f"{prefix}_get_num_threads", None)
+            put = getattr(lib, f"{prefix}_set_num_threads", None)
+            if get is not None and put is not None:
+                get.restype, get.argtypes = ctypes.c_int, []
+                put.restype, put.argtypes = None, [ctypes.c_int]
+                return get, put
+    return None
+
+
+def _blas_threads():
+    global _BLAS
+    if _BLAS is None:
+        try:
+            _BLAS = _find_blas_threads() or False
+        except Exception:
+            _BLAS = False
+    return _BLAS or None
+
+
+def _blocks(B):
+    """Row blocks for the recurrences: 1 (the serial kernels) or one per Numba thread (≤ B)."""
+    if PARALLEL == "off" or B < 2:
+        return 1
+    import numba
+    n = numba.get_num_threads()
+    if n < 2 or (PARALLEL == "auto" and _blas_threads() is None):
+        return 1
+    return min(n, B)
+
+
+@contextmanager
+def _one_blas_thread():
+    """Hold SciPy's OpenBLAS to one thread while Numba's threads each call it (process-wide)."""
+    bt = _blas_threads()
+    if bt is None:
+        yield
+        return
+    get, put = bt
+    old = get()
+    put(1)
+    try:
+        yield
+    finally:
+        put(old)
+
+
 # ----------------------------------------------------------------------------- shared pieces
 
 def _c(a, dt):
@@ -98,6 +179,7 @@ class _Body:
         self.E = _c(params["embedding.weight"], dt)
         self.W_ih = _c(params["lstm.weight_ih_l0"], dt)
         self.W_hh = _c(params["lstm.weight_hh_l0"], dt)
+        self.Wt_hh = np.ascontiguousarray(self.W_hh.T)             # (H, 4H): see _lstm_nb.forward
         b_ih, b_hh = _c(params["lstm.bias_ih_l0"], dt), _c(params["lstm.bias_hh_l0"], dt)
         V, Ed = self.E.shape
         G, H = self.W_hh.shape
@@ -118,7 +200,13 @@ class _Body:
         self.gates = np.empty((T, B, G), dt)                 # post-activation; da after backward
         self.cs = np.empty((T + 1, B, H), dt)
         self.hs = np.empty((T + 1, B, H), dt)
-        K.lstm.forward(self.P, self.XP, self.use_table, self.ids, self.lengths, self.W_hh, self.gates, self.cs, self.hs)
+        self.nblk = _blocks(B)
+        args = (self.P, self.XP, self.use_table, self.ids, self.lengths, self.Wt_hh, self.gates, self.cs, self.hs)
+        if self.nblk > 1:
+            with _one_blas_thread():
+                K.lstm.forward_par(*args, self.nblk)
+        else:
+            K.lstm.forward(*args)
 
     def HS(self):
         """hs[0:T] as (T·B, H): the state each position's token is chosen in."""
@@ -131,8 +219,13 @@ class _Body:
         dc = np.zeros((B, H), dt)
         tmp = np.empty((B, H), dt)
         has = dhp is not None
-        K.lstm.backward(self.gates, self.cs, self.hs, self.lengths, self.W_hh,
-                        dhp if has else np.empty((0, 0, 0), dt), has, dh, dc, tmp)
+        args = (self.gates, self.cs, self.hs, self.lengths, self.Wt_hh, dhp if has else np.empty((0, 0, 0), dt),
+                has, dh, dc, tmp)
+        if self.nblk > 1:
+            with _one_blas_thread():
+                K.lstm.backward_par(*args, self.nblk)
+        else:
+            K.lstm.backward(*args)
         DA = self.gates.reshape(T * B, G)
         dW_hh = np.empty((G, H), dt)
         db = np.empty(G, dt)
@@ -200,29 +293,30 @@ def rollout(params, prompt_tokens, prompt_len, u, alpha=1.0, eps=0.0, kind="bolt
         W_hh = _c(p["lstm.weight_hh_l0"], dt)
         P = np.empty((E.shape[0], W_hh.shape[0]), dt)
         K.lstm.input_table(E, W_ih, _c(p["lstm.bias_ih_l0"], dt), _c(p["lstm.bias_hh_l0"], dt), P)
-        return P, W_hh
+        return P, np.ascontiguousarray(W_hh.T)                          # (V, 4H), (H, 4H)
 
-    P, W_hh = prep(params)
+    P, Wt_hh = prep(params)
     Wc, bc, _ = _head_stack(params, ("head", "value") if values else ("head",), dt)
-    H, G, Kc = W_hh.shape[1], W_hh.shape[0], Wc.shape[0]
+    Wct = np.ascontiguousarray(Wc.T)
     has_ref = ref_params is not None
     if has_ref:
-        Pr, W_hhr = prep(ref_params)
+        Pr, Wt_hhr = prep(ref_params)
         Wcr, bcr, _ = _head_stack(ref_params, ("head",), dt)
-        Hr = W_hhr.shape[1]
+        Wctr = np.ascontiguousarray(Wcr.T)
     else:
-        Pr = W_hhr = Wcr = np.empty((0, 0), dt)
+        Pr = Wt_hhr = Wctr = np.empty((0, 0), dt)
         bcr = np.empty(0, dt)
-        Hr = 0
     # outputs in the reference's dtypes (float64 (B, T) arrays); the kernel computes in dt
     mask, am, logp, ref_logp, vals = (np.zeros((B, T)) for _ in range(5))
-    K.rollout.rollout(P, W_hh, Wc, bc, bool(values), Pr, W_hhr, Wcr, bcr, has_ref,
-                      tokens, pl, np.ascontiguousarray(u, dtype=np.float64), int(V), float(alpha), float(eps),
-                      K.policy.KIND_CODES[kind], int(eos_id),
-                      mask, am, logp, ref_logp, vals,
-                      np.empty((B, H), dt), np.empty((2, B, H), dt), np.empty((B, G), dt), np.empty((B, Kc), dt),
-                      np.empty((B, Hr), dt), np.empty((2, B, Hr), dt), np.empty((B, 4 * Hr), dt),
-                      np.empty((B, V if has_ref else 0), dt), np.empty(V, dt))
+    args = (P, Wt_hh, Wct, bc, bool(values), Pr, Wt_hhr, Wctr, bcr, has_ref,
+            tokens, pl, np.ascontiguousarray(u, dtype=np.float64), int(V), float(alpha), float(eps),
+            K.policy.KIND_CODES[kind], int(eos_id), mask, am, logp, ref_logp, vals)
+    nblk = _blocks(B)
+    if nblk > 1:
+        with _one_blas_thread():
+            K.rollout.rollout_par(*args, nblk)
+    else:
+        K.rollout.rollout(*args)
     out = {"tokens": tokens, "mask": mask, "action_mask": am, "logp": logp}
     if has_ref:
         out["ref_logp"] = ref_logp
