@@ -1007,8 +1007,6 @@ def _diagnose(ctx, name, got, section):
         while bad.ndim > 2:
             bad = bad.any(-1)
         rows = np.nonzero(bad.any(axis=1))[0]
-        if ctx.dtype == np.float64 and np.asarray(got).dtype == np.float32:
-            return f"{name} is float32 in a float64 case: compute this case in float64"
         if "mask" in ctx.g and ctx.g["mask"].shape == bad.shape:
             padded = ctx.g["mask"].sum(axis=1) < ctx.g["mask"].shape[1]
             if rows.size and padded[rows].all() and not padded.all():
@@ -1019,9 +1017,23 @@ def _diagnose(ctx, name, got, section):
                 bb, tt = np.nonzero(bad)
                 if bb.size and np.all(tt == last[bb]) and np.any(ctx.am[bb].sum(axis=1) > 1):
                     return f"only each row's last action differs in {name} (where R is added, EOS, truncation)"
-    if ctx.dtype == np.float64 and np.asarray(got).dtype == np.float32:
-        return f"{name} is float32 in a float64 case: compute this case in float64"
-    return ""
+    return _small_differences(ctx, name, got, want, atol, rtol)
+
+
+def _small_differences(ctx, name, got, want, atol, rtol):
+    """Last resort: differences that are small and spread out usually mean reduced precision."""
+    bad = ~_close(got, want, atol, rtol)
+    scale = max(ctx.fwd_scale(), float(np.max(np.abs(want), initial=0.0)))
+    rel = float(np.max(np.abs(got - want), initial=0.0)) / scale
+    if bad.sum() < 2 or rel >= 1e-2:
+        return ""
+    if ctx.dtype == np.float64 and rel < 1e-5:
+        return (f"the differences are small (≤ {rel:.1e} of the values' scale) and spread over {int(bad.sum())} "
+                f"entries, like float32 rounding: part of the computation runs in float32 in this float64 case (a "
+                f"float32 default dtype, module, constant or input)")
+    return (f"the differences are small (≤ {rel:.1e} of the values' scale) and spread over {int(bad.sum())} entries: "
+            f"reduced precision somewhere (TF32 matmuls — torch.backends.cuda.matmul.allow_tf32, "
+            f"torch.backends.cudnn.allow_tf32 —, fp16/bf16 autocast, or inputs rounded)")
 
 
 def _tie_rows(ctx, got_tokens):
