@@ -241,7 +241,7 @@ def whiten(A, am, kind, shift_mean):
         return A
     x = A.detach()[am > 0]                                        # the statistics are constants
     mu = x.mean()
-    var = x.var(unbiased=(kind == "bessel"))
+    var = x.var(correction=1 if kind == "bessel" else 0)
     out = (A - mu) / torch.sqrt(var + WHITEN_EPS)
     if not shift_mean:
         out = out + mu
