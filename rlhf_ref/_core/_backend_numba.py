@@ -212,15 +212,17 @@ class _Body:
         """hs[0:T] as (T·B, H): the state each position's token is chosen in."""
         return self.hs[:self.T].reshape(self.T * self.B, self.H)
 
-    def backward(self, dhp=None, dh_final=None):
-        """BPTT from ∂L/∂hs (T, B, H) and/or ∂L/∂h_final (B, H); returns the body's grads dict."""
+    def backward(self, dlogits=None, Wc=None, dh_final=None):
+        """BPTT from ∂L/∂logits (T·B, K) through the heads Wc (K, H) and/or ∂L/∂h_final (B, H);
+        returns the body's grads dict."""
         K, dt, B, T, H, G = self.K, self.dt, self.B, self.T, self.H, self.G
         dh = np.zeros((B, H), dt) if dh_final is None else _c(dh_final, dt).copy()
         dc = np.zeros((B, H), dt)
-        tmp = np.empty((B, H), dt)
-        has = dhp is not None
-        args = (self.gates, self.cs, self.hs, self.lengths, self.Wt_hh, dhp if has else np.empty((0, 0, 0), dt),
-                has, dh, dc, tmp)
+        has = dlogits is not None
+        if not has:
+            dlogits, Wc = np.empty((0, 0), dt), np.empty((0, 0), dt)
+        args = (self.gates, self.cs, self.hs, self.lengths, self.Wt_hh, dlogits, Wc, has, dh, dc,
+                np.empty((B, H), dt), np.empty((B, H), dt))
         if self.nblk > 1:
             with _one_blas_thread():
                 K.lstm.backward_par(*args, self.nblk)
@@ -233,7 +235,7 @@ class _Body:
         dW_ih = np.empty_like(self.W_ih)
         dE = np.empty_like(self.E)
         if self.use_table:
-            dP = np.empty((self.V, G), dt)
+            dP = self.P                                      # the table is not needed any more: reuse it
             K.lstm.input_backward_table(DA, self.ids, self.E, self.W_ih, dP, dW_ih, dE)
         else:
             dX = np.empty_like(self.X)
@@ -256,9 +258,8 @@ class _Net(_Body):
         K, dt = self.K, self.dt
         dWc = np.empty_like(self.Wc)
         dbc = np.empty_like(self.bc)
-        dhp = np.empty((self.T, self.B, self.H), dt)
-        K.model.heads_backward(self.HS(), self.Wc, self.logits, dWc, dbc, dhp.reshape(self.T * self.B, self.H))
-        grads = self.backward(dhp=dhp)
+        K.model.heads_backward(self.HS(), self.logits, dWc, dbc)
+        grads = self.backward(dlogits=self.logits, Wc=self.Wc)
         for n, (k0, k) in self.off.items():
             grads[f"{n}.weight"] = dWc[k0:k0 + k].copy() if len(self.off) > 1 else dWc
             grads[f"{n}.bias"] = dbc[k0:k0 + k].copy() if len(self.off) > 1 else dbc

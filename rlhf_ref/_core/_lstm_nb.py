@@ -16,8 +16,9 @@ order of the sums:
   (B·T × 4H × E) ones. Otherwise ``X = E[ids]`` is gathered and multiplied directly.
 * **Only the recurrent product is per step** (``h_{t-1} W_hhᵀ`` forward, ``da_t W_hh``
   backward); ``dW_hh = Σ_t da_tᵀ h_{t-1}`` is one (4H × B·T × H) GEMM after the loop, and
-  ``da`` is written over ``gates`` as the loop goes, so the backward pass keeps gates and
-  cell states (plus ``hs``, which the heads need anyway) and nothing of size B·T·4H more.
+  ``da`` is written over ``gates`` as the loop goes, and the heads' gradient enters one step at
+  a time, so the backward pass keeps gates, cell states, ``hs`` (which the heads need anyway)
+  and the logits, and nothing more of size B·T.
 * ``tanh(c_t)`` is recomputed in the backward pass rather than stored.
 * **Rows are independent in the recurrences**, so ``forward``/``backward`` (one block, BLAS may
   thread each product) have ``*_par`` twins that run row blocks on Numba's threads, each block
@@ -142,19 +143,23 @@ def _cell_backward(a, c_prev, c, dh, dc):
 
 
 @kernel
-def backward_rows(gates, cs, hs, lengths, Wt_hh, dhp, has_dhp, dh, dc, tmp, r0, r1):
+def backward_rows(gates, cs, hs, lengths, Wt_hh, dlogits, Wc, has_heads, dh, dc, tmp, tmp2, r0, r1):
     """Backpropagation through time over rows r0:r1, in place.
 
-    dhp (T, B, H): ∂L/∂hs[t] from the heads (hs[t] = h_{t-1}), used when has_dhp.
+    The heads' gradient enters step by step: ∂L/∂h_t = dlogits[t+1] Wc (the heads read h_t at
+    position t+1), one small product per step instead of a (T, B, H) buffer — dlogits (T·B, K)
+    time-major and Wc (K, H), used when has_heads.
     dh, dc (B, H): ∂L/∂h, ∂L/∂c after the last step on entry (dh_final, dc_final);
     ∂L/∂h₀, ∂L/∂c₀ on exit. gates (T, B, 4H) becomes da, ∂L/∂(pre-activations), 0 on padding.
-    tmp (B, H) is scratch; Wt_hh = W_hhᵀ (H, 4H) as in ``forward``.
+    tmp, tmp2 (B, H) are scratch; Wt_hh = W_hhᵀ (H, 4H) as in ``forward``.
     """
-    T = gates.shape[0]
+    T, B = gates.shape[0], gates.shape[1]
     for t in range(T - 1, -1, -1):
+        if has_heads and t + 1 < T:
+            np.dot(dlogits[(t + 1) * B + r0:(t + 1) * B + r1], Wc, tmp2[r0:r1])
         for b in range(r0, r1):
-            if has_dhp and t + 1 < T:
-                dh[b] += dhp[t + 1, b]                       # the output h_t feeds the heads at t+1
+            if has_heads and t + 1 < T:
+                dh[b] += tmp2[b]                             # the output h_t feeds the heads at t+1
             if t < lengths[b]:
                 _cell_backward(gates[t, b], cs[t, b], cs[t + 1, b], dh[b], dc[b])
             else:
@@ -166,17 +171,18 @@ def backward_rows(gates, cs, hs, lengths, Wt_hh, dhp, has_dhp, dh, dc, tmp, r0, 
 
 
 @kernel
-def backward(gates, cs, hs, lengths, Wt_hh, dhp, has_dhp, dh, dc, tmp):
+def backward(gates, cs, hs, lengths, Wt_hh, dlogits, Wc, has_heads, dh, dc, tmp, tmp2):
     """``backward_rows`` over the whole batch in one block."""
-    backward_rows(gates, cs, hs, lengths, Wt_hh, dhp, has_dhp, dh, dc, tmp, 0, gates.shape[1])
+    backward_rows(gates, cs, hs, lengths, Wt_hh, dlogits, Wc, has_heads, dh, dc, tmp, tmp2, 0, gates.shape[1])
 
 
 @kernel(parallel=True)
-def backward_par(gates, cs, hs, lengths, Wt_hh, dhp, has_dhp, dh, dc, tmp, nblk):
+def backward_par(gates, cs, hs, lengths, Wt_hh, dlogits, Wc, has_heads, dh, dc, tmp, tmp2, nblk):
     """``backward_rows`` over nblk row blocks, one per thread (as ``forward_par``)."""
     B = gates.shape[1]
     for i in prange(nblk):
-        backward_rows(gates, cs, hs, lengths, Wt_hh, dhp, has_dhp, dh, dc, tmp, i * B // nblk, (i + 1) * B // nblk)
+        backward_rows(gates, cs, hs, lengths, Wt_hh, dlogits, Wc, has_heads, dh, dc, tmp, tmp2,
+                      i * B // nblk, (i + 1) * B // nblk)
 
 
 @kernel

@@ -2,7 +2,7 @@
 
 The heads a call needs are stacked into one matrix ``Wc (K, H)`` (rows: ``head`` V, then
 ``value`` 1 and/or ``qvalue`` V), so the forward pass is one GEMM over all positions and the
-backward pass two, with no per-step work. Token alignment as in the reference:
+backward pass one (the weight gradient; ∂L/∂h enters the recurrence step by step). Token alignment as in the reference:
 ``logits[t, b] = heads(hs[t])`` with ``hs[t] = h_{t−1}``; positions outside the position mask
 (column 0 and padding) are set to exactly 0, like the reference's ``* pm``.
 Layout: time-major, position p = t·B + b.
@@ -31,10 +31,10 @@ def heads_forward(HS, Wc, bc, lengths, logits):
 
 
 @kernel
-def heads_backward(HS, Wc, dlogits, dWc, dbc, dHS):
-    """dWc = dlogitsᵀ HS, dbc = Σ dlogits, dHS = dlogits Wc (one GEMM each). dlogits is 0 off the mask."""
+def heads_backward(HS, dlogits, dWc, dbc):
+    """dWc = dlogitsᵀ HS (one GEMM), dbc = Σ dlogits; dlogits is 0 off the mask. ∂L/∂HS = dlogits Wc
+    is taken one step at a time inside the backward pass (``_lstm_nb.backward_rows``)."""
     np.dot(dlogits.T, HS, dWc)
-    np.dot(dlogits, Wc, dHS)
     dbc[:] = 0.0
     for p in range(dlogits.shape[0]):
         for k in range(dlogits.shape[1]):
