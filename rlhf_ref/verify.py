@@ -195,8 +195,11 @@ def load_outputs(path):
         os.path.join(path, f) for f in os.listdir(path) if f.endswith(".npz"))
     out = {}
     for f in files:
-        with np.load(f, allow_pickle=False) as z:
-            out[os.path.splitext(os.path.basename(f))[0]] = {k: z[k] for k in z.files}
+        try:
+            with np.load(f, allow_pickle=False) as z:
+                out[os.path.splitext(os.path.basename(f))[0]] = {k: z[k] for k in z.files}
+        except (ValueError, OSError, EOFError) as e:     # a pickle (object array), a truncated file, ...
+            raise ValueError(f"cannot read outputs {f!r} without pickle: {e}") from None
     return out
 
 
