@@ -28,7 +28,7 @@ class PretrainConfig:
     """Supervised pretraining of the policy (π_ref)."""
     embed: int = 32             #: E, the embedding width
     hidden: int = 96            #: H, the LSTM width
-    steps: int = 1200           #: optimiser steps
+    steps: int = 2000           #: optimiser steps
     batch_size: int = 64        #: corpus lines per step
     lr: float = 1e-2            #: Adam learning rate at the start
     min_lr_frac: float = 0.05   #: the cosine schedule ends at lr · min_lr_frac

@@ -33,10 +33,10 @@ from .pretrain import cosine_lr
 @dataclass
 class RewardConfig:
     """Preference collection and reward-model training."""
-    n_pairs: int = 1500          #: preference pairs to collect (simulated annotator)
+    n_pairs: int = 10000         #: preference pairs to collect (simulated annotator)
     heldout_frac: float = 0.2    #: share of pairs held out to measure accuracy
     max_new: int = 40            #: response length limit when sampling pairs from π_ref
-    steps: int = 500             #: optimiser steps
+    steps: int = 800             #: optimiser steps
     batch_size: int = 64         #: pairs per step
     lr: float = 3e-3             #: Adam learning rate at the start
     min_lr_frac: float = 0.1     #: the cosine schedule ends at lr · min_lr_frac

@@ -36,7 +36,7 @@ from . import common
 @dataclass
 class RLConfig:
     """REINFORCE fine-tuning (the RL stage)."""
-    steps: int = 120             #: iterations (one rollout batch and one update each)
+    steps: int = 200             #: iterations (one rollout batch and one update each)
     batch_size: int = 64         #: prompts (episodes) per iteration
     lr: float = 1e-3             #: Adam learning rate
     max_grad_norm: float = 1.0   #: global-norm clipping threshold
@@ -44,7 +44,7 @@ class RLConfig:
     alpha: float = 1.0           #: inverse temperature α of the Boltzmann policy (sampling and loss)
     eps: float = 0.0             #: ε of the trainable ε-mixture
     gamma: float = 1.0           #: discount γ
-    beta: float = 0.05           #: KL coefficient β (per-token penalty −β·k_t)
+    beta: float = 0.2            #: KL coefficient β (per-token penalty −β·k_t; rewards are standardised)
     kl: str = "k1"               #: KL estimator in the reward: k1, k2, k3
     returns: str = "rtg"         #: rtg (reward-to-go) or total
     baseline: str = "value"      #: value, mean, loo, none (qvalue needs a qvalue head)
