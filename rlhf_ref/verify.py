@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import model, policy, reinforce
+from . import model, policy
 from . import returns as ret
 from . import vectors as gv
 
@@ -568,8 +568,10 @@ def _hints_for(ctx, name, section):
         m = g["mask"] > 0
         c.append(("action mask starts one position early (t ≥ prompt_len − 1): prompt_len counts BOS",
                   lambda: (m & (tt >= pl - 1)).astype(float)))
-        c.append(("action mask starts one position late (t ≥ prompt_len + 1)", lambda: (m & (tt >= pl + 1)).astype(float)))
-        c.append(("the action mask covers the prompt too (it is mask ∧ t ≥ prompt_len)", lambda: (m & (tt >= 1)).astype(float)))
+        c.append(("action mask starts one position late (t ≥ prompt_len + 1)",
+                  lambda: (m & (tt >= pl + 1)).astype(float)))
+        c.append(("the action mask covers the prompt too (it is mask ∧ t ≥ prompt_len)",
+                  lambda: (m & (tt >= 1)).astype(float)))
         last = ret.last_action_index(ctx.am)
         def no_last():
             a = ctx.am.copy()
@@ -716,10 +718,13 @@ def _hints_for(ctx, name, section):
             c.append(("the baseline matches V(s_{t+1}) (the value head read one position late, e.g. the shifted "
                       "layout)", lambda: _on(ctx, _shift_left(v))))
             if kind != "value":
-                c.append((f"the baseline matches the value head's V(s_t); this case uses '{kind}'", lambda: _on(ctx, v)))
+                c.append((f"the baseline matches the value head's V(s_t); this case uses '{kind}'",
+                          lambda: _on(ctx, v)))
         for k in ("mean", "loo"):
             if k != kind:
-                c.append((f"the baseline matches '{k}' ({'the mean of G over all actions, the row included' if k == 'mean' else 'the mean of G over the other rows'}); this case uses '{kind}'",
+                what = ("the mean of G over all actions, the row included" if k == "mean"
+                        else "the mean of G over the other rows")
+                c.append((f"the baseline matches '{k}' ({what}); this case uses '{kind}'",
                           lambda k=k: ret.baseline(k, G, am)))
         def mean_all():
             return _on(ctx, np.full_like(G, G.sum() / G.size))
@@ -742,14 +747,17 @@ def _hints_for(ctx, name, section):
             Q = ctx.g64("qvalues")
             tok = g["tokens"]
             Qa = np.take_along_axis(Q, tok[:, :, None], -1)[:, :, 0]
-            c.append(("the baseline matches Q(s_t, a_t) of the taken action; the qvalue baseline is Σ_a π(a|s_t)·Q(s_t, a)",
+            c.append(("the baseline matches Q(s_t, a_t) of the taken action; the qvalue baseline is "
+                      "Σ_a π(a|s_t)·Q(s_t, a)",
                       lambda: _on(ctx, Qa)))
-            c.append(("the baseline matches max_a Q(s_t, a); it is Σ_a π(a|s_t)·Q(s_t, a)", lambda: _on(ctx, Q.max(-1))))
+            c.append(("the baseline matches max_a Q(s_t, a); it is Σ_a π(a|s_t)·Q(s_t, a)",
+                      lambda: _on(ctx, Q.max(-1))))
             c.append(("the baseline matches the uniform mean of Q(s_t, ·); it is Σ_a π(a|s_t)·Q(s_t, a)",
                       lambda: _on(ctx, Q.mean(-1))))
             if eps > 0 or alpha != 1:
                 lq = policy.logprobs(ctx.g64("scores"), alpha, 0.0)
-                c.append(("the baseline's expectation uses softmax(α·z) without the ε-mixture; it is Σ_a π_ε(a)·Q(s, a)",
+                c.append(("the baseline's expectation uses softmax(α·z) without the ε-mixture; it is "
+                          "Σ_a π_ε(a)·Q(s, a)",
                           lambda: _on(ctx, np.sum(np.exp(lq) * Q, -1))))
                 lq1 = policy.logprobs(ctx.g64("scores"), 1.0, eps)
                 c.append(("the baseline's expectation uses π without α; it is Σ_a π_ε(a|s)·Q(s, a) with the case's α",
@@ -814,8 +822,9 @@ def _hints_for(ctx, name, section):
         if name == "loss_pg":
             per = ctx.g64("advantages") * ctx.g64("logp")
             c += _agg_candidates(ctx, per, -1.0, "loss_pg")
-            c.append(("loss_pg uses the advantages before whitening", lambda: -np.sum(ctx.g64("weights") *
-                                                                                     _on(ctx, ctx.g64("returns") - ctx.g64("baseline")) * ctx.g64("logp"))))
+            A0 = _on(ctx, ctx.g64("returns") - ctx.g64("baseline"))
+            c.append(("loss_pg uses the advantages before whitening",
+                      lambda: -np.sum(ctx.g64("weights") * A0 * ctx.g64("logp"))))
         elif name == "loss_ent":
             per = ctx.g64("entropy")
             c += _agg_candidates(ctx, per, -cfg["entropy_coef"], "loss_ent")
@@ -861,8 +870,9 @@ def _hints_for(ctx, name, section):
         c.append(("sft_loss is a mean over real tokens including column 0 (BOS is never predicted)",
                   lambda: -lp.sum() / ctx.mask.sum()))
         c.append(("sft_loss is a sum (not a token mean)", lambda: -lp.sum()))
+        rows = [b for b in range(lp.shape[0]) if ctx.pm[b].any()]
         c.append(("sft_loss is the mean of per-row means; it is a token mean over the batch",
-                  lambda: -np.mean([lp[b].sum() / max(ctx.pm[b].sum(), 1) for b in range(lp.shape[0]) if ctx.pm[b].any()])))
+                  lambda: -np.mean([lp[b].sum() / ctx.pm[b].sum() for b in rows])))
         c.append(("sft_loss has the wrong sign (minimised: −mean log-likelihood)", lambda: lp.sum() / n))
         return c
 
@@ -1281,7 +1291,8 @@ def add_arguments(parser):
     parser.add_argument("outputs", metavar="OUTPUTS", help="folder with one <case>.npz of your outputs per case")
     parser.add_argument("--layout", choices=LAYOUTS, default=None,
                         help="array layout of your outputs (default: token-aligned, or each file's 'layout' array)")
-    parser.add_argument("--case", action="append", dest="names", metavar="NAME", help="verify only this case (repeatable)")
+    parser.add_argument("--case", action="append", dest="names", metavar="NAME",
+                        help="verify only this case (repeatable)")
     parser.add_argument("--lenient-mask", action="store_true",
                         help="report nonzero values off the mask as notes, not failures")
     parser.add_argument("-v", "--verbose", action="store_true", help="every case, and what was not checked")

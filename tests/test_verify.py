@@ -299,9 +299,9 @@ def _plants(tr):
                                  "rl", "kl", "k3 with the ratio reversed"),
         "whitening variance": (["whiten_population", "whiten_no_shift"], {"whiten": whiten_torch_var}, "rl",
                                "advantages", "Bessel's correction"),
-        "missing mask (mean over all positions)": (["padding_rows"],
-                                                   {"aggregation_weights": lambda am, k: torch.ones_like(am) / am.numel()},
-                                                   "rl", "weights", "mean over all B·T positions"),
+        "missing mask (mean over all positions)": (
+            ["padding_rows"], {"aggregation_weights": lambda am, k: torch.ones_like(am) / am.numel()}, "rl", "weights",
+            "mean over all B·T positions"),
         "temperature missing from learner log-probs": (["alpha_2", "all_on"], {
             "learner_log_probs": lambda z, a, e: orig["policy_log_probs"](z, 1.0, e)}, "rl", "logq",
             "without the inverse temperature"),
