@@ -115,6 +115,15 @@ def test_loss_sign(golden):
     assert f.quantity == "loss_pg" and "wrong sign" in f.hint
 
 
+def test_loss_with_padding_in_the_mean(golden):
+    """An implementation without `weights` whose loss_pg averages over all B·T positions."""
+    out = outputs(golden, "padding_rows")
+    del out["weights"]
+    out["loss_pg"] = np.asarray(-np.sum(out["advantages"] * out["logp"]) / out["logp"].size)
+    f = check(golden, "padding_rows", out).first("rl")
+    assert f.quantity == "loss_pg" and f.hint.startswith("masking:") and "B·T positions" in f.hint
+
+
 def test_float32_outputs_in_a_float64_case(golden):
     out = {k: (v.astype(np.float32) if v.dtype == np.float64 else v) for k, v in outputs(golden, "base").items()}
     f = check(golden, "base", out).first("rl")
