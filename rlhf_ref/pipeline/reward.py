@@ -45,7 +45,7 @@ class RewardConfig:
     embed: int = 32              #: E when not initialised from the policy
     hidden: int = 64             #: H when not initialised from the policy
     dtype: str = "float32"       #: parameter dtype
-    eval_every: int = 50         #: held-out accuracy every this many steps (0: only at the end)
+    eval_every: int = 100        #: held-out accuracy every this many steps (0: only at the end)
     ckpt_every: int = 100        #: checkpoint every this many steps (and at the end)
     seed: int = 0                #: seeds the split, initialisation and batches
 

@@ -36,7 +36,7 @@ from . import common
 @dataclass
 class RLConfig:
     """REINFORCE fine-tuning (the RL stage)."""
-    steps: int = 200             #: iterations (one rollout batch and one update each)
+    steps: int = 300             #: iterations (one rollout batch and one update each)
     batch_size: int = 64         #: prompts (episodes) per iteration
     lr: float = 1e-3             #: Adam learning rate
     max_grad_norm: float = 1.0   #: global-norm clipping threshold
