@@ -104,8 +104,16 @@ def _discover():
 
 
 BACKENDS = _discover()
-BACKEND_PARAMS = [pytest.param(be, id=name, marks=() if be is not None else pytest.mark.skip(reason=f"{name}: {why}"))
-                  for name, be, why in BACKENDS]
+def _marks(name, be, why):
+    # the cuda backend's cases carry the cuda marker, so CI's simulator run (-m cuda under
+    # NUMBA_ENABLE_CUDASIM=1) puts the CUDA kernels through this same suite
+    marks = [pytest.mark.cuda] if name == "cuda" else []
+    if be is None:
+        marks.append(pytest.mark.skip(reason=f"{name}: {why}"))
+    return marks
+
+
+BACKEND_PARAMS = [pytest.param(be, id=name, marks=_marks(name, be, why)) for name, be, why in BACKENDS]
 
 
 def call(be, fname, *args, **kw):
