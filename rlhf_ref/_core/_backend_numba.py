@@ -174,6 +174,13 @@ def _c(a, dt):
     return np.ascontiguousarray(a, dtype=dt)
 
 
+def _t(K, W):
+    """Wᵀ, C-contiguous (a kernel: NumPy's strided copy is 2–9× slower here)."""
+    Wt = np.empty((W.shape[1], W.shape[0]), W.dtype)
+    K.lstm.transpose(W, Wt)
+    return Wt
+
+
 def _head_stack(params, names, dt):
     """Stack the heads ``names`` (those present) into Wc (K, H), bc (K,); returns Wc, bc, offsets."""
     Ws, bs, off, k = [], [], {}, 0
@@ -197,7 +204,7 @@ class _Body:
         self.E = _c(params["embedding.weight"], dt)
         self.W_ih = _c(params["lstm.weight_ih_l0"], dt)
         self.W_hh = _c(params["lstm.weight_hh_l0"], dt)
-        self.Wt_hh = np.ascontiguousarray(self.W_hh.T)             # (H, 4H): see _lstm_nb.forward
+        self.Wt_hh = _t(K, self.W_hh)                              # (H, 4H): see _lstm_nb.forward
         b_ih, b_hh = _c(params["lstm.bias_ih_l0"], dt), _c(params["lstm.bias_hh_l0"], dt)
         V, Ed = self.E.shape
         G, H = self.W_hh.shape
@@ -307,27 +314,30 @@ def rollout(params, prompt_tokens, prompt_len, u, alpha=1.0, eps=0.0, kind="bolt
     B, T = tok.shape
     tokens = np.ascontiguousarray(np.where(np.arange(T)[None, :] < pl[:, None], tok, 0), dtype=np.int64)
 
-    def prep(p):
+    def prep(p, heads):
+        """(P (V, 4H), Wcat = [W_hhᵀ | Wcᵀ] (H, 4H + K), bc (K,)) for one policy."""
         E, W_ih = _c(p["embedding.weight"], dt), _c(p["lstm.weight_ih_l0"], dt)
         W_hh = _c(p["lstm.weight_hh_l0"], dt)
-        P = np.empty((E.shape[0], W_hh.shape[0]), dt)
+        G, H = W_hh.shape
+        P = np.empty((E.shape[0], G), dt)
         K.lstm.input_table(E, W_ih, _c(p["lstm.bias_ih_l0"], dt), _c(p["lstm.bias_hh_l0"], dt), P)
-        return P, np.ascontiguousarray(W_hh.T)                          # (V, 4H), (H, 4H)
+        Wc, bc, _ = _head_stack(p, heads, dt)
+        k = Wc.shape[0]
+        Wcat = np.zeros((H, -(-(G + k) // 16) * 16), dt)   # width a multiple of 16: OpenBLAS's B = 1
+        K.lstm.transpose(W_hh, Wcat[:, :G])                 # product is then ~30% faster (measured)
+        K.lstm.transpose(Wc, Wcat[:, G:G + k])
+        return P, Wcat, bc
 
-    P, Wt_hh = prep(params)
-    Wc, bc, _ = _head_stack(params, ("head", "value") if values else ("head",), dt)
-    Wct = np.ascontiguousarray(Wc.T)
+    P, Wcat, bc = prep(params, ("head", "value") if values else ("head",))
     has_ref = ref_params is not None
     if has_ref:
-        Pr, Wt_hhr = prep(ref_params)
-        Wcr, bcr, _ = _head_stack(ref_params, ("head",), dt)
-        Wctr = np.ascontiguousarray(Wcr.T)
+        Pr, Wcatr, bcr = prep(ref_params, ("head",))
     else:
-        Pr = Wt_hhr = Wctr = np.empty((0, 0), dt)
+        Pr = Wcatr = np.empty((0, 0), dt)
         bcr = np.empty(0, dt)
     # outputs in the reference's dtypes (float64 (B, T) arrays); the kernel computes in dt
     mask, am, logp, ref_logp, vals = (np.zeros((B, T)) for _ in range(5))
-    args = (P, Wt_hh, Wct, bc, bool(values), Pr, Wt_hhr, Wctr, bcr, has_ref,
+    args = (P, Wcat, bc, bool(values), Pr, Wcatr, bcr, has_ref,
             tokens, pl, np.ascontiguousarray(u, dtype=np.float64), int(V), float(alpha), float(eps),
             K.policy.KIND_CODES[kind], int(eos_id), mask, am, logp, ref_logp, vals)
     nblk = _blocks(B)

@@ -1,10 +1,10 @@
 """Numba twin of ``rlhf_ref/rollout.py``: batched autoregressive sampling in one kernel call.
 
-The whole time loop runs inside the kernel: per step one BLAS product ``h W_hhᵀ`` for the
-batch (the input projection is a row of the table ``P = E W_ihᵀ + b_ih + b_hh``, see
-``_lstm_nb``), the fused cell, one BLAS product for the stacked heads (``head`` and, when
-asked, ``value``), then per row the policy and the inverse-CDF draw (``_policy_nb.sample_row``)
-and the EOS bookkeeping, exactly as the reference orders them. The frozen reference policy,
+The whole time loop runs inside the kernel: per step the fused cell (the input projection is a
+row of the table ``P = E W_ihᵀ + b_ih + b_hh``, see ``_lstm_nb``), one BLAS product of the new
+state with ``[W_hhᵀ | heads ᵀ]`` (the heads are ``head`` and, when asked, ``value``), then per
+row the policy and the inverse-CDF draw (``_policy_nb.sample_row``) and the EOS bookkeeping,
+exactly as the reference orders them. The frozen reference policy,
 when given, runs beside it with its own state. Rows that have ended are not stepped (the
 reference steps them and discards the result). Rows are independent, so ``rollout_par`` runs
 row blocks on Numba's threads (see ``_lstm_nb`` for why this beats threaded BLAS).
@@ -23,15 +23,17 @@ PAD = 0
 
 
 @kernel
-def rollout_rows(P, Wt_hh, Wct, bc, has_value, Pr, Wt_hhr, Wctr, bcr, has_ref,
+def rollout_rows(P, Wcat, bc, has_value, Pr, Wcatr, bcr, has_ref,
                  tokens, prompt_len, u, V, alpha, eps, kind, eos_id,
                  mask, am, logp, ref_logp, vals, r0, r1):
     """Sample rows r0:r1 (rows are independent). tokens (B, T) holds the prompts (PAD after) on
     entry, the batch on exit.
 
-    P (V, 4H) input table, Wt_hh = W_hhᵀ (H, 4H), Wct = Wcᵀ (H, V[+1]) and bc: the stacked head
-    (and value) — and the same for the reference policy (Pr, Wt_hhr, Wctr, bcr) when has_ref.
-    The weights come transposed, C-contiguous: OpenBLAS runs the B = 1 products 2–3× faster so.
+    P (V, 4H): the input table; Wcat = [W_hhᵀ | Wcᵀ | 0] (H, ≥ 4H + K) with Wc the stacked head
+    (and value) rows, K = len(bc) their number and bc their biases (zero columns may pad Wcat); Pr, Wcatr, bcr the same for the reference policy (has_ref).
+    One product per step, h_t Wcat, gives both the recurrent part of step t+1 and the scores of
+    step t (they read the same h_t); in the C-contiguous transposed layout OpenBLAS runs the
+    B = 1 product 2–3× faster than with W itself (measured).
     Outputs (B, T), zero on entry: mask, am (action mask), logp, ref_logp, vals.
     The block's work buffers are its own (one block per thread in ``rollout_par``). The cell state
     alternates between two buffers (c_{t-1} in one, c_t into the other): an in-place update
@@ -40,39 +42,37 @@ def rollout_rows(P, Wt_hh, Wct, bc, has_value, Pr, Wt_hhr, Wctr, bcr, has_ref,
     T = tokens.shape[1]
     n = r1 - r0
     dt = P.dtype
-    H, G, K = Wt_hh.shape[0], Wt_hh.shape[1], Wct.shape[1]
+    G = P.shape[1]
+    H = G // 4
+    K = bc.shape[0]
     h = np.zeros((n, H), dt)
     c = np.zeros((2, n, H), dt)
-    a = np.empty((n, G), dt)
-    z = np.empty((n, K), dt)
-    Hr = Wt_hhr.shape[0] if has_ref else 0
-    hr = np.zeros((n, Hr), dt)
-    cr = np.zeros((2, n, Hr), dt)
-    ar = np.empty((n, 4 * Hr), dt)
-    zr = np.empty((n, Wctr.shape[1] if has_ref else 0), dt)
+    out = np.zeros((n, Wcat.shape[1]), dt)                           # [a | z]; a = h_{-1} W_hhᵀ = 0 at first
+    Gr = Pr.shape[1] if has_ref else 0
+    hr = np.zeros((n, Gr // 4), dt)
+    cr = np.zeros((2, n, Gr // 4), dt)
+    outr = np.zeros((n, Wcatr.shape[1] if has_ref else 0), dt)
     e = np.empty(V, dt)
     done = np.zeros(n, np.bool_)
     for b in range(r0, r1):
         mask[b, 0] = 1.0
     for t in range(1, T):
         # feed token t−1: h becomes h_{t−1}, the state token t is chosen in
-        np.dot(h, Wt_hh, a)
         for i in range(n):
             if not done[i]:
-                cell(a[i], P[tokens[r0 + i, t - 1]], c[t % 2, i], c[(t + 1) % 2, i], h[i])
-        np.dot(h, Wct, z)
+                cell(out[i, :G], P[tokens[r0 + i, t - 1]], c[t % 2, i], c[(t + 1) % 2, i], h[i])
+        np.dot(h, Wcat, out)                                 # next step's h W_hhᵀ and this step's scores
         if has_ref:
-            np.dot(hr, Wt_hhr, ar)
             for i in range(n):
                 if not done[i]:
-                    cell(ar[i], Pr[tokens[r0 + i, t - 1]], cr[t % 2, i], cr[(t + 1) % 2, i], hr[i])
-            np.dot(hr, Wctr, zr)
+                    cell(outr[i, :Gr], Pr[tokens[r0 + i, t - 1]], cr[t % 2, i], cr[(t + 1) % 2, i], hr[i])
+            np.dot(hr, Wcatr, outr)
         for i in range(n):
             b = r0 + i
             if done[i]:
                 continue                                     # tokens PAD, masks and log-probs 0
             mask[b, t] = 1.0
-            zb = z[i]
+            zb = out[i, G:G + K]
             for k in range(K):
                 zb[k] += bc[k]
             if has_value:
@@ -84,7 +84,7 @@ def rollout_rows(P, Wt_hh, Wct, bc, has_value, Pr, Wt_hhr, Wctr, bcr, has_ref,
             am[b, t] = 1.0
             logp[b, t] = lp
             if has_ref:
-                zrb = zr[i]
+                zrb = outr[i, Gr:Gr + bcr.shape[0]]
                 for k in range(zrb.shape[0]):
                     zrb[k] += bcr[k]
                 ref_logp[b, t] = logprob_row(zrb, V, tok, alpha, eps, kind, e)
@@ -93,22 +93,22 @@ def rollout_rows(P, Wt_hh, Wct, bc, has_value, Pr, Wt_hhr, Wctr, bcr, has_ref,
 
 
 @kernel
-def rollout(P, Wt_hh, Wct, bc, has_value, Pr, Wt_hhr, Wctr, bcr, has_ref,
+def rollout(P, Wcat, bc, has_value, Pr, Wcatr, bcr, has_ref,
             tokens, prompt_len, u, V, alpha, eps, kind, eos_id, mask, am, logp, ref_logp, vals):
     """``rollout_rows`` over the whole batch in one block (BLAS may thread each product)."""
-    rollout_rows(P, Wt_hh, Wct, bc, has_value, Pr, Wt_hhr, Wctr, bcr, has_ref,
+    rollout_rows(P, Wcat, bc, has_value, Pr, Wcatr, bcr, has_ref,
                  tokens, prompt_len, u, V, alpha, eps, kind, eos_id, mask, am, logp, ref_logp, vals,
                  0, tokens.shape[0])
 
 
 @kernel(parallel=True)
-def rollout_par(P, Wt_hh, Wct, bc, has_value, Pr, Wt_hhr, Wctr, bcr, has_ref,
+def rollout_par(P, Wcat, bc, has_value, Pr, Wcatr, bcr, has_ref,
                 tokens, prompt_len, u, V, alpha, eps, kind, eos_id, mask, am, logp, ref_logp, vals, nblk):
     """``rollout_rows`` over nblk row blocks, one per thread, each with its own buffers and
     single-threaded BLAS products (the caller holds BLAS to one thread). The split depends on
     nblk only: a fixed thread count gives bit-identical results."""
     B = tokens.shape[0]
     for j in prange(nblk):
-        rollout_rows(P, Wt_hh, Wct, bc, has_value, Pr, Wt_hhr, Wctr, bcr, has_ref,
+        rollout_rows(P, Wcat, bc, has_value, Pr, Wcatr, bcr, has_ref,
                      tokens, prompt_len, u, V, alpha, eps, kind, eos_id, mask, am, logp, ref_logp, vals,
                      j * B // nblk, (j + 1) * B // nblk)
