@@ -173,11 +173,14 @@ def logprob_stats_row(z, V, a, alpha, eps, qz, has_q, e):
 
 
 @kernel(fastmath=ELEMENTWISE)
-def grad_row(z, V, a, alpha, eps, lse, lq_a, plq, d_logp, d_ent, dz):
-    """dz[:V] = ∂/∂z of d_logp·log π_ε(a) + d_ent·H(π_ε) for one position (may alias z).
+def grad_row(z, V, a, alpha, eps, lse, lq_a, plq, d_logp, d_ent):
+    """z[:V] becomes ∂/∂z of d_logp·log π_ε(a) + d_ent·H(π_ε) for one position, in place.
 
     ∂ log π_ε(a)/∂z = (1−ε)·(π_a/π_ε,a)·α·(onehot(a) − π)
     ∂H/∂z_j         = −(1−ε)·α·(π_j log π_ε,j − π_j Σ_k π_k log π_ε,k)
+
+    (In place through one array on purpose: with a separate output that happens to be the same
+    memory, LLVM's overlap check fails at run time and the loop runs scalar, 5× slower.)
     """
     al = cst(z, alpha)
     zero = cst(z, 0.0)
@@ -193,13 +196,13 @@ def grad_row(z, V, a, alpha, eps, lse, lq_a, plq, d_logp, d_ent, dz):
             pk = vexp(al * z[k] - lse)
             lqk = cst(z, logaddexp(l1 + (al * z[k] - lse), le))
             pl = pk * lqk if pk > zero else zero
-            dz[k] = -scale * pk + ce * (pl - pk * plq)
+            z[k] = -scale * pk + ce * (pl - pk * plq)
     elif d_ent != 0.0:
         for k in range(V):
             pk = vexp(al * z[k] - lse)
             pl = pk * (al * z[k] - lse) if pk > zero else zero
-            dz[k] = -scale * pk + ce * (pl - pk * plq)
+            z[k] = -scale * pk + ce * (pl - pk * plq)
     else:
         for k in range(V):
-            dz[k] = -scale * vexp(al * z[k] - lse)
-    dz[a] += scale
+            z[k] = -scale * vexp(al * z[k] - lse)
+    z[a] += scale

@@ -114,7 +114,7 @@ def policy_grads(logits, tokens, sel, V, alpha, eps, lse, logp, plq, d_logp, d_e
             z = logits[t * B + b]
             if sel[b, t] > 0:
                 a = tokens[b, t]
-                grad_row(z, V, a, alpha, eps, lse[b, t], logp[b, t], plq[b, t], d_logp[b, t], d_ent[b, t], z)
+                grad_row(z, V, a, alpha, eps, lse[b, t], logp[b, t], plq[b, t], d_logp[b, t], d_ent[b, t])
                 for k in range(V, K):
                     z[k] = 0.0
                 if pred_col >= 0:
