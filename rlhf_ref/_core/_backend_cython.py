@@ -18,17 +18,23 @@ Kernel modules (twins of the reference; built by setup.py from ``rlhf_ref/_core/
 The matrix products go to SciPy's BLAS (``scipy.linalg.cython_blas``), which the extensions
 import when they load: SciPy is a runtime need of this backend.
 
-Threads: BLAS uses its own threads for the products. The per-row work of a step (the LSTM cell,
-the policy of a row) is split over OpenMP threads when the batch is large enough to pay for it
-(``_threads``); each row is computed by one thread in one order, and every reduction over rows
-is serial, so a result does not depend on the thread count: one seed, one backend, bit-identical
-results (tests/test_cython_backend.py).
+Threads: the kernels parallelise with OpenMP, coarsely: the recurrences (forward, BPTT, the
+sampling loop) cut the batch into blocks of rows that run through all T steps on their own
+threads, with no synchronisation per step; the whole-sequence products are split by blocks of
+their output; the per-position policy passes by positions. Every BLAS call inside runs
+single-threaded: while a backend function runs, every OpenBLAS in the process is set to one thread
+and restored afterwards (``_call``; OpenBLAS's own threading of the many small per-step
+products costs a hand-off per call, and under load a time slice per call). Every entry is
+computed by one thread in a fixed order, so one seed, one backend and one thread count give
+bit-identical results (tests/test_cython_backend.py). OMP_NUM_THREADS sets the thread count.
 
 ``probe()`` says why the backend cannot run (the extensions were not built, or SciPy is missing);
 importing this module never fails: the extensions load on first use.
 """
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 
@@ -39,10 +45,6 @@ NAME = "cython"
 EXTENSIONS = ("_lstm_cy", "_train_cy", "_rollout_cy")
 _K = None                   # the loaded extension modules (a namespace), after _load()
 
-#: the per-row OpenMP split pays from this many rows in a step (below it, one thread)
-PARALLEL_MIN_ROWS = 16
-#: ... and for the per-position passes over (T·B, V) logits, from this many score entries
-PARALLEL_MIN_ENTRIES = 1 << 15
 
 
 def probe():
@@ -85,14 +87,150 @@ def openmp():
     return _require().lstm.openmp()
 
 
-def _threads(rows, width=1):
-    """OpenMP threads for a loop over ``rows`` independent rows of ``width`` entries each."""
+#: the per-step products of blocks of SMM_MIN_ROWS..SMM_MAX_ROWS rows use the kernels' own small
+#: matrix product (as _common_cy.pxd's use_smm decides), which reads the weights transposed
+SMM_MIN_ROWS, SMM_MAX_ROWS = 4, 64
+#: rows per block below which the recurrences are not split over threads
+MIN_ROWS_PER_THREAD = 2
+#: the per-position policy passes are split from this many score entries (T·B·V) on
+PARALLEL_MIN_ENTRIES = 1 << 14
+
+
+def _nthreads():
+    """OpenMP threads to use: 1 without OpenMP, or when OpenBLAS's threads cannot be controlled
+    (then BLAS keeps its own threading and the kernels run serially around it)."""
     omp, n = _require().lstm.openmp()
-    if not omp or n < 2:
-        return 1
-    if rows < PARALLEL_MIN_ROWS and rows * width < PARALLEL_MIN_ENTRIES:
+    if not omp or n < 2 or not _blas_controls():
         return 1
     return int(n)
+
+
+def _chunks(B, nt):
+    """Blocks of rows for a recurrence over B rows."""
+    return max(1, min(nt, B // MIN_ROWS_PER_THREAD))
+
+
+def _pass_threads(entries, nt):
+    return nt if entries >= PARALLEL_MIN_ENTRIES else 1
+
+
+_BLAS = None
+
+
+def _blas_controls():
+    """[(get_num_threads, set_num_threads)] of every OpenBLAS loaded in the process (found once)."""
+    global _BLAS
+    if _BLAS is None:
+        _BLAS = _find_openblas()
+    return _BLAS
+
+
+def _find_openblas():
+    import ctypes
+    found, seen = [], set()
+    paths = []
+    try:
+        with open("/proc/self/maps") as f:          # Linux: the shared objects mapped in this process
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 6 and "openblas" in parts[-1].lower() and parts[-1] not in seen:
+                    seen.add(parts[-1])
+                    paths.append(parts[-1])
+    except OSError:
+        pass
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for pre, suf in (("scipy_", ""), ("scipy_", "64_"), ("", ""), ("", "64_")):
+            get = getattr(lib, f"{pre}openblas_get_num_threads{suf}", None)
+            put = getattr(lib, f"{pre}openblas_set_num_threads{suf}", None)
+            if get is not None and put is not None:
+                get.restype, get.argtypes = ctypes.c_int, []
+                put.restype, put.argtypes = None, [ctypes.c_int]
+                found.append((get, put))
+                break
+    if not paths:                                     # elsewhere: threadpoolctl, when installed
+        try:
+            from threadpoolctl import ThreadpoolController
+            for c in ThreadpoolController().lib_controllers:
+                if c.internal_api == "openblas":
+                    found.append((c.get_num_threads, c.set_num_threads))
+        except Exception:
+            pass
+    return found
+
+
+class _Workspace(threading.local):
+    """The large work buffers of this thread, kept between calls (per thread: calls from several
+    threads never share one). A buffer is reused when a later call asks for the same name, shape
+    and dtype, so repeated steps of one shape allocate nothing big and never page-fault their work
+    memory (fresh pages cost the kernel a zeroing: 15 % of a B = 256 training step when every
+    call allocated anew). At the end of each outermost call, buffers that neither this call nor
+    the previous one used are dropped, so what stays is one or two calls' work memory."""
+
+    def __init__(self):
+        self.bufs = {}          # (name, shape, dtype) -> [array, last call it was used in]
+        self.calls = 0
+        self.depth = 0
+
+    def get(self, name, shape, dt):
+        key = (name, tuple(int(n) for n in shape), np.dtype(dt).str)
+        ent = self.bufs.get(key)
+        if ent is None:
+            ent = self.bufs[key] = [np.empty(key[1], dt), 0]
+        ent[1] = self.calls
+        return ent[0]
+
+    def prune(self):
+        old = [k for k, ent in self.bufs.items() if ent[1] < self.calls - 1]
+        for k in old:
+            del self.bufs[k]
+
+    def nbytes(self):
+        return sum(ent[0].nbytes for ent in self.bufs.values())
+
+
+_WS = _Workspace()
+
+
+def workspace_nbytes():
+    """Bytes of work memory this thread keeps between calls (see ``_Workspace``)."""
+    return _WS.nbytes()
+
+
+def clear_workspace():
+    """Free this thread's kept work buffers."""
+    _WS.bufs.clear()
+
+
+class _call:
+    """Context of one backend call: every OpenBLAS of the process runs single-threaded inside
+    (restored after), and the thread's workspace is pruned when the outermost call ends."""
+
+    __slots__ = ("saved",)
+
+    def __enter__(self):
+        ws = _WS
+        if ws.depth == 0:
+            ws.calls += 1
+        ws.depth += 1
+        self.saved = [(put, get()) for get, put in _blas_controls()]
+        for put, n in self.saved:
+            if n != 1:
+                put(1)
+        return self
+
+    def __exit__(self, *exc):
+        for put, n in self.saved:
+            if n != 1:
+                put(n)
+        ws = _WS
+        ws.depth -= 1
+        if ws.depth == 0:
+            ws.prune()
+        return False
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -109,8 +247,10 @@ def _empty(dt):
     return np.empty((0, 0), dt)
 
 
-def _head_stack(params, names, dt):
-    """The heads ``names`` that params has, stacked: Wc (K, H), bc (K,), {name: (offset, rows)}."""
+def _head_stack(params, names, dt, pad=16):
+    """The heads ``names`` that params has, stacked and padded with zero rows to a multiple of
+    ``pad`` (aligned rows of logits; BLAS runs faster on them): Wc (K, H), bc (K,), and
+    {name: (offset, rows)}."""
     Ws, bs, off, k = [], [], {}, 0
     for n in names:
         if f"{n}.weight" in params:
@@ -119,16 +259,22 @@ def _head_stack(params, names, dt):
             bs.append(params[f"{n}.bias"])
             off[n] = (k, W.shape[0])
             k += W.shape[0]
-    if len(Ws) == 1:
-        return _c(Ws[0], dt), _c(bs[0], dt), off
-    return _c(np.concatenate(Ws, 0), dt), _c(np.concatenate(bs, 0), dt), off
+    K = -(-k // pad) * pad
+    H = Ws[0].shape[1]
+    Wc, bc = np.zeros((K, H), dt), np.zeros(K, dt)
+    k = 0
+    for W, b in zip(Ws, bs):
+        Wc[k:k + W.shape[0]] = W
+        bc[k:k + W.shape[0]] = b
+        k += W.shape[0]
+    return Wc, bc, off
 
 
 class _Body:
     """The LSTM body's forward pass over a batch and its buffers (time-major); ``backward``."""
 
-    def __init__(self, K, params, tokens, mask, dt):
-        self.K, self.dt = K, dt
+    def __init__(self, K, params, tokens, mask, dt, nt):
+        self.K, self.dt, self.nt = K, dt, nt
         self.E = _c(params["embedding.weight"], dt)
         self.W_ih = _c(params["lstm.weight_ih_l0"], dt)
         self.W_hh = _c(params["lstm.weight_hh_l0"], dt)
@@ -138,16 +284,18 @@ class _Body:
         B, T = tokens.shape
         self.B, self.T, self.H, self.G, self.V = B, T, H, G, V
         self.lengths = np.ascontiguousarray(mask.sum(axis=1), dtype=np.int64)
-        self.ids = np.ascontiguousarray(np.where(mask > 0, tokens, 0).T, dtype=np.int64)   # (T, B)
-        self.use_table = V <= B * T
-        self.P = np.empty((V, G), dt) if self.use_table else _empty(dt)
-        self.X = _empty(dt) if self.use_table else np.empty((T * B, Ed), dt)
-        self.gates = np.empty((T, B, G), dt)
-        self.cs = np.empty((T + 1, B, H), dt)
-        self.hs = np.empty((T + 1, B, H), dt)
-        self.nt = _threads(B, G)
-        K.lstm.forward(self.E, self.W_ih, self.W_hh, b_ih, b_hh, self.ids, self.lengths, self.use_table,
-                       self.P, self.X, self.gates, self.cs, self.hs, self.nt)
+        self.ids = np.ascontiguousarray(tokens.T, dtype=np.int64)            # (T, B); read at real positions only
+        n = max(1, min(V, B * T))                                            # ≥ the number of distinct ids
+        ws = _WS
+        self.slot, self.uids = ws.get("slot", (V,), np.int64), ws.get("uids", (n,), np.int64)
+        self.Xu, self.P = ws.get("Xu", (n, Ed), dt), ws.get("P", (n, G), dt)
+        self.gates = ws.get("gates", (T, B, G), dt)
+        self.cs = ws.get("cs", (T + 1, B, H), dt)
+        self.hs = ws.get("hs", (T + 1, B, H), dt)
+        self.nchunks = _chunks(B, nt)
+        WT = ws.get("WT", (H, G), dt)
+        self.U = K.lstm.forward(self.E, self.W_ih, self.W_hh, WT, b_ih, b_hh, self.ids, self.lengths, self.slot,
+                                self.uids, self.Xu, self.P, self.gates, self.cs, self.hs, nt, self.nchunks)
 
     def HS(self):
         """hs[0:T] as (T·B, H): row t·B + b is the state position t's token is chosen in."""
@@ -156,13 +304,16 @@ class _Body:
     def backward(self, dHS=None, dh_final=None):
         """BPTT from ∂L/∂hs[0:T] (T·B, H) and/or ∂L/∂h_final (B, H); the body's grads dict."""
         dt, B, H, G = self.dt, self.B, self.H, self.G
-        dh = np.zeros((B, H), dt) if dh_final is None else _c(dh_final, dt).copy()
-        dc = np.zeros((B, H), dt)
+        dh = _WS.get("dh", (B, H), dt)
+        dh[...] = 0 if dh_final is None else dh_final
+        dc = _WS.get("dc", (B, H), dt)
+        dc[...] = 0
         dE, dW_ih = np.empty_like(self.E), np.empty_like(self.W_ih)
         dW_hh, db = np.empty_like(self.W_hh), np.empty(G, dt)
-        self.K.lstm.backward(self.E, self.W_ih, self.W_hh, self.ids, self.lengths, self.use_table, self.P, self.X,
-                             self.gates, self.cs, self.hs, _empty(dt) if dHS is None else dHS, dHS is not None,
-                             dh, dc, np.empty((B, H), dt), dE, dW_ih, dW_hh, db, self.nt)
+        self.K.lstm.backward(self.E, self.W_ih, self.W_hh, self.ids, self.lengths, self.slot, self.uids, self.U,
+                             self.Xu, self.P, self.gates, self.cs, self.hs,
+                             _empty(dt) if dHS is None else dHS, dHS is not None,
+                             dh, dc, _WS.get("tmp", (B, H), dt), dE, dW_ih, dW_hh, db, self.nt, self.nchunks)
         return {"embedding.weight": dE, "lstm.weight_ih_l0": dW_ih, "lstm.weight_hh_l0": dW_hh,
                 "lstm.bias_ih_l0": db, "lstm.bias_hh_l0": db.copy()}
 
@@ -170,11 +321,11 @@ class _Body:
 class _Net(_Body):
     """The body plus the stacked heads ``names``: logits (T·B, K) at every position (rows t·B + b)."""
 
-    def __init__(self, K, params, tokens, mask, dt, names):
-        super().__init__(K, params, tokens, mask, dt)
+    def __init__(self, K, params, tokens, mask, dt, nt, names):
+        super().__init__(K, params, tokens, mask, dt, nt)
         self.Wc, self.bc, self.off = _head_stack(params, names, dt)
-        self.logits = np.empty((self.T * self.B, self.Wc.shape[0]), dt)
-        K.lstm.linear(self.HS(), self.Wc, self.bc, self.logits)
+        self.logits = _WS.get("logits", (self.T * self.B, self.Wc.shape[0]), dt)
+        K.lstm.linear(self.HS(), self.Wc, self.bc, self.logits, nt)
 
     def column(self, name, pm):
         """A one-column head's output (B, T), 0 off the position mask pm."""
@@ -190,13 +341,13 @@ class _Net(_Body):
     def backward_all(self, params):
         """∂L/∂logits is in self.logits (the gradient pass wrote it there); grads with params' keys."""
         dt = self.dt
-        dWc, dbc = np.empty_like(self.Wc), np.empty_like(self.bc)
-        dHS = np.empty((self.T * self.B, self.H), dt)
-        self.K.lstm.linear_backward(self.HS(), self.Wc, self.logits, self.B, dWc, dbc, dHS)
+        dWc, dbc = _WS.get("dWc", self.Wc.shape, dt), _WS.get("dbc", self.bc.shape, dt)
+        dHS = _WS.get("dHS", (self.T * self.B, self.H), dt)
+        self.K.lstm.linear_backward(self.HS(), self.Wc, self.logits, self.B, dWc, dbc, dHS, self.nt)
         grads = self.backward(dHS=dHS)
         for n, (k0, k) in self.off.items():
-            grads[f"{n}.weight"] = dWc[k0:k0 + k].copy() if len(self.off) > 1 else dWc
-            grads[f"{n}.bias"] = dbc[k0:k0 + k].copy() if len(self.off) > 1 else dbc
+            grads[f"{n}.weight"] = dWc[k0:k0 + k].copy()
+            grads[f"{n}.bias"] = dbc[k0:k0 + k].copy()
         return _complete(grads, params, dt)
 
 
@@ -209,9 +360,9 @@ def _stats(K, net, sel, V, alpha, eps, has_q=False, qoff=0):
     """Pass 1 at the positions sel (B, T): logp, ent, qb, mx, ssum, plq, each (B, T) float64."""
     B, T = sel.shape
     outs = [np.empty((B, T)) for _ in range(6)]
-    nt = _threads(T * B, V)
+    nt = _pass_threads(T * B * V, net.nt)
     K.train.policy_stats(net.logits, net.ids, sel, V, float(alpha), float(eps), qoff, has_q, *outs,
-                         np.empty((max(nt, 1), V), net.dt), nt)
+                         np.empty((nt, V), net.dt), nt)
     return outs
 
 
@@ -237,33 +388,47 @@ def rollout(params, prompt_tokens, prompt_len, u, alpha=1.0, eps=0.0, kind="bolt
         out["values"] = vals
     if B == 0 or T == 0:
         return out
+    with _call():
+        nt = _nthreads()
+        nch = _chunks(B, nt)
+        ws = _WS
 
-    def prep(p):
-        E, W_ih, W_hh = _c(p["embedding.weight"], dt), _c(p["lstm.weight_ih_l0"], dt), _c(p["lstm.weight_hh_l0"], dt)
-        P = np.empty((E.shape[0], W_hh.shape[0]), dt)
-        K.lstm.input_table(E, W_ih, _c(p["lstm.bias_ih_l0"], dt), _c(p["lstm.bias_hh_l0"], dt), P)
-        return P, W_hh
+        def prep(p, tag):
+            E, W_ih = _c(p["embedding.weight"], dt), _c(p["lstm.weight_ih_l0"], dt)
+            W_hh = _c(p["lstm.weight_hh_l0"], dt)
+            P = ws.get("P" + tag, (E.shape[0], W_hh.shape[0]), dt)
+            K.lstm.input_table(E, W_ih, _c(p["lstm.bias_ih_l0"], dt), _c(p["lstm.bias_hh_l0"], dt), P, nt)
+            return P, W_hh, transposed(W_hh, "WT" + tag)
 
-    P, W_hh = prep(params)
-    Wc, bc, _ = _head_stack(params, ("head", "value") if values else ("head",), dt)
-    H, G, Kc = W_hh.shape[1], W_hh.shape[0], Wc.shape[0]
-    has_ref = ref_params is not None
-    if has_ref:
-        Pr, W_hhr = prep(ref_params)
-        Wcr, bcr, _ = _head_stack(ref_params, ("head",), dt)
-        Hr, Kr = W_hhr.shape[1], Wcr.shape[0]
-    else:
-        Pr, W_hhr, Wcr, bcr = _empty(dt), _empty(dt), _empty(dt), np.empty(0, dt)
-        Hr = Kr = 0
-    nt = _threads(B, G)
-    e = np.empty((max(nt, 1), V), dt)
-    K.rollout.rollout(P, W_hh, Wc, bc, bool(values), Pr, W_hhr, Wcr, bcr, has_ref,
-                      tokens, pl, np.ascontiguousarray(u, dtype=np.float64), int(V), float(alpha), float(eps),
-                      K.rollout.KIND_CODES[kind], int(eos_id), mask, am, logp,
-                      ref_logp if has_ref else _empty(np.float64), vals if values else _empty(np.float64),
-                      np.empty((B, H), dt), np.empty((B, H), dt), np.empty((B, G), dt), np.empty((B, Kc), dt),
-                      np.empty((B, Hr), dt), np.empty((B, Hr), dt), np.empty((B, 4 * Hr), dt), np.empty((B, Kr), dt),
-                      e, np.empty(B, np.uint8), nt)
+        def transposed(W, name):
+            if not smm_rows:
+                return _empty(dt)
+            out = ws.get(name, W.shape[::-1], dt)
+            K.lstm.transpose(W, out)
+            return out
+
+        smm_rows = any(SMM_MIN_ROWS <= n <= SMM_MAX_ROWS for n in (B // nch, -(-B // nch)))
+        P, W_hh, WT = prep(params, "")
+        Wc, bc, _ = _head_stack(params, ("head", "value") if values else ("head",), dt)
+        WcT = transposed(Wc, "WcT")
+        H, G, Kc = W_hh.shape[1], W_hh.shape[0], Wc.shape[0]
+        has_ref = ref_params is not None
+        if has_ref:
+            Pr, W_hhr, WTr = prep(ref_params, "r")
+            Wcr, bcr, _ = _head_stack(ref_params, ("head",), dt)
+            WcTr = transposed(Wcr, "WcTr")
+            Hr, Kr = W_hhr.shape[1], Wcr.shape[0]
+        else:
+            Pr, W_hhr, WTr, Wcr, WcTr, bcr = (_empty(dt),) * 5 + (np.empty(0, dt),)
+            Hr = Kr = 0
+        K.rollout.rollout(P, W_hh, WT, Wc, WcT, bc, bool(values), Pr, W_hhr, WTr, Wcr, WcTr, bcr, has_ref,
+                          tokens, pl, np.ascontiguousarray(u, dtype=np.float64), int(V), float(alpha), float(eps),
+                          K.rollout.KIND_CODES[kind], int(eos_id), mask, am, logp,
+                          ref_logp if has_ref else _empty(np.float64), vals if values else _empty(np.float64),
+                          ws.get("h", (B, H), dt), ws.get("c", (B, H), dt), ws.get("cn", (B, H), dt),
+                          ws.get("a", (B, G), dt), ws.get("z", (B, Kc), dt), ws.get("hr", (B, Hr), dt),
+                          ws.get("cr", (B, Hr), dt), ws.get("cnr", (B, Hr), dt), ws.get("ar", (B, 4 * Hr), dt),
+                          ws.get("zr", (B, Kr), dt), ws.get("e", (nch, V), dt), ws.get("done", (B,), np.uint8), nch)
     return out
 
 
@@ -280,8 +445,9 @@ def sequence_logprobs(params, tokens, mask, prompt_len, alpha=1.0, eps=0.0):
     B, T = tokens.shape
     if B == 0 or T == 0:
         return np.zeros((B, T), dt)
-    net = _Net(K, params, tokens, mask, dt, ("head",))
-    logp = _stats(K, net, am, V, alpha, eps)[0]
+    with _call():
+        net = _Net(K, params, tokens, mask, dt, _nthreads(), ("head",))
+        logp = _stats(K, net, am, V, alpha, eps)[0]
     # the reference's dtype: params' for ε = 0; float64 for ε > 0 (its ε-mixture promotes)
     return logp.astype(dt if eps == 0 else np.float64)
 
@@ -314,11 +480,17 @@ def reinforce_loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, 
     if cfg.whiten == "bessel" and N < 2:
         raise ValueError(f"whiten='bessel' needs two or more actions, got {N}")
     K = _require()
+    with _call():
+        return _reinforce(K, params, tokens, mask, am, reward, ref_logp, cfg, V)
+
+
+def _reinforce(K, params, tokens, mask, am, reward, ref_logp, cfg, V):
     dt = _dtype(params)
-    T_ = K.train
+    B, T = tokens.shape
+    Tr = K.train
 
     # forward: body and every head present; pass 1 at the actions
-    net = _Net(K, params, tokens, mask, dt, ("head", "value", "qvalue"))
+    net = _Net(K, params, tokens, mask, dt, _nthreads(), ("head", "value", "qvalue"))
     critic_q = cfg.critic == "qvalue"
     qoff = net.off["qvalue"][0] if "qvalue" in net.off else 0
     logp, ent, qb, mx, ssum, plq = _stats(K, net, am, V, cfg.alpha, cfg.eps, critic_q, qoff)
@@ -331,17 +503,17 @@ def reinforce_loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, 
 
     # KL-shaped rewards, returns, baseline, advantages, the losses and their upstream gradients
     kl, rewards, G, bl, adv, w, pred, d_logp, d_ent, d_pred = (np.empty((B, T)) for _ in range(10))
-    loss_pg, loss_ent, loss_value = T_.reinforce_chain(
+    loss_pg, loss_ent, loss_value = Tr.reinforce_chain(
         logp, ref_logp, am, reward, np.zeros((B, T)) if values is None else _c(values, np.float64), qb,
-        _c(pred_q, np.float64), critic_q, float(cfg.beta), T_.KL_CODES[cfg.kl], float(cfg.gamma),
-        T_.RETURN_CODES[cfg.returns], T_.BASELINE_CODES[cfg.baseline], T_.WHITEN_CODES[cfg.whiten],
-        bool(cfg.shift_mean), T_.AGG_CODES[cfg.aggregation], float(cfg.entropy_coef), float(cfg.value_coef), ent,
+        _c(pred_q, np.float64), critic_q, float(cfg.beta), Tr.KL_CODES[cfg.kl], float(cfg.gamma),
+        Tr.RETURN_CODES[cfg.returns], Tr.BASELINE_CODES[cfg.baseline], Tr.WHITEN_CODES[cfg.whiten],
+        bool(cfg.shift_mean), Tr.AGG_CODES[cfg.aggregation], float(cfg.entropy_coef), float(cfg.value_coef), ent,
         kl, rewards, G, bl, adv, w, pred, d_logp, d_ent, d_pred)
 
     # pass 3: ∂L/∂logits in place, then the backward pass
-    nt = _threads(T * B, net.logits.shape[1])
-    T_.policy_grads(net.logits, net.ids, am, V, float(cfg.alpha), float(cfg.eps), mx, ssum, logp, plq,
-                    d_logp, d_ent, d_pred, net.off[cfg.critic][0], critic_q, nt)
+    Tr.policy_grads(net.logits, net.ids, am, V, float(cfg.alpha), float(cfg.eps), mx, ssum, logp, plq,
+                    d_logp, d_ent, d_pred, net.off[cfg.critic][0], critic_q,
+                    _pass_threads(T * B * net.logits.shape[1], net.nt))
     grads = net.backward_all(params)
 
     out = {"action_mask": am, "logp": logp.astype(dt), "ref_logp": ref_logp.astype(dt),
@@ -368,23 +540,24 @@ def sft_loss_and_grad(params, tokens, mask):
     K = _require()
     dt = _dtype(params)
     V = params["head.weight"].shape[0]
-    net = _Net(K, params, tokens, mask, dt, ("head",))
-    logp, ent, qb, mx, ssum, plq = _stats(K, net, pm, V, 1.0, 0.0)
-    d_logp = np.empty_like(logp)
-    loss = K.train.sft_chain(logp, pm, d_logp)
-    zero = np.zeros_like(logp)
-    K.train.policy_grads(net.logits, net.ids, pm, V, 1.0, 0.0, mx, ssum, logp, plq, d_logp, zero, zero, -1,
-                         False, _threads(net.T * net.B, V))
-    grads = net.backward_all(params)
+    with _call():
+        net = _Net(K, params, tokens, mask, dt, _nthreads(), ("head",))
+        logp, ent, qb, mx, ssum, plq = _stats(K, net, pm, V, 1.0, 0.0)
+        d_logp = np.empty_like(logp)
+        loss = K.train.sft_chain(logp, pm, d_logp)
+        zero = np.zeros_like(logp)
+        K.train.policy_grads(net.logits, net.ids, pm, V, 1.0, 0.0, mx, ssum, logp, plq, d_logp, zero, zero, -1,
+                             False, _pass_threads(net.T * net.B * V, net.nt))
+        grads = net.backward_all(params)
     return {"logp": logp.astype(dt), "loss": loss, "n_real": n_real}, grads
 
 
 # ----------------------------------------------------------------------------- reward model
 
 def _reward_net(K, params, tokens, mask, dt):
-    body = _Body(K, params, tokens, mask, dt)
+    body = _Body(K, params, tokens, mask, dt, _nthreads())
     h_last = body.hs[body.T]                    # carried over padding: each row's state after its last token
-    r = h_last @ _c(params["reward.weight"], dt).T[:, 0] + _c(params["reward.bias"], dt)[0]
+    r = h_last @ _c(params["reward.weight"], dt)[0] + _c(params["reward.bias"], dt)[0]
     return body, h_last, r
 
 
@@ -396,7 +569,8 @@ def reward_forward(params, tokens, mask):
     dt = _dtype(params)
     if tokens.shape[0] == 0:
         return np.zeros(0, dt)
-    return _reward_net(K, params, tokens, mask, dt)[2]
+    with _call():
+        return _reward_net(K, params, tokens, mask, dt)[2]
 
 
 def bt_loss_and_grad(params, chosen, chosen_mask, rejected, rejected_mask, margin=None):
@@ -419,15 +593,16 @@ def bt_loss_and_grad(params, chosen, chosen_mask, rejected, rejected_mask, margi
 
     tokens = np.concatenate([pad(c_tok), pad(r_tok)], 0)
     mask = np.concatenate([pad(c_mask), pad(r_mask)], 0)
-    body, h_last, r = _reward_net(K, params, tokens, mask, dt)
-    r_c, r_r = r[:P], r[P:]
-    delta = r_c - r_r - m
-    loss = np.logaddexp(0.0, -delta).mean()
-    # ∂L/∂Δ = −σ(−Δ)/P, with σ(−Δ) = exp(−logaddexp(0, Δ)) for stability
-    d_delta = -np.exp(-np.logaddexp(0.0, delta)) / P
-    dr = np.concatenate([d_delta, -d_delta])
-    w_r = params["reward.weight"][0].astype(np.float64)
-    grads = body.backward(dh_final=(dr[:, None] * w_r[None, :]).astype(dt))
+    with _call():
+        body, h_last, r = _reward_net(K, params, tokens, mask, dt)
+        r_c, r_r = r[:P], r[P:]
+        delta = r_c - r_r - m
+        loss = np.logaddexp(0.0, -delta).mean()
+        # ∂L/∂Δ = −σ(−Δ)/P, with σ(−Δ) = exp(−logaddexp(0, Δ)) for stability
+        d_delta = -np.exp(-np.logaddexp(0.0, delta)) / P
+        dr = np.concatenate([d_delta, -d_delta])
+        w_r = params["reward.weight"][0].astype(np.float64)
+        grads = body.backward(dh_final=(dr[:, None] * w_r[None, :]).astype(dt))
     hl = h_last.astype(np.float64)
     grads["reward.weight"] = ((d_delta @ hl[:P]) + ((-d_delta) @ hl[P:]))[None, :].astype(dt)
     grads["reward.bias"] = np.array([d_delta.sum() + (-d_delta).sum()], dt)

@@ -5,9 +5,13 @@
 #
 # Why our own exp/tanh: libm's are scalar calls that GCC vectorises only under -ffast-math
 # (libmvec), and -ffast-math is forbidden (it flips FTZ/DAZ for the whole process and breaks the
-# ±inf that masking and log-softmax rely on). The functions below are branch-free C (a select,
-# no call), so GCC -O3 vectorises the loops that use them at the baseline ISA (SSE2: 2 doubles or
-# 4 floats per instruction) with no special flags.
+# ±inf that masking and log-softmax rely on). The functions below are branch-free C (bit-mask
+# selects, no call), so GCC -O3 vectorises the float32 loops that use them at the baseline ISA
+# (SSE2: 4 floats per instruction; checked with -fopt-info-vec). The float64 loops vectorise from
+# AVX2 on (RLHF_REF_NATIVE=1); at the SSE2 baseline they stay scalar (SSE2 has no vector
+# conversion from a double comparison to a 64-bit mask), which is only the float64 path's speed.
+# Loop indices are Py_ssize_t: Python's CFLAGS carry -fwrapv, under which GCC cannot vectorise
+# loops whose addresses are computed with (wrapping) int arithmetic.
 #
 #   exp(x):  x = n·ln2 + r, |r| ≤ ln2/2 (Cody–Waite: ln2 in a high part with trailing zero bits,
 #            so n·ln2_hi is exact, and a low part), exp(r) by its Taylor polynomial (degree 13 in
@@ -25,29 +29,54 @@
 # about 1 ulp for exp and tanh, 2 ulp for sigmoid, float32 and float64.
 
 from cython cimport floating
+from cython.parallel cimport prange
 from libc.math cimport log, log1p, exp as libm_exp, INFINITY
 from scipy.linalg.cython_blas cimport sgemm, dgemm, sgemv, dgemv
 
 cdef extern from *:
     """
+    #include <stddef.h>
     #include <stdint.h>
     #include <string.h>
+    #include <math.h>
+
+    /* RR_CLONES: compile a row kernel for AVX-512, AVX2 and the baseline, the best picked when the
+       module loads (an ifunc; GCC >= 8 or Clang >= 14 on x86-64 glibc Linux; elsewhere one
+       baseline build). Define RLHF_REF_NO_CLONES to turn it off. */
+    #if defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__) && !defined(RLHF_REF_NO_CLONES) && \
+        ((defined(__clang__) && __clang_major__ >= 14) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 8))
+    #define RR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+    #define RR_HAVE_CLONES 1
+    #else
+    #define RR_CLONES
+    #define RR_HAVE_CLONES 0
+    #endif
     static inline uint64_t rr_bits64(double x) { uint64_t u; memcpy(&u, &x, 8); return u; }
     static inline double rr_from64(uint64_t u) { double x; memcpy(&x, &u, 8); return x; }
     static inline uint32_t rr_bits32(float x) { uint32_t u; memcpy(&u, &x, 4); return u; }
     static inline float rr_from32(uint32_t u) { float x; memcpy(&x, &u, 4); return x; }
+
+    /* c ? a : b with a bit mask instead of a branch. With -ftrapping-math (GCC's default, kept:
+       no fast-math) GCC may neither speculate nor vectorise arithmetic that it has sunk into one
+       arm of a ?:, so the selects are written so that both values are always computed. */
+    static inline double rr_sel64(int c, double a, double b) {
+        uint64_t m = (uint64_t)0 - (uint64_t)(c != 0);
+        return rr_from64((rr_bits64(a) & m) | (rr_bits64(b) & ~m));
+    }
+    static inline float rr_sel32(int c, float a, float b) {
+        uint32_t m = (uint32_t)0 - (uint32_t)(c != 0);
+        return rr_from32((rr_bits32(a) & m) | (rr_bits32(b) & ~m));
+    }
 
     static inline double rr_exp(double x) {
         const double SHIFT = 6755399441055744.0;                 /* 1.5 * 2^52 */
         const double LOG2E = 1.4426950408889634;
         const double LN2HI = 6.93147180369123816490e-01;         /* 0x3fe62e42fee00000 */
         const double LN2LO = 1.90821492927058770002e-10;
-        double t, nd, r, p, t1, n1d, t2;
-        uint64_t bs = rr_bits64(SHIFT);
-        x = x < -746.0 ? -746.0 : x;                             /* keeps NaN */
-        x = x > 710.0 ? 710.0 : x;
+        double t, nd, r, p, t1, n1d, t2, y;
+        const uint64_t bs = 0x4338000000000000ull;               /* the bits of SHIFT */
         t = x * LOG2E + SHIFT;
-        nd = t - SHIFT;                                          /* rint(x / ln2) */
+        nd = t - SHIFT;                                          /* n = rint(x / ln2) */
         r = (x - nd * LN2HI) - nd * LN2LO;
         p = 1.0 / 6227020800.0;                                  /* 1/13! */
         p = p * r + 1.0 / 479001600.0;
@@ -66,8 +95,11 @@ cdef extern from *:
         t1 = nd * 0.5 + SHIFT;                                   /* n1 = rint(n/2), n2 = n - n1 */
         n1d = t1 - SHIFT;
         t2 = (nd - n1d) + SHIFT;
-        return p * rr_from64((rr_bits64(t1) - bs + 1023u) << 52)
-                 * rr_from64((rr_bits64(t2) - bs + 1023u) << 52);
+        y = p * rr_from64((rr_bits64(t1) - bs + 1023u) << 52)
+              * rr_from64((rr_bits64(t2) - bs + 1023u) << 52);
+        y = rr_sel64(x < -746.0, 0.0, y);                        /* -inf and underflow: 0 */
+        y = rr_sel64(x > 710.0, (double)INFINITY, y);            /* +inf and overflow: inf; NaN stays */
+        return y;
     }
 
     static inline float rr_expf(float x) {
@@ -75,10 +107,8 @@ cdef extern from *:
         const float LOG2E = 1.44269504088896341f;
         const float LN2HI = 0.693145751953125f;                  /* 0x3f317200 */
         const float LN2LO = 1.428606765330187045e-06f;
-        float t, nd, r, p, t1, n1d, t2;
-        uint32_t bs = rr_bits32(SHIFT);
-        x = x < -104.0f ? -104.0f : x;
-        x = x > 89.0f ? 89.0f : x;
+        float t, nd, r, p, t1, n1d, t2, y;
+        const uint32_t bs = 0x4b400000u;                         /* the bits of SHIFT */
         t = x * LOG2E + SHIFT;
         nd = t - SHIFT;
         r = (x - nd * LN2HI) - nd * LN2LO;
@@ -93,34 +123,103 @@ cdef extern from *:
         t1 = nd * 0.5f + SHIFT;
         n1d = t1 - SHIFT;
         t2 = (nd - n1d) + SHIFT;
-        return p * rr_from32((rr_bits32(t1) - bs + 127u) << 23)
-                 * rr_from32((rr_bits32(t2) - bs + 127u) << 23);
+        y = p * rr_from32((rr_bits32(t1) - bs + 127u) << 23)
+              * rr_from32((rr_bits32(t2) - bs + 127u) << 23);
+        y = rr_sel32(x < -104.0f, 0.0f, y);
+        y = rr_sel32(x > 89.0f, INFINITY, y);
+        return y;
     }
 
     static inline double rr_tanh(double x) {
-        double ax = x < 0 ? -x : x;
+        double ax = rr_from64(rr_bits64(x) & 0x7fffffffffffffffull);
         double z = x * x;
         double small = x + x * z * (((-9.64399179425052238628e-1 * z - 9.92877231001918586564e1) * z
                                      - 1.61468768441708447952e3)
                                     / (((z + 1.12811678491632931402e2) * z + 2.23548839060100448583e3) * z
                                        + 4.84406305325125486048e3));
         double big = 1.0 - 2.0 / (rr_exp(ax + ax) + 1.0);
-        big = x < 0 ? -big : big;
-        return ax < 0.625 ? small : big;
+        big = rr_from64(rr_bits64(big) | (rr_bits64(x) & 0x8000000000000000ull));     /* copysign */
+        return rr_sel64(ax < 0.625, small, big);
     }
 
     static inline float rr_tanhf(float x) {
-        float ax = x < 0 ? -x : x;
+        float ax = rr_from32(rr_bits32(x) & 0x7fffffffu);
         float z = x * x;
         float small = ((((-5.70498872745e-3f * z + 2.06390887954e-2f) * z - 5.37397155531e-2f) * z
                         + 1.33314422036e-1f) * z - 3.33332819422e-1f) * z * x + x;
         float big = 1.0f - 2.0f / (rr_expf(ax + ax) + 1.0f);
-        big = x < 0 ? -big : big;
-        return ax < 0.625f ? small : big;
+        big = rr_from32(rr_bits32(big) | (rr_bits32(x) & 0x80000000u));
+        return rr_sel32(ax < 0.625f, small, big);
     }
 
     static inline double rr_sigmoid(double x) { return 1.0 / (1.0 + rr_exp(-x)); }
     static inline float rr_sigmoidf(float x) { return 1.0f / (1.0f + rr_expf(-x)); }
+
+    /* Small-M matrix product C (M x N) = [C +] A (M x K) @ Bt (K x N), all row-major: the
+       per-step products of the recurrences (M = the rows of a block, N = 4H or H). OpenBLAS packs
+       the whole Bt (the weights) on every call, which for M = 8..16 costs more than the product
+       (47-64 GFLOP/s measured, against ~190 here on one AVX-512 core). Blocks of MB rows x NB
+       columns are accumulated in registers over k, in order; every entry of C is the same
+       sequence of multiply-adds whichever path (block or remainder) computes it, so the result
+       does not depend on M or on how the rows are split. */
+    #define RR_SMM(NAME, T, NB)                                                                 \\
+    RR_CLONES static void NAME(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const T* restrict A,        \\
+                               ptrdiff_t lda, const T* restrict Bt, ptrdiff_t ldb, int accumulate, \\
+                               T* restrict C, ptrdiff_t ldc) {                                  \\
+        enum { MB = 4 };                                                                        \\
+        ptrdiff_t n0, m0, k, nb, n;                                                             \\
+        int m;                                                                                  \\
+        for (n0 = 0; n0 < N; n0 += NB) {                                                        \\
+            nb = N - n0 < NB ? N - n0 : NB;                                                     \\
+            m0 = 0;                                                                             \\
+            if (nb == NB) {                                                                     \\
+                for (; m0 + MB <= M; m0 += MB) {                                                \\
+                    T acc[MB][NB];                                                              \\
+                    for (m = 0; m < MB; m++)                                                    \\
+                        for (n = 0; n < NB; n++)                                                \\
+                            acc[m][n] = accumulate ? C[(m0 + m) * ldc + n0 + n] : (T)0;         \\
+                    for (k = 0; k < K; k++) {                                                   \\
+                        const T* b = Bt + k * ldb + n0;                                         \\
+                        for (m = 0; m < MB; m++) {                                              \\
+                            T a = A[(m0 + m) * lda + k];                                        \\
+                            for (n = 0; n < NB; n++) acc[m][n] += a * b[n];                     \\
+                        }                                                                       \\
+                    }                                                                           \\
+                    for (m = 0; m < MB; m++)                                                    \\
+                        for (n = 0; n < NB; n++) C[(m0 + m) * ldc + n0 + n] = acc[m][n];        \\
+                }                                                                               \\
+            }                                                                                   \\
+            for (; m0 < M; m0++) {                                                              \\
+                T acc[NB];                                                                      \\
+                T* c = C + m0 * ldc + n0;                                                       \\
+                for (n = 0; n < nb; n++) acc[n] = accumulate ? c[n] : (T)0;                     \\
+                for (k = 0; k < K; k++) {                                                       \\
+                    T a = A[m0 * lda + k];                                                      \\
+                    const T* b = Bt + k * ldb + n0;                                             \\
+                    for (n = 0; n < nb; n++) acc[n] += a * b[n];                                \\
+                }                                                                               \\
+                for (n = 0; n < nb; n++) c[n] = acc[n];                                         \\
+            }                                                                                   \\
+        }                                                                                       \\
+    }
+    RR_SMM(rr_smm_f32, float, 64)
+    RR_SMM(rr_smm_f64, double, 32)
+
+    /* B (C x R) = A (R x C)^T, row-major, by 16 x 16 tiles (both sides stay in L1). */
+    #define RR_TRANSPOSE(NAME, T)                                                               \\
+    static void NAME(const T* restrict A, ptrdiff_t R, ptrdiff_t C, T* restrict B) {            \\
+        ptrdiff_t i0, j0, i, j, i1, j1;                                                         \\
+        for (i0 = 0; i0 < R; i0 += 16) {                                                        \\
+            i1 = i0 + 16 < R ? i0 + 16 : R;                                                     \\
+            for (j0 = 0; j0 < C; j0 += 16) {                                                    \\
+                j1 = j0 + 16 < C ? j0 + 16 : C;                                                 \\
+                for (j = j0; j < j1; j++)                                                       \\
+                    for (i = i0; i < i1; i++) B[j * R + i] = A[i * C + j];                      \\
+            }                                                                                   \\
+        }                                                                                       \\
+    }
+    RR_TRANSPOSE(rr_transpose_f32, float)
+    RR_TRANSPOSE(rr_transpose_f64, double)
 
     /* Whether this module was compiled with OpenMP, and its thread count. */
     #ifdef _OPENMP
@@ -140,6 +239,13 @@ cdef extern from *:
     float rr_sigmoidf(float x) noexcept nogil
     int rr_openmp() noexcept nogil
     int rr_max_threads() noexcept nogil
+    int RR_HAVE_CLONES
+    void rr_transpose_f32(const float* A, Py_ssize_t R, Py_ssize_t C, float* B) noexcept nogil
+    void rr_transpose_f64(const double* A, Py_ssize_t R, Py_ssize_t C, double* B) noexcept nogil
+    void rr_smm_f32(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const float* A, Py_ssize_t lda, const float* Bt,
+                    Py_ssize_t ldb, int accumulate, float* C, Py_ssize_t ldc) noexcept nogil
+    void rr_smm_f64(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const double* A, Py_ssize_t lda, const double* Bt,
+                    Py_ssize_t ldb, int accumulate, double* C, Py_ssize_t ldc) noexcept nogil
 
 
 cdef inline floating vexp(floating x) noexcept nogil:
@@ -184,7 +290,37 @@ cdef inline double log1m(double eps) noexcept nogil:
     return log1p(-eps)
 
 
+cdef inline void transpose(const floating* A, Py_ssize_t R, Py_ssize_t C, floating* B) noexcept nogil:
+    """B (C×R) = Aᵀ for A (R×C), row-major."""
+    if floating is float:
+        rr_transpose_f32(A, R, C, B)
+    else:
+        rr_transpose_f64(A, R, C, B)
+
+
+cdef inline bint use_smm(Py_ssize_t rows) noexcept nogil:
+    """Whether a per-step product over ``rows`` rows goes to smm (else to BLAS: gemv for one row,
+    whose speed smm does not beat, and the packed GEMM from SMM_MAX_ROWS rows on)."""
+    return SMM_MIN_ROWS <= rows <= SMM_MAX_ROWS
+
+
+cdef inline void smm(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const floating* A, Py_ssize_t lda,
+                     const floating* Bt, Py_ssize_t ldb, bint accumulate, floating* C, Py_ssize_t ldc) noexcept nogil:
+    """C (M×N) = [C +] A (M×K) Bt (K×N), row-major, single-threaded: for a few rows (M ≤ SMM_MAX_ROWS)."""
+    if floating is float:
+        rr_smm_f32(M, N, K, A, lda, Bt, ldb, accumulate, C, ldc)
+    else:
+        rr_smm_f64(M, N, K, A, lda, Bt, ldb, accumulate, C, ldc)
+
+
 # ------------------------------------------------------------------------------------- BLAS
+# Below these sizes a product or a column sum runs on one thread (OpenMP's fork/join costs a few µs).
+cdef enum:
+    PAR_MIN_MNK = 1 << 21
+    PAR_MIN_ENTRIES = 1 << 16
+    SMM_MIN_ROWS = 4        # per-step products of SMM_MIN_ROWS..SMM_MAX_ROWS rows use smm, not BLAS
+    SMM_MAX_ROWS = 64
+
 # Row-major products on top of the column-major BLAS: C (M×N) = α·op(A)·op(B) + β·C with
 # op(X) = X or Xᵀ ('N' / 'T'), A, B, C row-major with leading dimensions lda, ldb, ldc. A
 # row-major matrix is its column-major transpose, so this is the column-major call
@@ -240,3 +376,65 @@ cdef inline void gemm(char ta, char tb, int M, int N, int K, floating alpha,
         sgemm(&tb, &ta, &N, &M, &K, &alpha, <floating*>B, &ldb, <floating*>A, &lda, &beta, C, &ldc)
     else:
         dgemm(&tb, &ta, &N, &M, &K, &alpha, <floating*>B, &ldb, <floating*>A, &lda, &beta, C, &ldc)
+
+
+cdef inline void pgemm(char ta, char tb, int M, int N, int K, floating alpha,
+                       const floating* A, int lda, const floating* B, int ldb,
+                       floating beta, floating* C, int ldc, int nthreads) noexcept nogil:
+    """``gemm`` split over ``nthreads`` OpenMP threads by blocks of C's rows or columns (the
+    longer side), each block one single-threaded BLAS call; one call below PAR_MIN_MNK. Every
+    entry of C is computed by one call, in one order: the result does not depend on how the
+    blocks are run, only (through BLAS's kernel choice) on the block sizes, i.e. the thread count."""
+    cdef int p, n0, n1, per
+    if nthreads <= 1 or <double>M * <double>N * <double>K < PAR_MIN_MNK:
+        gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)
+        return
+    if N >= M:
+        per = ((N + nthreads - 1) // nthreads + 15) // 16 * 16
+        for p in prange(nthreads, num_threads=nthreads, schedule="static"):
+            n0 = p * per
+            n1 = n0 + per
+            if n1 > N:
+                n1 = N
+            if n0 < n1:
+                gemm(ta, tb, M, n1 - n0, K, alpha, A, lda, B + (n0 if tb == c'N' else n0 * ldb), ldb,
+                     beta, C + n0, ldc)
+    else:
+        per = ((M + nthreads - 1) // nthreads + 3) // 4 * 4
+        for p in prange(nthreads, num_threads=nthreads, schedule="static"):
+            n0 = p * per
+            n1 = n0 + per
+            if n1 > M:
+                n1 = M
+            if n0 < n1:
+                gemm(ta, tb, n1 - n0, N, K, alpha, A + (n0 * lda if ta == c'N' else n0), lda, B, ldb,
+                     beta, C + n0 * ldc, ldc)
+
+
+cdef inline void _colsum(const floating* X, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t k0, Py_ssize_t k1,
+                         Py_ssize_t ld, floating* out) noexcept nogil:
+    cdef Py_ssize_t r, k
+    cdef const floating* row
+    for k in range(k0, k1):
+        out[k] = 0
+    for r in range(r0, r1):
+        row = X + r * ld
+        for k in range(k0, k1):
+            out[k] = out[k] + row[k]
+
+
+cdef inline void colsum(const floating* X, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t ld,
+                        floating* out, int nthreads) noexcept nogil:
+    """out[k] = Σ_r X[r, k] in row order (a fixed order); columns split over threads."""
+    cdef Py_ssize_t r, k, p, k0, k1, per
+    if nthreads <= 1 or rows * cols < PAR_MIN_ENTRIES:
+        _colsum(X, 0, rows, 0, cols, ld, out)
+        return
+    per = ((cols + nthreads - 1) // nthreads + 15) // 16 * 16
+    for p in prange(nthreads, num_threads=nthreads, schedule="static"):
+        k0 = p * per
+        k1 = k0 + per
+        if k1 > cols:
+            k1 = cols
+        if k0 < k1:
+            _colsum(X, 0, rows, k0, k1, ld, out)

@@ -11,28 +11,22 @@ so that h becomes h_{t−1}, the state token t is chosen in), exactly in the ref
    with u[b, t] (``_policy_cy.sample_row``), the log-probability of the drawn token under the
    frozen reference policy when given (which runs beside with its own state), and EOS.
 
-Rows that have ended are not stepped (the reference steps them and discards the result); rows
-are independent within a step, so with ``nthreads > 1`` steps 1 and 3 are split over OpenMP
-threads with no change to any bit.
+Rows that have ended are not stepped (the reference steps them and discards the result). Rows
+are independent through the whole loop, so with ``nchunks > 1`` the batch is cut into blocks of
+rows and each OpenMP thread runs its block through all T steps with its own BLAS calls: no
+synchronisation per step (BLAS must run single-threaded meanwhile; the backend sets that).
 """
 
 from cython cimport floating
-from cython.parallel cimport prange, threadid
+from cython.parallel cimport prange
 from libc.stdint cimport int64_t, uint8_t
 from libc.string cimport memcpy, memset
 
-from ._common_cy cimport gemm
+from ._common_cy cimport gemm, smm, use_smm
 from ._lstm_cy cimport cell
 from ._policy_cy cimport sample_row, logprob_row
 
 KIND_CODES = {"boltzmann": 0, "eps_greedy": 1, "greedy": 2}
-
-
-cdef inline void _cell_row(const floating* P, floating* a, floating* h, floating* c, const int64_t* tokens,
-                           const uint8_t* done, Py_ssize_t b, Py_ssize_t t, Py_ssize_t T, Py_ssize_t H) noexcept nogil:
-    if done[b]:
-        return
-    cell(a + b * 4 * H, c + b * H, c + b * H, h + b * H, H)
 
 
 cdef inline void _policy_row(const floating* z, Py_ssize_t Kc, bint has_value, const floating* zr, Py_ssize_t Kr,
@@ -60,81 +54,100 @@ cdef inline void _policy_row(const floating* z, Py_ssize_t Kc, bint has_value, c
         done[b] = 1
 
 
-cdef void _step_body(const floating* P, const floating* W_hh, const floating* Wc, const floating* bc,
-                     floating* h, floating* c, floating* a, floating* z, const int64_t* tokens,
-                     const uint8_t* done, Py_ssize_t B, Py_ssize_t T, Py_ssize_t t, Py_ssize_t H,
-                     Py_ssize_t Kc, int nthreads) noexcept nogil:
-    """h, c ← one LSTM step on token t−1 for every live row; z = h W_cᵀ + b_c."""
+cdef void _step_body(const floating* P, const floating* W_hh, const floating* WT, const floating* Wc,
+                     const floating* WcT, const floating* bc,
+                     floating* h, floating* c, floating* cn, floating* a, floating* z, const int64_t* tokens,
+                     const uint8_t* done, Py_ssize_t T, Py_ssize_t t, Py_ssize_t H,
+                     Py_ssize_t Kc, Py_ssize_t b0, Py_ssize_t b1) noexcept nogil:
+    """Rows [b0, b1): h, c ← one LSTM step on token t−1 for every live row; z = h W_cᵀ + b_c."""
     cdef Py_ssize_t G = 4 * H, b, k
-    for b in range(B):
+    for b in range(b0, b1):
         if not done[b]:
             memcpy(a + b * G, P + tokens[b * T + t - 1] * G, G * sizeof(floating))
-    if t > 1:
-        gemm(c'N', c'T', <int>B, <int>G, <int>H, <floating>1, h, <int>H, W_hh, <int>H, <floating>1, a, <int>G)
-    if nthreads > 1 and B > 1:
-        for b in prange(B, num_threads=nthreads, schedule="static"):
-            _cell_row(P, a, h, c, tokens, done, b, t, T, H)
-    else:
-        for b in range(B):
-            _cell_row(P, a, h, c, tokens, done, b, t, T, H)
-    for b in range(B):
+    if t > 1 and use_smm(b1 - b0):
+        smm(b1 - b0, G, H, h + b0 * H, H, WT, G, True, a + b0 * G, G)
+    elif t > 1:
+        gemm(c'N', c'T', <int>(b1 - b0), <int>G, <int>H, <floating>1, h + b0 * H, <int>H, W_hh, <int>H,
+             <floating>1, a + b0 * G, <int>G)
+    for b in range(b0, b1):
+        if not done[b]:
+            cell(a + b * G, c + b * H, cn + b * H, h + b * H, H)
+            memcpy(c + b * H, cn + b * H, H * sizeof(floating))
+    for b in range(b0, b1):
         for k in range(Kc):
             z[b * Kc + k] = bc[k]
-    gemm(c'N', c'T', <int>B, <int>Kc, <int>H, <floating>1, h, <int>H, Wc, <int>H, <floating>1, z, <int>Kc)
+    if use_smm(b1 - b0):
+        smm(b1 - b0, Kc, H, h + b0 * H, H, WcT, Kc, True, z + b0 * Kc, Kc)
+    else:
+        gemm(c'N', c'T', <int>(b1 - b0), <int>Kc, <int>H, <floating>1, h + b0 * H, <int>H, Wc, <int>H,
+             <floating>1, z + b0 * Kc, <int>Kc)
 
 
-cdef void _rollout(const floating* P, const floating* W_hh, const floating* Wc, const floating* bc, bint has_value,
-                   const floating* Pr, const floating* W_hhr, const floating* Wcr, const floating* bcr, bint has_ref,
-                   int64_t* tokens, const int64_t* prompt_len, const double* u, Py_ssize_t V, double alpha,
-                   double eps, int kind, int64_t eos_id, double* mask, double* am, double* logp,
-                   double* ref_logp, double* vals, floating* h, floating* c, floating* a, floating* z,
-                   floating* hr, floating* cr, floating* ar, floating* zr, floating* work, uint8_t* done,
-                   Py_ssize_t B, Py_ssize_t T, Py_ssize_t H, Py_ssize_t Kc, Py_ssize_t Hr, Py_ssize_t Kr,
-                   int nthreads) noexcept nogil:
+cdef void _rollout_rows(const floating* P, const floating* W_hh, const floating* WT, const floating* Wc,
+                        const floating* WcT, const floating* bc, bint has_value, const floating* Pr,
+                        const floating* W_hhr, const floating* WTr, const floating* Wcr, const floating* WcTr,
+                        const floating* bcr, bint has_ref, int64_t* tokens, const int64_t* prompt_len,
+                        const double* u, Py_ssize_t V, double alpha, double eps, int kind, int64_t eos_id,
+                        double* mask, double* am, double* logp, double* ref_logp, double* vals,
+                        floating* h, floating* c, floating* cn, floating* a, floating* z, floating* hr,
+                        floating* cr, floating* cnr, floating* ar, floating* zr, floating* e, uint8_t* done,
+                        Py_ssize_t T,
+                        Py_ssize_t H, Py_ssize_t Kc, Py_ssize_t Hr, Py_ssize_t Kr,
+                        Py_ssize_t b0, Py_ssize_t b1) noexcept nogil:
+    """Rows [b0, b1) through the whole sampling loop."""
     cdef Py_ssize_t b, t
-    memset(h, 0, B * H * sizeof(floating))
-    memset(c, 0, B * H * sizeof(floating))
+    memset(h + b0 * H, 0, (b1 - b0) * H * sizeof(floating))
+    memset(c + b0 * H, 0, (b1 - b0) * H * sizeof(floating))
     if has_ref:
-        memset(hr, 0, B * Hr * sizeof(floating))
-        memset(cr, 0, B * Hr * sizeof(floating))
-    memset(done, 0, B)
-    for b in range(B):
+        memset(hr + b0 * Hr, 0, (b1 - b0) * Hr * sizeof(floating))
+        memset(cr + b0 * Hr, 0, (b1 - b0) * Hr * sizeof(floating))
+    for b in range(b0, b1):
+        done[b] = 0
         mask[b * T] = 1
     for t in range(1, T):
-        _step_body(P, W_hh, Wc, bc, h, c, a, z, tokens, done, B, T, t, H, Kc, nthreads)
+        _step_body(P, W_hh, WT, Wc, WcT, bc, h, c, cn, a, z, tokens, done, T, t, H, Kc, b0, b1)
         if has_ref:
-            _step_body(Pr, W_hhr, Wcr, bcr, hr, cr, ar, zr, tokens, done, B, T, t, Hr, Kr, nthreads)
-        if nthreads > 1 and B > 1:
-            for b in prange(B, num_threads=nthreads, schedule="static"):
-                _policy_row(z, Kc, has_value, zr, Kr, has_ref, tokens, prompt_len, u, V, alpha, eps, kind,
-                            eos_id, mask, am, logp, ref_logp, vals, done, work + threadid() * V, b, t, T)
-        else:
-            for b in range(B):
-                _policy_row(z, Kc, has_value, zr, Kr, has_ref, tokens, prompt_len, u, V, alpha, eps, kind,
-                            eos_id, mask, am, logp, ref_logp, vals, done, work, b, t, T)
+            _step_body(Pr, W_hhr, WTr, Wcr, WcTr, bcr, hr, cr, cnr, ar, zr, tokens, done, T, t, Hr, Kr, b0, b1)
+        for b in range(b0, b1):
+            _policy_row(z, Kc, has_value, zr, Kr, has_ref, tokens, prompt_len, u, V, alpha, eps, kind,
+                        eos_id, mask, am, logp, ref_logp, vals, done, e, b, t, T)
 
 
-def rollout(const floating[:, ::1] P, const floating[:, ::1] W_hh, const floating[:, ::1] Wc,
-            const floating[::1] bc, bint has_value,
-            const floating[:, ::1] Pr, const floating[:, ::1] W_hhr, const floating[:, ::1] Wcr,
-            const floating[::1] bcr, bint has_ref,
+def rollout(const floating[:, ::1] P, const floating[:, ::1] W_hh, const floating[:, ::1] WT,
+            const floating[:, ::1] Wc, const floating[:, ::1] WcT, const floating[::1] bc, bint has_value,
+            const floating[:, ::1] Pr, const floating[:, ::1] W_hhr, const floating[:, ::1] WTr,
+            const floating[:, ::1] Wcr, const floating[:, ::1] WcTr, const floating[::1] bcr, bint has_ref,
             int64_t[:, ::1] tokens, const int64_t[::1] prompt_len, const double[:, ::1] u,
             Py_ssize_t V, double alpha, double eps, int kind, int64_t eos_id,
             double[:, ::1] mask, double[:, ::1] am, double[:, ::1] logp, double[:, ::1] ref_logp,
-            double[:, ::1] vals, floating[:, ::1] h, floating[:, ::1] c, floating[:, ::1] a,
-            floating[:, ::1] z, floating[:, ::1] hr, floating[:, ::1] cr, floating[:, ::1] ar,
-            floating[:, ::1] zr, floating[:, ::1] work, uint8_t[::1] done, int nthreads=1):
+            double[:, ::1] vals, floating[:, ::1] h, floating[:, ::1] c, floating[:, ::1] cn, floating[:, ::1] a,
+            floating[:, ::1] z, floating[:, ::1] hr, floating[:, ::1] cr, floating[:, ::1] cnr, floating[:, ::1] ar,
+            floating[:, ::1] zr, floating[:, ::1] work, uint8_t[::1] done, int nchunks=1):
     """Sample every row. tokens (B, T) holds the prompts (PAD after) on entry, the batch on exit.
 
-    P (V, 4H) input table, W_hh (4H, H), Wc (K, H), bc (K,): the stacked head [head; value] —
-    and the same for the reference policy (Pr, W_hhr, Wcr, bcr) when has_ref. Outputs (B, T)
-    float64, zero on entry: mask, am (action mask), logp, ref_logp, vals. Work: h, c (B, H),
-    a (B, 4H), z (B, K); hr, cr, ar, zr likewise; work (n, V) with n ≥ nthreads; done (B,).
+    P (V, 4H) input table, W_hh (4H, H) and WT = W_hhᵀ, Wc (K, H) and WcT = Wcᵀ, bc (K,): the
+    stacked head [head; value] (WT, WcT are read only when blocks go to smm: see use_smm) — and the same for the reference policy (Pr, W_hhr, WTr, Wcr, WcTr,
+    bcr) when has_ref. Outputs (B, T)
+    float64, zero on entry: mask, am (action mask), logp, ref_logp, vals. Work: h, c, cn (B, H),
+    a (B, 4H), z (B, K); hr, cr, cnr, ar, zr likewise; work (n, V) with n ≥ nchunks; done (B,).
+    nchunks (≤ B): blocks of rows, each run through the whole loop on its own OpenMP thread.
     """
-    cdef Py_ssize_t B = tokens.shape[0], T = tokens.shape[1]
+    cdef Py_ssize_t B = tokens.shape[0], T = tokens.shape[1], H = W_hh.shape[1], Kc = Wc.shape[0]
+    cdef Py_ssize_t Hr = W_hhr.shape[1], Kr = Wcr.shape[0], ch, b0, b1
+    cdef floating* w = &work[0, 0]
     with nogil:
-        _rollout(&P[0, 0], &W_hh[0, 0], &Wc[0, 0], &bc[0], has_value, &Pr[0, 0], &W_hhr[0, 0], &Wcr[0, 0],
-                 &bcr[0], has_ref, &tokens[0, 0], &prompt_len[0], &u[0, 0], V, alpha, eps, kind, eos_id,
-                 &mask[0, 0], &am[0, 0], &logp[0, 0], &ref_logp[0, 0], &vals[0, 0], &h[0, 0], &c[0, 0],
-                 &a[0, 0], &z[0, 0], &hr[0, 0], &cr[0, 0], &ar[0, 0], &zr[0, 0], &work[0, 0], &done[0],
-                 B, T, W_hh.shape[1], Wc.shape[0], W_hhr.shape[1], Wcr.shape[0], nthreads)
+        if nchunks > 1:
+            for ch in prange(nchunks, num_threads=nchunks, schedule="static"):
+                b0 = (B * ch) // nchunks
+                b1 = (B * (ch + 1)) // nchunks
+                _rollout_rows(&P[0, 0], &W_hh[0, 0], &WT[0, 0], &Wc[0, 0], &WcT[0, 0], &bc[0], has_value,
+                              &Pr[0, 0], &W_hhr[0, 0], &WTr[0, 0], &Wcr[0, 0], &WcTr[0, 0], &bcr[0], has_ref, &tokens[0, 0], &prompt_len[0], &u[0, 0], V, alpha,
+                              eps, kind, eos_id, &mask[0, 0], &am[0, 0], &logp[0, 0], &ref_logp[0, 0],
+                              &vals[0, 0], &h[0, 0], &c[0, 0], &cn[0, 0], &a[0, 0], &z[0, 0], &hr[0, 0], &cr[0, 0], &cnr[0, 0],
+                              &ar[0, 0], &zr[0, 0], w + ch * V, &done[0], T, H, Kc, Hr, Kr, b0, b1)
+        else:
+            _rollout_rows(&P[0, 0], &W_hh[0, 0], &WT[0, 0], &Wc[0, 0], &WcT[0, 0], &bc[0], has_value,
+                          &Pr[0, 0], &W_hhr[0, 0], &WTr[0, 0], &Wcr[0, 0], &WcTr[0, 0], &bcr[0], has_ref, &tokens[0, 0], &prompt_len[0], &u[0, 0], V, alpha,
+                          eps, kind, eos_id, &mask[0, 0], &am[0, 0], &logp[0, 0], &ref_logp[0, 0],
+                          &vals[0, 0], &h[0, 0], &c[0, 0], &cn[0, 0], &a[0, 0], &z[0, 0], &hr[0, 0], &cr[0, 0], &cnr[0, 0],
+                          &ar[0, 0], &zr[0, 0], w, &done[0], T, H, Kc, Hr, Kr, 0, B)
