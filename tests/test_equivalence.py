@@ -104,6 +104,8 @@ def _discover():
 
 
 BACKENDS = _discover()
+
+
 def _marks(name, be, why):
     # the cuda backend's cases carry the cuda marker, so CI's simulator run (-m cuda under
     # NUMBA_ENABLE_CUDASIM=1) puts the CUDA kernels through this same suite
