@@ -16,8 +16,6 @@ Per-position (B, T) arrays are float64 (they are O(B·T)); the logits are in the
 
 from __future__ import annotations
 
-import numpy as np
-
 from ._nb_common import kernel
 from ._policy_nb import grad_row, logprob_stats_row
 from ._returns_nb import aggregation_weights, baseline, discounted_returns, kl_per_token, shaped_rewards, whiten
