@@ -44,7 +44,8 @@ def _reexec(args, extra_env, unset=()):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
-    p.add_argument("--threads", type=int, default=None, help="threads for every library (default: all cores)")
+    p.add_argument("--threads", default=None,
+                   help="threads for every library, or a comma list for one run each, e.g. 1,2 (default: all cores)")
     p.add_argument("--openblas", choices=("asis", "unset", "both"), default="asis",
                    help="OPENBLAS_CORETYPE as set here, unset for this run, or both runs")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds per implementation (median reported)")
@@ -61,24 +62,26 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
 
     if os.environ.get("RLHF_BENCH_CHILD") != "1":
-        threads = args.threads or os.cpu_count()
-        tenv = {k: str(threads) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-                                          "NUMBA_NUM_THREADS")}
-        if args.openblas == "both":
-            runs = []
-            for mode in ("asis", "unset"):
-                js = f"{args.json or 'benchmarks/results'}.{mode}.json"
-                a = _strip(argv, ("--openblas", "--json", "--out")) + ["--openblas", mode, "--json", js, "--out", os.devnull]
+        threads = [int(t) for t in str(args.threads or os.cpu_count()).split(",")]
+        modes = ("asis", "unset") if args.openblas == "both" else (args.openblas,)
+        runs = []
+        base = args.json or os.path.join("benchmarks", "results")
+        for n in threads:
+            tenv = {k: str(n) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                                        "NUMBA_NUM_THREADS")}
+            for mode in modes:
+                js = f"{base}.{n}t.{mode}.json"
+                a = _strip(argv, ("--openblas", "--json", "--out", "--threads")) + [
+                    "--openblas", mode, "--json", js, "--out", os.devnull, "--threads", str(n)]
                 rc = _reexec(a, tenv, unset=("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if mode == "unset" else ())
                 if rc:
                     return rc
-                runs.append(json.load(open(js)))
-            if not args.smoke:
-                from .report import write_report
-                write_report(runs, args.out or os.path.join("benchmarks", "RESULTS.md"), " ".join(["python -m benchmarks"] + argv))
-            return 0
-        unset = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if args.openblas == "unset" else ()
-        return _reexec(argv, tenv, unset)
+                with open(js) as f:
+                    runs.append(json.load(f))
+        if not args.smoke:
+            from .report import write_report
+            write_report(runs, args.out or os.path.join("benchmarks", "RESULTS.md"), " ".join(["python -m benchmarks"] + argv))
+        return 0
 
     from .harness import run_all
     res = run_all(args)
