@@ -28,6 +28,13 @@ products costs a hand-off per call, and under load a time slice per call). Every
 computed by one thread in a fixed order, so one seed, one backend and one thread count give
 bit-identical results (tests/test_cython_backend.py). OMP_NUM_THREADS sets the thread count.
 
+OpenMP's idle threads: unless OMP_WAIT_POLICY or GOMP_SPINCOUNT is set, the extensions load their
+OpenMP runtime with OMP_WAIT_POLICY=passive (the variable is set only while they load, when
+libgomp reads it, and removed again; it has no effect when libgomp was already loaded). GCC's
+default lets a thread that finished a parallel region spin for a while: on a 2-core machine shared
+with other work, measured here, the spinning thread competed with the thread doing the serial part
+and a B = 16 training step took 109 ms instead of 5 (B = 256: 985 ms instead of 875).
+
 ``probe()`` says why the backend cannot run (the extensions were not built, or SciPy is missing);
 importing this module never fails: the extensions load on first use.
 """
@@ -68,8 +75,18 @@ def _load():
     global _K
     if _K is None:
         import importlib
+        import os
         from types import SimpleNamespace
-        mods = {m: importlib.import_module(f"{__package__}.{m}") for m in EXTENSIONS}
+        # OpenMP's idle threads sleep instead of spinning, unless the user chose (see the module
+        # docstring): set only while the extensions load, when libgomp reads it.
+        passive = not any(v in os.environ for v in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"))
+        if passive:
+            os.environ["OMP_WAIT_POLICY"] = "passive"
+        try:
+            mods = {m: importlib.import_module(f"{__package__}.{m}") for m in EXTENSIONS}
+        finally:
+            if passive:
+                os.environ.pop("OMP_WAIT_POLICY", None)
         _K = SimpleNamespace(lstm=mods["_lstm_cy"], train=mods["_train_cy"], rollout=mods["_rollout_cy"])
     return _K
 
@@ -91,9 +108,9 @@ def openmp():
 #: matrix product (as _common_cy.pxd's use_smm decides), which reads the weights transposed
 SMM_MIN_ROWS, SMM_MAX_ROWS = 4, 64
 #: rows per block below which the recurrences are not split over threads
-MIN_ROWS_PER_THREAD = 2
+MIN_ROWS_PER_THREAD = 4
 #: the per-position policy passes are split from this many score entries (T·B·V) on
-PARALLEL_MIN_ENTRIES = 1 << 14
+PARALLEL_MIN_ENTRIES = 1 << 17
 
 
 def _nthreads():

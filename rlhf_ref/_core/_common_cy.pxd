@@ -40,15 +40,20 @@ cdef extern from *:
     #include <string.h>
     #include <math.h>
 
+    #if defined(__GNUC__)
+    #define RR_UNUSED __attribute__((unused))       /* not every module calls every kernel */
+    #else
+    #define RR_UNUSED
+    #endif
     /* RR_CLONES: compile a row kernel for AVX-512, AVX2 and the baseline, the best picked when the
        module loads (an ifunc; GCC >= 8 or Clang >= 14 on x86-64 glibc Linux; elsewhere one
        baseline build). Define RLHF_REF_NO_CLONES to turn it off. */
     #if defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__) && !defined(RLHF_REF_NO_CLONES) && \
         ((defined(__clang__) && __clang_major__ >= 14) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 8))
-    #define RR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+    #define RR_CLONES RR_UNUSED __attribute__((target_clones("avx512f", "avx2", "default")))
     #define RR_HAVE_CLONES 1
     #else
-    #define RR_CLONES
+    #define RR_CLONES RR_UNUSED
     #define RR_HAVE_CLONES 0
     #endif
     static inline uint64_t rr_bits64(double x) { uint64_t u; memcpy(&u, &x, 8); return u; }
@@ -155,6 +160,20 @@ cdef extern from *:
     static inline double rr_sigmoid(double x) { return 1.0 / (1.0 + rr_exp(-x)); }
     static inline float rr_sigmoidf(float x) { return 1.0f / (1.0f + rr_expf(-x)); }
 
+    /* out[k] = f(alpha * x[k] + beta) for f = exp, tanh, sigmoid: the vectorised row loops of the
+       policy (softmax rows) with the instruction-set clones. out may be x (in place). */
+    #define RR_ROW(NAME, T, F)                                                                  \\
+    RR_CLONES static void NAME(const T* x, ptrdiff_t n, T alpha, T beta, T* out) {              \\
+        ptrdiff_t k;                                                                            \\
+        for (k = 0; k < n; k++) out[k] = F(alpha * x[k] + beta);                                \\
+    }
+    RR_ROW(rr_exp_row_f32, float, rr_expf)
+    RR_ROW(rr_exp_row_f64, double, rr_exp)
+    RR_ROW(rr_tanh_row_f32, float, rr_tanhf)
+    RR_ROW(rr_tanh_row_f64, double, rr_tanh)
+    RR_ROW(rr_sigmoid_row_f32, float, rr_sigmoidf)
+    RR_ROW(rr_sigmoid_row_f64, double, rr_sigmoid)
+
     /* Small-M matrix product C (M x N) = [C +] A (M x K) @ Bt (K x N), all row-major: the
        per-step products of the recurrences (M = the rows of a block, N = 4H or H). OpenBLAS packs
        the whole Bt (the weights) on every call, which for M = 8..16 costs more than the product
@@ -207,7 +226,7 @@ cdef extern from *:
 
     /* B (C x R) = A (R x C)^T, row-major, by 16 x 16 tiles (both sides stay in L1). */
     #define RR_TRANSPOSE(NAME, T)                                                               \\
-    static void NAME(const T* restrict A, ptrdiff_t R, ptrdiff_t C, T* restrict B) {            \\
+    RR_UNUSED static void NAME(const T* restrict A, ptrdiff_t R, ptrdiff_t C, T* restrict B) {  \\
         ptrdiff_t i0, j0, i, j, i1, j1;                                                         \\
         for (i0 = 0; i0 < R; i0 += 16) {                                                        \\
             i1 = i0 + 16 < R ? i0 + 16 : R;                                                     \\
@@ -240,6 +259,12 @@ cdef extern from *:
     int rr_openmp() noexcept nogil
     int rr_max_threads() noexcept nogil
     int RR_HAVE_CLONES
+    void rr_exp_row_f32(const float* x, Py_ssize_t n, float alpha, float beta, float* out) noexcept nogil
+    void rr_exp_row_f64(const double* x, Py_ssize_t n, double alpha, double beta, double* out) noexcept nogil
+    void rr_tanh_row_f32(const float* x, Py_ssize_t n, float alpha, float beta, float* out) noexcept nogil
+    void rr_tanh_row_f64(const double* x, Py_ssize_t n, double alpha, double beta, double* out) noexcept nogil
+    void rr_sigmoid_row_f32(const float* x, Py_ssize_t n, float alpha, float beta, float* out) noexcept nogil
+    void rr_sigmoid_row_f64(const double* x, Py_ssize_t n, double alpha, double beta, double* out) noexcept nogil
     void rr_transpose_f32(const float* A, Py_ssize_t R, Py_ssize_t C, float* B) noexcept nogil
     void rr_transpose_f64(const double* A, Py_ssize_t R, Py_ssize_t C, double* B) noexcept nogil
     void rr_smm_f32(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const float* A, Py_ssize_t lda, const float* Bt,
@@ -270,6 +295,15 @@ cdef inline floating vsigmoid(floating x) noexcept nogil:
         return rr_sigmoidf(x)
     else:
         return rr_sigmoid(x)
+
+
+cdef inline void exp_row(const floating* x, Py_ssize_t n, floating alpha, floating beta,
+                         floating* out) noexcept nogil:
+    """out[k] = exp(α·x[k] + β), k < n (out may be x): the instruction-set clone of the row loop."""
+    if floating is float:
+        rr_exp_row_f32(x, n, alpha, beta, out)
+    else:
+        rr_exp_row_f64(x, n, alpha, beta, out)
 
 
 cdef inline double logaddexp(double x, double y) noexcept nogil:
@@ -314,10 +348,12 @@ cdef inline void smm(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const floating* A
 
 
 # ------------------------------------------------------------------------------------- BLAS
-# Below these sizes a product or a column sum runs on one thread (OpenMP's fork/join costs a few µs).
+# Below these sizes a product (M·N·K multiply-adds, ~170 µs on one core at 2^24) or a column sum
+# (entries) runs on one thread: waking a sleeping OpenMP thread costs tens of µs on an idle machine
+# and up to a scheduler slice on a loaded one.
 cdef enum:
-    PAR_MIN_MNK = 1 << 21
-    PAR_MIN_ENTRIES = 1 << 16
+    PAR_MIN_MNK = 1 << 24
+    PAR_MIN_ENTRIES = 1 << 18
     SMM_MIN_ROWS = 4        # per-step products of SMM_MIN_ROWS..SMM_MAX_ROWS rows use smm, not BLAS
     SMM_MAX_ROWS = 64
 

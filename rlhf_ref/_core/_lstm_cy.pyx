@@ -44,13 +44,56 @@ from cython.parallel cimport prange
 from libc.stdint cimport int64_t
 from libc.string cimport memcpy, memset
 
-from ._common_cy cimport gemm, pgemm, smm, use_smm, transpose as _transpose, colsum, rr_openmp, rr_max_threads
+from ._common_cy cimport (gemm, pgemm, smm, use_smm, transpose as _transpose, colsum, rr_openmp, rr_max_threads,
+                         RR_HAVE_CLONES, PAR_MIN_ENTRIES, vexp, vtanh, vsigmoid, rr_exp_row_f32, rr_exp_row_f64,
+                         rr_tanh_row_f32, rr_tanh_row_f64, rr_sigmoid_row_f32, rr_sigmoid_row_f64)
 from ._lstm_cy cimport cell, cell_backward
 
 
 def openmp():
     """(whether this extension was compiled with OpenMP, omp_get_max_threads() or 1)."""
     return bool(rr_openmp()), int(rr_max_threads())
+
+
+def isa_clones():
+    """Whether the row kernels were compiled in AVX-512 / AVX2 / baseline clones picked at load."""
+    return bool(RR_HAVE_CLONES)
+
+
+def elementwise(str name, const floating[::1] x, floating[::1] out, bint rows=True):
+    """out = exp, tanh or sigmoid of x with the kernels' own functions (for tests): rows=True the
+    instruction-set clones of the row loops (what the cell and the policy rows run), rows=False
+    the baseline inline functions of ``_common_cy`` (what the other Cython loops run)."""
+    cdef Py_ssize_t n = x.shape[0], k
+    cdef int which = {"exp": 0, "tanh": 1, "sigmoid": 2}[name]
+    if out.shape[0] != n:
+        raise ValueError("out must have the shape of x")
+    if n == 0:
+        return
+    with nogil:
+        if rows:
+            if floating is float:
+                if which == 0:
+                    rr_exp_row_f32(&x[0], n, 1, 0, &out[0])
+                elif which == 1:
+                    rr_tanh_row_f32(&x[0], n, 1, 0, &out[0])
+                else:
+                    rr_sigmoid_row_f32(&x[0], n, 1, 0, &out[0])
+            else:
+                if which == 0:
+                    rr_exp_row_f64(&x[0], n, 1, 0, &out[0])
+                elif which == 1:
+                    rr_tanh_row_f64(&x[0], n, 1, 0, &out[0])
+                else:
+                    rr_sigmoid_row_f64(&x[0], n, 1, 0, &out[0])
+        else:
+            for k in range(n):
+                if which == 0:
+                    out[k] = vexp(x[k])
+                elif which == 1:
+                    out[k] = vtanh(x[k])
+                else:
+                    out[k] = vsigmoid(x[k])
 
 
 # ----------------------------------------------------------------------------- forward
@@ -238,7 +281,7 @@ cdef void scatter_add(const floating* src, Py_ssize_t width, const int64_t* ids,
     """dst (U, width) = 0, then the scatter-add of _scatter_rows; columns split over threads."""
     cdef Py_ssize_t p, k0, k1, per
     memset(dst, 0, U * width * sizeof(floating))
-    if nthreads <= 1 or T * B * width < (1 << 16):
+    if nthreads <= 1 or T * B * width < PAR_MIN_ENTRIES:
         _scatter_rows(src, width, ids, slot, lengths, T, B, dst, 0, width)
         return
     per = ((width + nthreads - 1) // nthreads + 15) // 16 * 16

@@ -20,7 +20,7 @@
 
 from cython cimport floating
 from libc.math cimport log, exp as libm_exp, INFINITY
-from ._common_cy cimport vexp, logaddexp, log1m
+from ._common_cy cimport vexp, exp_row, logaddexp, log1m
 
 cdef enum:
     BOLTZMANN = 0
@@ -70,8 +70,8 @@ cdef inline floating softmax_row(const floating* z, Py_ssize_t V, floating al, f
         s = al * z[k]
         if s > m:
             m = s
-    for k in range(V):
-        e[k] = vexp(al * z[k] - m)
+    # e_k = exp(α z_k − m): α z_k − m is one rounding off NumPy's (α z_k) − m, as fused here
+    exp_row(z, V, al, -m, e)
     S[0] = row_sum(e, V)
     return m
 
@@ -154,8 +154,9 @@ cdef inline void grad_row(floating* z, Py_ssize_t V, Py_ssize_t a, double alpha,
             lq = s - lse
             z[k] = -fscale * p + fce * ((p * lq if p > zero else zero) - p * fplq)
     else:
+        exp_row(z, V, al, -m, z)                # in place: z_k ← exp(α z_k − m), then −scale·π_k
         for k in range(V):
-            z[k] = -fscale * (vexp(al * z[k] - m) / S)
+            z[k] = -fscale * (z[k] / S)
     z[a] = z[a] + fscale
 
 
@@ -206,8 +207,7 @@ cdef inline Py_ssize_t sample_row(const floating* z, Py_ssize_t V, double alpha,
             lp_out[0] = logaddexp(l1 + <double>(al * z[a] - lse), le)
             return a
         # q_k = exp(log π_k), log π_k = α z_k − lse (policy.sample(exp(logq)))
-        for k in range(V):
-            e[k] = vexp(al * z[k] - lse)
+        exp_row(z, V, al, -lse, e)
         for k in range(V):
             acc = acc + e[k]
             if acc > u:
