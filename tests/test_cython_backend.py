@@ -396,3 +396,28 @@ def test_work_buffers_are_reused_and_freed():
     cy.reinforce_loss_and_grad(p2, t2, m2, pl2, r2, ref_logp=rl2)
     cy.reinforce_loss_and_grad(p2, t2, m2, pl2, r2, ref_logp=rl2)
     assert cy.workspace_nbytes() < kept
+
+
+@needs_cython
+def test_kernel_entry_points_check_shapes():
+    """Bounds checks are off inside the kernels: each entry point refuses inconsistent shapes and
+    out-of-range ids with a ValueError instead of reading past a buffer."""
+    K = _cy()._require()
+    f4 = np.float32
+    z = [np.zeros((2, 3)) for _ in range(6)]
+    with pytest.raises(ValueError, match="policy_stats"):          # sel (T, B) instead of (B, T)
+        K.train.policy_stats(np.zeros((6, 8), f4), np.zeros((3, 2), np.int64), np.ones((3, 2)), 5, 1.0, 0.0, 0,
+                             False, *z, np.zeros((1, 5), f4), 1)
+    with pytest.raises(ValueError, match="outside"):                # an action id ≥ V
+        K.train.policy_stats(np.zeros((6, 8), f4), np.full((3, 2), 7, np.int64), np.ones((2, 3)), 5, 1.0, 0.0, 0,
+                             False, *z, np.zeros((1, 5), f4), 1)
+    E, W_ih, W_hh = np.zeros((5, 3), f4), np.zeros((8, 3), f4), np.zeros((8, 2), f4)
+    b = np.zeros(8, f4)
+    ids, L = np.array([[0], [9]]), np.array([2])                    # id 9 ≥ V = 5 at a real position
+    args = (E, W_ih, W_hh, np.zeros((2, 8), f4), b, b, ids, L, np.zeros(5, np.int64), np.zeros(2, np.int64),
+            np.zeros((2, 3), f4), np.zeros((2, 8), f4), np.zeros((2, 1, 8), f4), np.zeros((3, 1, 2), f4),
+            np.zeros((3, 1, 2), f4))
+    with pytest.raises(ValueError, match="id outside"):
+        K.lstm.forward(*args)
+    with pytest.raises(ValueError, match="linear"):
+        K.lstm.linear(np.zeros((4, 2), f4), np.zeros((3, 5), f4), np.zeros(3, f4), np.zeros((4, 3), f4))

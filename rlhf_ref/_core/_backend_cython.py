@@ -193,10 +193,10 @@ class _Workspace(threading.local):
         self.depth = 0
 
     def get(self, name, shape, dt):
-        key = (name, tuple(int(n) for n in shape), np.dtype(dt).str)
+        key = (name, shape, dt)
         ent = self.bufs.get(key)
         if ent is None:
-            ent = self.bufs[key] = [np.empty(key[1], dt), 0]
+            ent = self.bufs[key] = [np.empty(shape, dt), 0]
         ent[1] = self.calls
         return ent[0]
 
@@ -210,6 +210,7 @@ class _Workspace(threading.local):
 
 
 _WS = _Workspace()
+_DEFAULT_CFG = None
 
 
 def workspace_nbytes():
@@ -288,9 +289,14 @@ def _head_stack(params, names, dt, pad=16):
 
 
 class _Body:
-    """The LSTM body's forward pass over a batch and its buffers (time-major); ``backward``."""
+    """The LSTM body's forward pass over a batch and its buffers (time-major); ``backward``.
 
-    def __init__(self, K, params, tokens, mask, dt, nt):
+    ``steps`` tokens of each row are fed (default all T): the policy's heads read hs[0:T], the
+    states *before* each token, so the state after the last token, and its step, is needed only
+    by the reward model (the step is skipped for the policy; it would add nothing to a gradient).
+    """
+
+    def __init__(self, K, params, tokens, mask, dt, nt, steps=None):
         self.K, self.dt, self.nt = K, dt, nt
         self.E = _c(params["embedding.weight"], dt)
         self.W_ih = _c(params["lstm.weight_ih_l0"], dt)
@@ -299,9 +305,10 @@ class _Body:
         V, Ed = self.E.shape
         G, H = self.W_hh.shape
         B, T = tokens.shape
+        T = T if steps is None else steps
         self.B, self.T, self.H, self.G, self.V = B, T, H, G, V
-        self.lengths = np.ascontiguousarray(mask.sum(axis=1), dtype=np.int64)
-        self.ids = np.ascontiguousarray(tokens.T, dtype=np.int64)            # (T, B); read at real positions only
+        self.lengths = np.ascontiguousarray(np.minimum(mask.sum(axis=1), T), dtype=np.int64)
+        self.ids = np.ascontiguousarray(tokens[:, :T].T, dtype=np.int64)    # (T, B); read at real positions only
         n = max(1, min(V, B * T))                                            # ≥ the number of distinct ids
         ws = _WS
         self.slot, self.uids = ws.get("slot", (V,), np.int64), ws.get("uids", (n,), np.int64)
@@ -314,12 +321,8 @@ class _Body:
         self.U = K.lstm.forward(self.E, self.W_ih, self.W_hh, WT, b_ih, b_hh, self.ids, self.lengths, self.slot,
                                 self.uids, self.Xu, self.P, self.gates, self.cs, self.hs, nt, self.nchunks)
 
-    def HS(self):
-        """hs[0:T] as (T·B, H): row t·B + b is the state position t's token is chosen in."""
-        return self.hs[:self.T].reshape(self.T * self.B, self.H)
-
     def backward(self, dHS=None, dh_final=None):
-        """BPTT from ∂L/∂hs[0:T] (T·B, H) and/or ∂L/∂h_final (B, H); the body's grads dict."""
+        """BPTT from ∂L/∂hs[0:n] (n·B, H) and/or ∂L/∂hs[T] (B, H); the body's grads dict."""
         dt, B, H, G = self.dt, self.B, self.H, self.G
         dh = _WS.get("dh", (B, H), dt)
         dh[...] = 0 if dh_final is None else dh_final
@@ -328,38 +331,45 @@ class _Body:
         dE, dW_ih = np.empty_like(self.E), np.empty_like(self.W_ih)
         dW_hh, db = np.empty_like(self.W_hh), np.empty(G, dt)
         self.K.lstm.backward(self.E, self.W_ih, self.W_hh, self.ids, self.lengths, self.slot, self.uids, self.U,
-                             self.Xu, self.P, self.gates, self.cs, self.hs,
-                             _empty(dt) if dHS is None else dHS, dHS is not None,
+                             self.Xu, self.P, self.gates, self.cs, self.hs, _empty(dt) if dHS is None else dHS,
                              dh, dc, _WS.get("tmp", (B, H), dt), dE, dW_ih, dW_hh, db, self.nt, self.nchunks)
         return {"embedding.weight": dE, "lstm.weight_ih_l0": dW_ih, "lstm.weight_hh_l0": dW_hh,
                 "lstm.bias_ih_l0": db, "lstm.bias_hh_l0": db.copy()}
 
 
 class _Net(_Body):
-    """The body plus the stacked heads ``names``: logits (T·B, K) at every position (rows t·B + b)."""
+    """The body plus the stacked heads ``names``: logits (T·B, K) at every position (rows t·B + b),
+    from hs[0:T] (T − 1 steps: the state after the last token is read by no head)."""
 
     def __init__(self, K, params, tokens, mask, dt, nt, names):
-        super().__init__(K, params, tokens, mask, dt, nt)
+        Tpos = tokens.shape[1]
+        super().__init__(K, params, tokens, mask, dt, nt, steps=max(Tpos - 1, 0))
+        self.Tpos = Tpos
+        self.ids_pos = np.ascontiguousarray(tokens.T, dtype=np.int64)       # (T, B): the action at each position
         self.Wc, self.bc, self.off = _head_stack(params, names, dt)
-        self.logits = _WS.get("logits", (self.T * self.B, self.Wc.shape[0]), dt)
+        self.logits = _WS.get("logits", (Tpos * self.B, self.Wc.shape[0]), dt)
         K.lstm.linear(self.HS(), self.Wc, self.bc, self.logits, nt)
+
+    def HS(self):
+        """hs[0:T] as (T·B, H): row t·B + b is the state position t's token is chosen in."""
+        return self.hs[:self.Tpos].reshape(self.Tpos * self.B, self.H)
 
     def column(self, name, pm):
         """A one-column head's output (B, T), 0 off the position mask pm."""
         k0 = self.off[name][0]
-        return self.logits[:, k0].reshape(self.T, self.B).T * pm
+        return self.logits[:, k0].reshape(self.Tpos, self.B).T * pm
 
     def block(self, name, pm):
         """A V-column head's output (B, T, V), 0 off the position mask pm."""
         k0, k = self.off[name]
-        L3 = self.logits[:, k0:k0 + k].reshape(self.T, self.B, k).transpose(1, 0, 2)
+        L3 = self.logits[:, k0:k0 + k].reshape(self.Tpos, self.B, k).transpose(1, 0, 2)
         return L3 * pm[:, :, None].astype(self.dt)
 
     def backward_all(self, params):
         """∂L/∂logits is in self.logits (the gradient pass wrote it there); grads with params' keys."""
         dt = self.dt
         dWc, dbc = _WS.get("dWc", self.Wc.shape, dt), _WS.get("dbc", self.bc.shape, dt)
-        dHS = _WS.get("dHS", (self.T * self.B, self.H), dt)
+        dHS = _WS.get("dHS", (self.Tpos * self.B, self.H), dt)
         self.K.lstm.linear_backward(self.HS(), self.Wc, self.logits, self.B, dWc, dbc, dHS, self.nt)
         grads = self.backward(dHS=dHS)
         for n, (k0, k) in self.off.items():
@@ -378,7 +388,7 @@ def _stats(K, net, sel, V, alpha, eps, has_q=False, qoff=0):
     B, T = sel.shape
     outs = [np.empty((B, T)) for _ in range(6)]
     nt = _pass_threads(T * B * V, net.nt)
-    K.train.policy_stats(net.logits, net.ids, sel, V, float(alpha), float(eps), qoff, has_q, *outs,
+    K.train.policy_stats(net.logits, net.ids_pos, sel, V, float(alpha), float(eps), qoff, has_q, *outs,
                          np.empty((nt, V), net.dt), nt)
     return outs
 
@@ -474,7 +484,11 @@ def sequence_logprobs(params, tokens, mask, prompt_len, alpha=1.0, eps=0.0):
 def reinforce_loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, ref_params=None, ref_logp=None):
     """``rlhf_ref.reinforce.loss_and_grad`` (without term_grads and the (B, T, V) arrays scores/logq)."""
     from .. import reinforce
-    cfg = reinforce.ReinforceConfig() if cfg is None else cfg
+    global _DEFAULT_CFG
+    if cfg is None:
+        if _DEFAULT_CFG is None:
+            _DEFAULT_CFG = reinforce.ReinforceConfig()          # frozen: one instance serves every call
+        cfg = _DEFAULT_CFG
     if not isinstance(cfg, reinforce.ReinforceConfig):
         raise TypeError(f"cfg must be a ReinforceConfig, got {type(cfg).__name__}")
     V, tokens, mask, prompt_len = model.prepare(params, tokens, mask, prompt_len, ("head", cfg.critic))
@@ -528,7 +542,7 @@ def _reinforce(K, params, tokens, mask, am, reward, ref_logp, cfg, V):
         kl, rewards, G, bl, adv, w, pred, d_logp, d_ent, d_pred)
 
     # pass 3: ∂L/∂logits in place, then the backward pass
-    Tr.policy_grads(net.logits, net.ids, am, V, float(cfg.alpha), float(cfg.eps), mx, ssum, logp, plq,
+    Tr.policy_grads(net.logits, net.ids_pos, am, V, float(cfg.alpha), float(cfg.eps), mx, ssum, logp, plq,
                     d_logp, d_ent, d_pred, net.off[cfg.critic][0], critic_q,
                     _pass_threads(T * B * net.logits.shape[1], net.nt))
     grads = net.backward_all(params)
@@ -563,8 +577,8 @@ def sft_loss_and_grad(params, tokens, mask):
         d_logp = np.empty_like(logp)
         loss = K.train.sft_chain(logp, pm, d_logp)
         zero = np.zeros_like(logp)
-        K.train.policy_grads(net.logits, net.ids, pm, V, 1.0, 0.0, mx, ssum, logp, plq, d_logp, zero, zero, -1,
-                             False, _pass_threads(net.T * net.B * V, net.nt))
+        K.train.policy_grads(net.logits, net.ids_pos, pm, V, 1.0, 0.0, mx, ssum, logp, plq, d_logp, zero, zero, -1,
+                             False, _pass_threads(net.Tpos * net.B * V, net.nt))
         grads = net.backward_all(params)
     return {"logp": logp.astype(dt), "loss": loss, "n_real": n_real}, grads
 

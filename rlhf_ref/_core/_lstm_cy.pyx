@@ -32,7 +32,7 @@ are bit-identical from run to run for a given thread count.
 
     input_table(E, W_ih, b_ih, b_hh, P, nthreads)          the full table (V, 4H), for sampling
     forward(E, W_ih, W_hh, b_ih, b_hh, ids, lengths, slot, uids, Xu, P, gates, cs, hs, nthreads, nchunks) -> U
-    backward(E, W_ih, W_hh, ids, lengths, slot, uids, U, Xu, P, gates, cs, hs, dHS, has_dHS, dh, dc, tmp,
+    backward(E, W_ih, W_hh, ids, lengths, slot, uids, U, Xu, P, gates, cs, hs, dHS, dh, dc, tmp,
              dE, dW_ih, dW_hh, db, nthreads, nchunks)
     linear(HS, W, b, out, nthreads)                          out = HS Wᵀ + b
     linear_backward(HS, W, dout, row0, dW, db, dHS, nthreads)
@@ -48,6 +48,12 @@ from ._common_cy cimport (gemm, pgemm, smm, use_smm, transpose as _transpose, co
                          RR_HAVE_CLONES, PAR_MIN_ENTRIES, vexp, vtanh, vsigmoid, rr_exp_row_f32, rr_exp_row_f64,
                          rr_tanh_row_f32, rr_tanh_row_f64, rr_sigmoid_row_f32, rr_sigmoid_row_f64)
 from ._lstm_cy cimport cell, cell_backward
+
+
+cdef inline void need(bint ok, str what) except *:
+    """The entry points check the shapes their kernel relies on (bounds checks are off inside)."""
+    if not ok:
+        raise ValueError(f"_lstm_cy: {what}")
 
 
 def openmp():
@@ -117,6 +123,9 @@ cdef void _input_table(const floating* E, const floating* W_ih, const floating* 
 def input_table(const floating[:, ::1] E, const floating[:, ::1] W_ih, const floating[::1] b_ih,
                 const floating[::1] b_hh, floating[:, ::1] P, int nthreads=1):
     """P (V, 4H) = E W_ihᵀ + b_ih + b_hh."""
+    cdef Py_ssize_t V = E.shape[0], Ed = E.shape[1], G = W_ih.shape[0]
+    need(W_ih.shape[1] == Ed and b_ih.shape[0] == G and b_hh.shape[0] == G, "input_table: E, W_ih, biases disagree")
+    need(P.shape[0] == V and P.shape[1] == G and V > 0 and G > 0, "input_table: P must be (V, 4H)")
     with nogil:
         _input_table(&E[0, 0], &W_ih[0, 0], &b_ih[0], &b_hh[0], &P[0, 0], E.shape[0], E.shape[1], W_ih.shape[0],
                      nthreads)
@@ -197,6 +206,19 @@ cdef Py_ssize_t _forward(const floating* E, const floating* W_ih, const floating
     return U
 
 
+cdef bint _ids_ok(const int64_t* ids, const int64_t* lengths, Py_ssize_t T, Py_ssize_t B,
+                  Py_ssize_t V) noexcept nogil:
+    cdef Py_ssize_t t, b
+    for b in range(B):
+        if lengths[b] < 0 or lengths[b] > T:
+            return False
+    for t in range(T):
+        for b in range(B):
+            if t < lengths[b] and (ids[t * B + b] < 0 or ids[t * B + b] >= V):
+                return False
+    return True
+
+
 def forward(const floating[:, ::1] E, const floating[:, ::1] W_ih, const floating[:, ::1] W_hh,
             floating[:, ::1] WT, const floating[::1] b_ih, const floating[::1] b_hh, const int64_t[:, ::1] ids,
             const int64_t[::1] lengths, int64_t[::1] slot, int64_t[::1] uids, floating[:, ::1] Xu,
@@ -211,7 +233,20 @@ def forward(const floating[:, ::1] E, const floating[:, ::1] W_ih, const floatin
     for the whole-sequence products; nchunks (≤ B): blocks of rows run through the recurrence on
     their own threads.
     """
-    cdef Py_ssize_t T = ids.shape[0], B = ids.shape[1], U
+    cdef Py_ssize_t T = ids.shape[0], B = ids.shape[1], U, V = E.shape[0], Ed = E.shape[1], H = W_hh.shape[1]
+    cdef Py_ssize_t G = 4 * H, n = min(V, B * T)
+    need(V > 0 and H > 0 and W_hh.shape[0] == G and W_ih.shape[0] == G and W_ih.shape[1] == Ed
+         and b_ih.shape[0] == G and b_hh.shape[0] == G, "forward: parameter shapes disagree")
+    need(WT.shape[0] == H and WT.shape[1] == G, "forward: WT must be (H, 4H)")
+    need(lengths.shape[0] == B and slot.shape[0] == V and uids.shape[0] >= max(n, 1)
+         and Xu.shape[0] >= max(n, 1) and Xu.shape[1] == Ed and P.shape[0] >= max(n, 1) and P.shape[1] == G,
+         "forward: work buffers too small")
+    need(gates.shape[0] == T and gates.shape[1] == B and gates.shape[2] == G, "forward: gates must be (T, B, 4H)")
+    need(cs.shape[0] == T + 1 and cs.shape[1] == B and cs.shape[2] == H and hs.shape[0] == T + 1
+         and hs.shape[1] == B and hs.shape[2] == H, "forward: cs, hs must be (T + 1, B, H)")
+    need(1 <= nchunks <= max(B, 1), "forward: 1 <= nchunks <= B")
+    need(_ids_ok(&ids[0, 0] if T * B > 0 else NULL, &lengths[0] if B > 0 else NULL, T, B, V),
+         "forward: a length outside [0, T] or an id outside [0, V) at a real position")
     with nogil:
         U = _forward(&E[0, 0], &W_ih[0, 0], &W_hh[0, 0], &WT[0, 0], &b_ih[0], &b_hh[0], &ids[0, 0], &lengths[0],
                      &slot[0], &uids[0], &Xu[0, 0], &P[0, 0], &gates[0, 0, 0], &cs[0, 0, 0], &hs[0, 0, 0],
@@ -222,7 +257,7 @@ def forward(const floating[:, ::1] E, const floating[:, ::1] W_ih, const floatin
 # ----------------------------------------------------------------------------- backward
 
 cdef void _backward_rows(const floating* W_hh, floating* gates, const floating* cs, const floating* dHS,
-                         bint has_dHS, floating* dh, floating* dc, floating* tmp, const int64_t* lengths,
+                         Py_ssize_t nup, floating* dh, floating* dc, floating* tmp, const int64_t* lengths,
                          Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, Py_ssize_t b0, Py_ssize_t b1) noexcept nogil:
     """Rows [b0, b1) backwards through all T steps: gates[t] becomes ∂L/∂(pre-activations)."""
     cdef Py_ssize_t G = 4 * H, t, b, j, minlen = T
@@ -237,7 +272,7 @@ cdef void _backward_rows(const floating* W_hh, floating* gates, const floating* 
             if t >= lengths[b]:
                 continue        # padding passes dh and dc through; its gates row is 0
             dhb = dh + b * H
-            if has_dHS and t + 1 < T:
+            if t + 1 < nup:
                 # the output after token t is hs[t+1], read by the heads at position t+1
                 up = dHS + ((t + 1) * B + b) * H
                 for j in range(H):
@@ -297,7 +332,7 @@ cdef void scatter_add(const floating* src, Py_ssize_t width, const int64_t* ids,
 cdef void _backward(const floating* E, const floating* W_ih, const floating* W_hh, const int64_t* ids,
                     const int64_t* lengths, const int64_t* slot, const int64_t* uids, Py_ssize_t U,
                     floating* Xu, floating* P, floating* gates, const floating* cs, const floating* hs,
-                    const floating* dHS, bint has_dHS, floating* dh, floating* dc, floating* tmp,
+                    const floating* dHS, Py_ssize_t nup, floating* dh, floating* dc, floating* tmp,
                     floating* dE, floating* dW_ih, floating* dW_hh, floating* db,
                     Py_ssize_t T, Py_ssize_t B, Py_ssize_t V, Py_ssize_t Ed, Py_ssize_t H, int nthreads,
                     int nchunks) noexcept nogil:
@@ -306,9 +341,9 @@ cdef void _backward(const floating* E, const floating* W_ih, const floating* W_h
         for c in prange(nchunks, num_threads=nchunks, schedule="static"):
             b0 = (B * c) // nchunks
             b1 = (B * (c + 1)) // nchunks
-            _backward_rows(W_hh, gates, cs, dHS, has_dHS, dh, dc, tmp, lengths, T, B, H, b0, b1)
+            _backward_rows(W_hh, gates, cs, dHS, nup, dh, dc, tmp, lengths, T, B, H, b0, b1)
     else:
-        _backward_rows(W_hh, gates, cs, dHS, has_dHS, dh, dc, tmp, lengths, T, B, H, 0, B)
+        _backward_rows(W_hh, gates, cs, dHS, nup, dh, dc, tmp, lengths, T, B, H, 0, B)
     # weight gradients, whole-sequence: DA = gates (T·B, G), HS = hs[0:T] (T·B, H) (hs[0] = 0)
     pgemm(c'T', c'N', <int>G, <int>H, <int>((T - 1) * B), <floating>1, gates + B * G, <int>G,
           hs + B * H, <int>H, <floating>0, dW_hh, <int>H, nthreads)
@@ -328,26 +363,45 @@ def backward(const floating[:, ::1] E, const floating[:, ::1] W_ih, const floati
              const int64_t[:, ::1] ids, const int64_t[::1] lengths, const int64_t[::1] slot,
              const int64_t[::1] uids, Py_ssize_t U, floating[:, ::1] Xu, floating[:, ::1] P,
              floating[:, :, ::1] gates, const floating[:, :, ::1] cs, const floating[:, :, ::1] hs,
-             const floating[:, ::1] dHS, bint has_dHS, floating[:, ::1] dh, floating[:, ::1] dc,
+             const floating[:, ::1] dHS, floating[:, ::1] dh, floating[:, ::1] dc,
              floating[:, ::1] tmp, floating[:, ::1] dE, floating[:, ::1] dW_ih, floating[:, ::1] dW_hh,
              floating[::1] db, int nthreads=1, int nchunks=1):
     """Backpropagation through time after ``forward`` (same buffers, U what it returned).
 
-    dHS (T·B, H): ∂L/∂hs[0:T] from the heads (read when has_dHS; hs[t+1] is the output after
-    token t). dh, dc (B, H): ∂L/∂ of the final state on entry (e.g. the reward head), scratch
-    after. tmp (B, H) scratch. Outputs dE, dW_ih, dW_hh, db (= ∂L/∂b_ih = ∂L/∂b_hh). gates
-    holds ∂L/∂(pre-activations) afterwards; P and Xu are overwritten.
+    dHS (n·B, H): ∂L/∂hs[0:n] from the heads (n = 0: none; hs[t+1] is the output after token t,
+    and n = T + 1 when the heads read the state after the last token too). dh, dc (B, H): ∂L/∂ of
+    the final state hs[T] on entry (e.g. the reward head), scratch after. tmp (B, H) scratch.
+    Outputs dE, dW_ih, dW_hh, db (= ∂L/∂b_ih = ∂L/∂b_hh). gates holds ∂L/∂(pre-activations)
+    afterwards; P and Xu are overwritten.
     """
-    cdef Py_ssize_t T = ids.shape[0], B = ids.shape[1]
+    cdef Py_ssize_t T = ids.shape[0], B = ids.shape[1], V = E.shape[0], Ed = E.shape[1], H = W_hh.shape[1]
+    cdef Py_ssize_t G = 4 * H
+    need(W_hh.shape[0] == G and W_ih.shape[0] == G and W_ih.shape[1] == Ed, "backward: parameter shapes disagree")
+    need(lengths.shape[0] == B and slot.shape[0] == V and 0 <= U <= uids.shape[0] and U <= Xu.shape[0]
+         and Xu.shape[1] == Ed and U <= P.shape[0] and P.shape[1] == G, "backward: not forward's work buffers")
+    need(gates.shape[0] == T and gates.shape[1] == B and gates.shape[2] == G and cs.shape[0] == T + 1
+         and cs.shape[1] == B and cs.shape[2] == H and hs.shape[0] == T + 1 and hs.shape[1] == B and hs.shape[2] == H,
+         "backward: gates, cs, hs are not forward's")
+    need(dHS.shape[0] == 0 or (B > 0 and dHS.shape[0] % B == 0 and dHS.shape[0] // B <= T + 1 and dHS.shape[1] == H),
+         "backward: dHS must be (n·B, H) with n <= T + 1")
+    need(dh.shape[0] == B and dh.shape[1] == H and dc.shape[0] == B and dc.shape[1] == H and tmp.shape[0] == B
+         and tmp.shape[1] == H, "backward: dh, dc, tmp must be (B, H)")
+    need(dE.shape[0] == V and dE.shape[1] == Ed and dW_ih.shape[0] == G and dW_ih.shape[1] == Ed
+         and dW_hh.shape[0] == G and dW_hh.shape[1] == H and db.shape[0] == G, "backward: gradient shapes")
+    need(1 <= nchunks <= max(B, 1), "backward: 1 <= nchunks <= B")
     with nogil:
         _backward(&E[0, 0], &W_ih[0, 0], &W_hh[0, 0], &ids[0, 0], &lengths[0], &slot[0], &uids[0], U,
-                  &Xu[0, 0], &P[0, 0], &gates[0, 0, 0], &cs[0, 0, 0], &hs[0, 0, 0], &dHS[0, 0], has_dHS,
+                  &Xu[0, 0], &P[0, 0], &gates[0, 0, 0], &cs[0, 0, 0], &hs[0, 0, 0], &dHS[0, 0],
+                  dHS.shape[0] // B if B > 0 else 0,
                   &dh[0, 0], &dc[0, 0], &tmp[0, 0], &dE[0, 0], &dW_ih[0, 0], &dW_hh[0, 0], &db[0],
                   T, B, E.shape[0], E.shape[1], W_hh.shape[1], nthreads, nchunks)
 
 
 def transpose(const floating[:, ::1] A, floating[:, ::1] out):
     """out = Aᵀ (a tiled copy; NumPy's transposed copy is 3-25x slower on these shapes)."""
+    need(out.shape[0] == A.shape[1] and out.shape[1] == A.shape[0], "transpose: out must be Aᵀ's shape")
+    if A.shape[0] * A.shape[1] == 0:
+        return
     with nogil:
         _transpose(&A[0, 0], A.shape[0], A.shape[1], &out[0, 0])
 
@@ -358,6 +412,10 @@ def linear(const floating[:, ::1] HS, const floating[:, ::1] W, const floating[:
            int nthreads=1):
     """out (N, K) = HS (N, H) Wᵀ + b: lstm.linear for a stack of rows."""
     cdef Py_ssize_t N = HS.shape[0], H = HS.shape[1], K = W.shape[0], r, k
+    need(W.shape[1] == H and b.shape[0] == K and out.shape[0] == N and out.shape[1] == K and H > 0 and K > 0,
+         "linear: HS (N, H), W (K, H), b (K,), out (N, K)")
+    if N == 0:
+        return
     with nogil:
         for r in range(N):
             for k in range(K):
@@ -375,6 +433,13 @@ def linear_backward(const floating[:, ::1] HS, const floating[:, ::1] W, const f
     and dHS there is set to 0.
     """
     cdef Py_ssize_t N = HS.shape[0], H = HS.shape[1], K = W.shape[0], r, k
+    need(W.shape[1] == H and dout.shape[0] == N and dout.shape[1] == K and dW.shape[0] == K and dW.shape[1] == H
+         and db.shape[0] == K and dHS.shape[0] == N and dHS.shape[1] == H and 0 <= row0 <= N and H > 0 and K > 0,
+         "linear_backward: HS (N, H), W (K, H), dout (N, K), dW (K, H), db (K,), dHS (N, H), 0 <= row0 <= N")
+    if N == 0:
+        dW[...] = 0
+        db[...] = 0
+        return
     with nogil:
         pgemm(c'T', c'N', <int>K, <int>H, <int>(N - row0), <floating>1, &dout[0, 0] + row0 * K, <int>K,
               &HS[0, 0] + row0 * H, <int>H, <floating>0, &dW[0, 0], <int>H, nthreads)

@@ -29,6 +29,12 @@ from ._policy_cy cimport sample_row, logprob_row
 KIND_CODES = {"boltzmann": 0, "eps_greedy": 1, "greedy": 2}
 
 
+cdef inline void need(bint ok, str what) except *:
+    """The entry point checks the shapes the kernel relies on (bounds checks are off inside)."""
+    if not ok:
+        raise ValueError(f"_rollout_cy.rollout: {what}")
+
+
 cdef inline void _policy_row(const floating* z, Py_ssize_t Kc, bint has_value, const floating* zr, Py_ssize_t Kr,
                              bint has_ref, int64_t* tokens, const int64_t* prompt_len, const double* u,
                              Py_ssize_t V, double alpha, double eps, int kind, int64_t eos_id,
@@ -64,7 +70,7 @@ cdef void _step_body(const floating* P, const floating* W_hh, const floating* WT
     for b in range(b0, b1):
         if not done[b]:
             memcpy(a + b * G, P + tokens[b * T + t - 1] * G, G * sizeof(floating))
-    if t > 1 and use_smm(b1 - b0):
+    if t > 1 and WT != NULL and use_smm(b1 - b0):
         smm(b1 - b0, G, H, h + b0 * H, H, WT, G, True, a + b0 * G, G)
     elif t > 1:
         gemm(c'N', c'T', <int>(b1 - b0), <int>G, <int>H, <floating>1, h + b0 * H, <int>H, W_hh, <int>H,
@@ -76,7 +82,7 @@ cdef void _step_body(const floating* P, const floating* W_hh, const floating* WT
     for b in range(b0, b1):
         for k in range(Kc):
             z[b * Kc + k] = bc[k]
-    if use_smm(b1 - b0):
+    if WcT != NULL and use_smm(b1 - b0):
         smm(b1 - b0, Kc, H, h + b0 * H, H, WcT, Kc, True, z + b0 * Kc, Kc)
     else:
         gemm(c'N', c'T', <int>(b1 - b0), <int>Kc, <int>H, <floating>1, h + b0 * H, <int>H, Wc, <int>H,
@@ -126,28 +132,62 @@ def rollout(const floating[:, ::1] P, const floating[:, ::1] W_hh, const floatin
     """Sample every row. tokens (B, T) holds the prompts (PAD after) on entry, the batch on exit.
 
     P (V, 4H) input table, W_hh (4H, H) and WT = W_hhᵀ, Wc (K, H) and WcT = Wcᵀ, bc (K,): the
-    stacked head [head; value] (WT, WcT are read only when blocks go to smm: see use_smm) — and the same for the reference policy (Pr, W_hhr, WTr, Wcr, WcTr,
+    stacked head [head; value]. WT, WcT may be empty: then every block's products go to BLAS
+    (blocks of use_smm rows go to smm when they are given). — and the same for the reference policy (Pr, W_hhr, WTr, Wcr, WcTr,
     bcr) when has_ref. Outputs (B, T)
     float64, zero on entry: mask, am (action mask), logp, ref_logp, vals. Work: h, c, cn (B, H),
     a (B, 4H), z (B, K); hr, cr, cnr, ar, zr likewise; work (n, V) with n ≥ nchunks; done (B,).
     nchunks (≤ B): blocks of rows, each run through the whole loop on its own OpenMP thread.
     """
     cdef Py_ssize_t B = tokens.shape[0], T = tokens.shape[1], H = W_hh.shape[1], Kc = Wc.shape[0]
-    cdef Py_ssize_t Hr = W_hhr.shape[1], Kr = Wcr.shape[0], ch, b0, b1
+    cdef Py_ssize_t Hr = W_hhr.shape[1], Kr = Wcr.shape[0], ch, b0, b1, V_ = P.shape[0], b, t
+    need(H > 0 and W_hh.shape[0] == 4 * H and P.shape[1] == 4 * H and Wc.shape[1] == H and bc.shape[0] == Kc
+         and 0 < V <= V_ and Kc >= V + (1 if has_value else 0), "P (V, 4H), W_hh (4H, H), Wc (K, H), bc (K,)")
+    need(not has_ref or (Hr > 0 and W_hhr.shape[0] == 4 * Hr and Pr.shape[0] == V_ and Pr.shape[1] == 4 * Hr
+                         and Wcr.shape[1] == Hr and bcr.shape[0] == Kr and Kr >= V), "the reference policy's shapes")
+    need((WT.shape[0] == H and WT.shape[1] == 4 * H) or WT.shape[0] * WT.shape[1] == 0, "WT is W_hhᵀ or empty")
+    need((WcT.shape[0] == H and WcT.shape[1] == Kc) or WcT.shape[0] * WcT.shape[1] == 0, "WcT is Wcᵀ or empty")
+    need(not has_ref or (WTr.shape[0] == Hr and WTr.shape[1] == 4 * Hr) or WTr.shape[0] * WTr.shape[1] == 0,
+         "WTr is W_hhrᵀ or empty")
+    need(not has_ref or (WcTr.shape[0] == Hr and WcTr.shape[1] == Kr) or WcTr.shape[0] * WcTr.shape[1] == 0,
+         "WcTr is Wcrᵀ or empty")
+    need(prompt_len.shape[0] == B and u.shape[0] == B and u.shape[1] == T and mask.shape[0] == B
+         and mask.shape[1] == T and am.shape[0] == B and am.shape[1] == T and logp.shape[0] == B
+         and logp.shape[1] == T, "tokens, u, mask, am, logp (B, T), prompt_len (B,)")
+    need(not has_ref or (ref_logp.shape[0] == B and ref_logp.shape[1] == T), "ref_logp (B, T)")
+    need(not has_value or (vals.shape[0] == B and vals.shape[1] == T), "vals (B, T)")
+    need(h.shape[0] == B and h.shape[1] == H and c.shape[0] == B and c.shape[1] == H and cn.shape[0] == B
+         and cn.shape[1] == H and a.shape[0] == B and a.shape[1] == 4 * H and z.shape[0] == B and z.shape[1] == Kc,
+         "h, c, cn (B, H), a (B, 4H), z (B, K)")
+    need(not has_ref or (hr.shape[0] == B and hr.shape[1] == Hr and cr.shape[0] == B and cr.shape[1] == Hr
+                         and cnr.shape[0] == B and cnr.shape[1] == Hr and ar.shape[0] == B and ar.shape[1] == 4 * Hr
+                         and zr.shape[0] == B and zr.shape[1] == Kr), "the reference policy's work buffers")
+    need(1 <= nchunks <= max(B, 1) and work.shape[0] >= nchunks and work.shape[1] >= V and done.shape[0] == B,
+         "work (nchunks, V), done (B,), 1 <= nchunks <= B")
+    for b in range(B):
+        need(1 <= prompt_len[b] <= T, "prompt_len in [1, T]")
+        for t in range(prompt_len[b]):
+            need(0 <= tokens[b, t] < V, "prompt tokens in [0, V)")
+    if B * T == 0:
+        return
     cdef floating* w = &work[0, 0]
+    cdef const floating* pWT = &WT[0, 0] if WT.shape[0] * WT.shape[1] else NULL
+    cdef const floating* pWcT = &WcT[0, 0] if WcT.shape[0] * WcT.shape[1] else NULL
+    cdef const floating* pWTr = &WTr[0, 0] if has_ref and WTr.shape[0] * WTr.shape[1] else NULL
+    cdef const floating* pWcTr = &WcTr[0, 0] if has_ref and WcTr.shape[0] * WcTr.shape[1] else NULL
     with nogil:
         if nchunks > 1:
             for ch in prange(nchunks, num_threads=nchunks, schedule="static"):
                 b0 = (B * ch) // nchunks
                 b1 = (B * (ch + 1)) // nchunks
-                _rollout_rows(&P[0, 0], &W_hh[0, 0], &WT[0, 0], &Wc[0, 0], &WcT[0, 0], &bc[0], has_value,
-                              &Pr[0, 0], &W_hhr[0, 0], &WTr[0, 0], &Wcr[0, 0], &WcTr[0, 0], &bcr[0], has_ref, &tokens[0, 0], &prompt_len[0], &u[0, 0], V, alpha,
+                _rollout_rows(&P[0, 0], &W_hh[0, 0], pWT, &Wc[0, 0], pWcT, &bc[0], has_value,
+                              &Pr[0, 0], &W_hhr[0, 0], pWTr, &Wcr[0, 0], pWcTr, &bcr[0], has_ref, &tokens[0, 0], &prompt_len[0], &u[0, 0], V, alpha,
                               eps, kind, eos_id, &mask[0, 0], &am[0, 0], &logp[0, 0], &ref_logp[0, 0],
                               &vals[0, 0], &h[0, 0], &c[0, 0], &cn[0, 0], &a[0, 0], &z[0, 0], &hr[0, 0], &cr[0, 0], &cnr[0, 0],
                               &ar[0, 0], &zr[0, 0], w + ch * V, &done[0], T, H, Kc, Hr, Kr, b0, b1)
         else:
-            _rollout_rows(&P[0, 0], &W_hh[0, 0], &WT[0, 0], &Wc[0, 0], &WcT[0, 0], &bc[0], has_value,
-                          &Pr[0, 0], &W_hhr[0, 0], &WTr[0, 0], &Wcr[0, 0], &WcTr[0, 0], &bcr[0], has_ref, &tokens[0, 0], &prompt_len[0], &u[0, 0], V, alpha,
+            _rollout_rows(&P[0, 0], &W_hh[0, 0], pWT, &Wc[0, 0], pWcT, &bc[0], has_value,
+                          &Pr[0, 0], &W_hhr[0, 0], pWTr, &Wcr[0, 0], pWcTr, &bcr[0], has_ref, &tokens[0, 0], &prompt_len[0], &u[0, 0], V, alpha,
                           eps, kind, eos_id, &mask[0, 0], &am[0, 0], &logp[0, 0], &ref_logp[0, 0],
                           &vals[0, 0], &h[0, 0], &c[0, 0], &cn[0, 0], &a[0, 0], &z[0, 0], &hr[0, 0], &cr[0, 0], &cnr[0, 0],
                           &ar[0, 0], &zr[0, 0], w, &done[0], T, H, Kc, Hr, Kr, 0, B)

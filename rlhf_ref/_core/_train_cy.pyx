@@ -35,6 +35,32 @@ WHITEN_CODES = {"off": 0, "population": 1, "bessel": 2}
 AGG_CODES = {"token_mean": 0, "seq_mean": 1, "seq_sum": 2}
 
 
+cdef inline void need(bint ok, str what) except *:
+    """The entry points check the shapes their kernel relies on (bounds checks are off inside)."""
+    if not ok:
+        raise ValueError(f"_train_cy: {what}")
+
+
+cdef bint _actions_ok(const int64_t* ids, const double* sel, Py_ssize_t T, Py_ssize_t B, Py_ssize_t V) noexcept nogil:
+    cdef Py_ssize_t t, b
+    for t in range(T):
+        for b in range(B):
+            if sel[b * T + t] != 0 and (ids[t * B + b] < 0 or ids[t * B + b] >= V):
+                return False
+    return True
+
+
+cdef void _check_pass(str fn, Py_ssize_t rows, Py_ssize_t K, Py_ssize_t T, Py_ssize_t B, Py_ssize_t V,
+                      const int64_t* ids, const double* sel, Py_ssize_t sel0, Py_ssize_t sel1) except *:
+    need(rows == T * B and sel0 == B and sel1 == T, f"{fn}: logits (T·B, K), ids (T, B), sel (B, T)")
+    need(0 < V <= K, f"{fn}: 0 < V <= K")
+    need(T * B == 0 or _actions_ok(ids, sel, T, B, V), f"{fn}: an action outside [0, V) at a selected position")
+
+
+cdef bint _bt(const double[:, ::1] a, Py_ssize_t B, Py_ssize_t T):
+    return a.shape[0] == B and a.shape[1] == T
+
+
 # ----------------------------------------------------------------------------- pass 1
 
 cdef inline void _stats_one(const floating* logits, Py_ssize_t K, const int64_t* ids, const double* sel,
@@ -69,6 +95,13 @@ def policy_stats(const floating[:, ::1] logits, const int64_t[:, ::1] ids, const
     (Σ π_ε Q, when has_q: Q-values at columns [qoff, qoff + V)), mx, ssum, plq. work (n, V)
     scratch with n ≥ nthreads."""
     cdef Py_ssize_t T = ids.shape[0], B = ids.shape[1], K = logits.shape[1], r
+    _check_pass("policy_stats", logits.shape[0], K, T, B, V, &ids[0, 0], &sel[0, 0], sel.shape[0], sel.shape[1])
+    need(not has_q or 0 <= qoff <= K - V, "policy_stats: Q-values at columns [qoff, qoff + V) of the logits")
+    need(_bt(logp, B, T) and _bt(ent, B, T) and _bt(qb, B, T) and _bt(mx, B, T) and _bt(ssum, B, T) and _bt(plq, B, T),
+         "policy_stats: outputs (B, T)")
+    need(work.shape[0] >= max(nthreads, 1) and work.shape[1] >= V, "policy_stats: work (nthreads, V)")
+    if T * B == 0:
+        return
     cdef const floating* L = &logits[0, 0]
     cdef floating* w = &work[0, 0]
     with nogil:
@@ -114,6 +147,12 @@ def policy_grads(floating[:, ::1] logits, const int64_t[:, ::1] ids, const doubl
     column pred_col (the value head) or pred_col + a_t (the qvalue head, pred_q); pred_col < 0:
     no critic. Rows off sel are 0."""
     cdef Py_ssize_t T = ids.shape[0], B = ids.shape[1], K = logits.shape[1], r
+    _check_pass("policy_grads", logits.shape[0], K, T, B, V, &ids[0, 0], &sel[0, 0], sel.shape[0], sel.shape[1])
+    need(pred_col < 0 or pred_col + (V if pred_q else 1) <= K, "policy_grads: the critic's columns lie outside K")
+    need(_bt(mx, B, T) and _bt(ssum, B, T) and _bt(logp, B, T) and _bt(plq, B, T) and _bt(d_logp, B, T)
+         and _bt(d_ent, B, T) and _bt(d_pred, B, T), "policy_grads: (B, T) inputs")
+    if T * B == 0:
+        return
     cdef floating* L = &logits[0, 0]
     with nogil:
         if nthreads > 1 and T * B > 1:
@@ -143,6 +182,10 @@ def reinforce_chain(const double[:, ::1] logp, const double[:, ::1] ref_logp, co
     cdef Py_ssize_t B = logp.shape[0], T = logp.shape[1], b, t, last
     cdef double x, k, g, tot, disc, N = 0, nrows = 0, n_b, s_b = 0, S_all = 0, mu, var, den, sd
     cdef double loss_pg = 0, loss_ent = 0, loss_value = 0, e
+    need(reward.shape[0] == B and _bt(ref_logp, B, T) and _bt(am, B, T) and _bt(values, B, T) and _bt(qb, B, T)
+         and _bt(pred_q, B, T) and _bt(ent, B, T) and _bt(kl, B, T) and _bt(rewards, B, T) and _bt(G, B, T)
+         and _bt(bl, B, T) and _bt(adv, B, T) and _bt(w, B, T) and _bt(pred, B, T) and _bt(d_logp, B, T)
+         and _bt(d_ent, B, T) and _bt(d_pred, B, T), "reinforce_chain: (B, T) arrays and reward (B,)")
     with nogil:
         for b in range(B):
             n_b = 0
@@ -277,6 +320,7 @@ def sft_chain(const double[:, ::1] logp, const double[:, ::1] pm, double[:, ::1]
     """L_sft = −Σ logp / N_real over the positions pm; d_logp = −1/N_real there. Returns L_sft."""
     cdef Py_ssize_t B = logp.shape[0], T = logp.shape[1], b, t
     cdef double n = 0, s = 0
+    need(_bt(pm, B, T) and _bt(d_logp, B, T), "sft_chain: (B, T) arrays")
     with nogil:
         for b in range(B):
             for t in range(T):
