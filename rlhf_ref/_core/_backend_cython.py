@@ -4,19 +4,29 @@ Interface: ``docs/internals.md`` (the backend interface). Every function validat
 with the reference's own checks (``_validate``, ``lstm.check_model``, ``model.prepare``,
 ``rollout.check_rollout_args``, ``ReinforceConfig``, ``reward_model._prepare``) before any
 kernel runs, in the reference's order (so a bad input raises the reference's error), computes in
-the dtype of ``params`` (float32 or float64) and returns the reference's keys. Every buffer is
-allocated here with NumPy and filled by the kernels, which run with the GIL released.
+the dtype of ``params`` (float32 or float64) and returns the reference's keys
+(``reinforce_loss_and_grad`` omits the (B, T, V) arrays ``scores`` and ``logq``). Every buffer
+is allocated here with NumPy and filled by the kernels, which run with the GIL released.
 
 Kernel modules (twins of the reference; built by setup.py from ``rlhf_ref/_core/*.pyx``):
 
     _lstm_cy      lstm.py: the body forward / BPTT over a time-major batch, the linear heads
+    _lstm_cy.pxd  the LSTM cell of one row, forward and backward
     _policy_cy    policy.py for one row of scores (a .pxd of inline functions)
     _train_cy     reinforce.py, returns.py, sft.py: the per-position passes and the per-token chain
     _rollout_cy   rollout.py: the whole sampling loop in one call
-    _common_cy    exp/tanh/sigmoid (vectorisable, ~1 ulp) and the row-major BLAS wrappers (.pxd)
+    _common_cy    exp/tanh/sigmoid (vectorisable, a few ulp), the small-M product, the row-major
+                  BLAS wrappers (.pxd)
 
 The matrix products go to SciPy's BLAS (``scipy.linalg.cython_blas``), which the extensions
-import when they load: SciPy is a runtime need of this backend.
+import when they load: SciPy is a runtime need of this backend. The reward model's heads and the
+Bradley–Terry loss (a few (B,) vectors) stay in NumPy.
+
+Work memory: the large work buffers (gates, cell and hidden states, logits, ...) are kept per
+thread between calls and reused by later calls of the same shapes (``_Workspace``): a training
+loop then allocates nothing large per step and never page-faults its work memory.
+``workspace_nbytes()`` says how much is kept (tracemalloc sees a buffer only in the call that
+allocates it), ``clear_workspace()`` frees it.
 
 Threads: the kernels parallelise with OpenMP, coarsely: the recurrences (forward, BPTT, the
 sampling loop) cut the batch into blocks of rows that run through all T steps on their own
@@ -51,7 +61,6 @@ from .._validate import as_float_array
 NAME = "cython"
 EXTENSIONS = ("_lstm_cy", "_train_cy", "_rollout_cy")
 _K = None                   # the loaded extension modules (a namespace), after _load()
-
 
 
 def probe():

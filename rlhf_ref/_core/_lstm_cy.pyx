@@ -13,29 +13,41 @@ The same equations as the reference (its docstring), gate order i, f, g, o. Layo
   the U distinct ids of the batch (U ≤ min(V, B·T), in order of first appearance) get their rows
   P = E[uids] W_ihᵀ + b_ih + b_hh (U, 4H) in one GEMM, and each step copies its row in. This
   never costs more than the gathered-inputs product X W_ihᵀ over the B·T positions and is far
-  cheaper when ids repeat; then per step only h W_hhᵀ remains (one BLAS call per block of rows;
-  skipped at t = 0 where h = 0), and the fused cell per row.
+  cheaper when ids repeat. Per step only h W_hhᵀ remains (skipped at t = 0 where h = 0), one
+  product per block of rows — ``_common_cy.smm`` for 4..64 rows (it does not repack W_hh on
+  every call as BLAS does), BLAS otherwise (gemv for one row) — then the fused cell per row
+  (``_lstm_cy.pxd``: C compiled for AVX-512, AVX2 and the baseline, picked at load time).
 * Backward: per step the fused cell backward per row and one product da W_hh per block of rows;
   then the weight gradients as whole-sequence GEMMs: dW_hh = DAᵀ HS, db = Σ DA, and from the
   table's gradient dP (U, 4H) (the scatter-add of the DA rows by slot): dW_ih = dPᵀ E[uids] and
   the embedding rows dE[uids] = dP W_ih (the other rows are 0).
 * Padding: where t ≥ length_b the state is carried (hs[t+1] = hs[t]), the gates row is 0 (so its
   ∂L/∂a is 0 and it adds nothing to any gradient) and the padded id is never read.
+* The caller chooses how many tokens to feed (T, the first dimension of ids): the policy feeds
+  T − 1 (its heads read hs[0:T]; the state after the last token feeds nothing), the reward model
+  all of them (it reads hs[T]).
 
-Threads: rows are independent through the whole recurrence, so with ``nthreads > 1`` the batch
-is cut into ``nthreads`` blocks of rows and each OpenMP thread runs its block through all T steps
-(its own BLAS calls on its rows): no synchronisation per step. The whole-sequence products are
-split by blocks of the output (``_common_cy.pgemm``) and the column sums and scatter-adds by
+Threads: rows are independent through the whole recurrence, so with ``nchunks > 1`` the batch is
+cut into blocks of rows and each OpenMP thread runs its block through all T steps (its own
+products on its rows): no synchronisation per step. The whole-sequence products are split by
+blocks of the output (``_common_cy.pgemm``, ``nthreads``), the column sums and scatter-adds by
 columns. BLAS itself must run single-threaded meanwhile (the backend sets OpenBLAS to one thread
 for the duration of a call). Every entry is computed by one thread in a fixed order, so results
 are bit-identical from run to run for a given thread count.
 
+Every entry point checks the shapes (and the ids at real positions) its kernel relies on and
+raises ValueError otherwise: bounds checks are off inside.
+
     input_table(E, W_ih, b_ih, b_hh, P, nthreads)          the full table (V, 4H), for sampling
-    forward(E, W_ih, W_hh, b_ih, b_hh, ids, lengths, slot, uids, Xu, P, gates, cs, hs, nthreads, nchunks) -> U
+    forward(E, W_ih, W_hh, WT, b_ih, b_hh, ids, lengths, slot, uids, Xu, P, gates, cs, hs,
+            nthreads, nchunks) -> U
     backward(E, W_ih, W_hh, ids, lengths, slot, uids, U, Xu, P, gates, cs, hs, dHS, dh, dc, tmp,
              dE, dW_ih, dW_hh, db, nthreads, nchunks)
     linear(HS, W, b, out, nthreads)                          out = HS Wᵀ + b
     linear_backward(HS, W, dout, row0, dW, db, dHS, nthreads)
+    transpose(A, out)                                        out = Aᵀ
+    elementwise(name, x, out, rows)                          the kernels' exp/tanh/sigmoid (tests)
+    isa_clones() -> bool
     openmp() -> (compiled with OpenMP, max threads)
 """
 
