@@ -232,27 +232,43 @@ def clear_workspace():
     _WS.bufs.clear()
 
 
-class _call:
-    """Context of one backend call: every OpenBLAS of the process runs single-threaded inside
-    (restored after), and the thread's workspace is pruned when the outermost call ends."""
+_BLAS_LOCK = threading.Lock()
+_BLAS_SAVED = []            # [(set_num_threads, count before)] while some call runs
+_BLAS_USERS = 0             # calls running now, over all threads
 
-    __slots__ = ("saved",)
+
+class _call:
+    """Context of one backend call: every OpenBLAS of the process runs single-threaded inside, and
+    the thread's workspace is pruned when its outermost call ends. The thread counts are saved by
+    the first call to start (over all Python threads) and restored by the last one to end, so
+    concurrent calls cannot leave OpenBLAS at one thread."""
+
+    __slots__ = ()
 
     def __enter__(self):
+        global _BLAS_USERS
         ws = _WS
         if ws.depth == 0:
             ws.calls += 1
         ws.depth += 1
-        self.saved = [(put, get()) for get, put in _blas_controls()]
-        for put, n in self.saved:
-            if n != 1:
-                put(1)
+        with _BLAS_LOCK:
+            if _BLAS_USERS == 0:
+                _BLAS_SAVED[:] = [(put, get()) for get, put in _blas_controls()]
+                for put, n in _BLAS_SAVED:
+                    if n != 1:
+                        put(1)
+            _BLAS_USERS += 1
         return self
 
     def __exit__(self, *exc):
-        for put, n in self.saved:
-            if n != 1:
-                put(n)
+        global _BLAS_USERS
+        with _BLAS_LOCK:
+            _BLAS_USERS -= 1
+            if _BLAS_USERS == 0:
+                for put, n in _BLAS_SAVED:
+                    if n != 1:
+                        put(n)
+                _BLAS_SAVED.clear()
         ws = _WS
         ws.depth -= 1
         if ws.depth == 0:
