@@ -59,7 +59,7 @@ def stage_configs(seed=0, dtype="float32", quick=False):
     lc = RLConfig(seed=seed, dtype=dtype)
     if quick:
         pc = replace(pc, hidden=32, embed=16, steps=120, eval_every=60, ckpt_every=60)
-        rc = replace(rc, n_pairs=256, steps=40, eval_every=20, ckpt_every=20)
+        rc = replace(rc, n_pairs=256, steps=40, batch_size=32, eval_every=20, ckpt_every=20)
         lc = replace(lc, steps=8, batch_size=32, norm_samples=64, ckpt_every=4)
     return pc, rc, lc
 

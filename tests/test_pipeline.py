@@ -14,7 +14,7 @@ import shutil
 import numpy as np
 import pytest
 
-from rlhf_ref import backends, lstm
+from rlhf_ref import backends
 from rlhf_ref.data import corpus
 from rlhf_ref.io import CheckpointError
 from rlhf_ref.metrics import MetricsLogger, Progress, read_metrics

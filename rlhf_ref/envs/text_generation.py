@@ -41,7 +41,7 @@ import gymnasium as gym
 from gymnasium import spaces
 
 from .. import lstm, policy, reward_model
-from ..tokenizer import BOS, EOS, PAD, Vocab
+from ..tokenizer import EOS, PAD, Vocab
 
 
 def _default_data():

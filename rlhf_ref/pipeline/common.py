@@ -24,7 +24,7 @@ import os
 
 import numpy as np
 
-from ..tokenizer import BOS, EOS, PAD, Vocab
+from ..tokenizer import EOS, PAD, Vocab
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
 

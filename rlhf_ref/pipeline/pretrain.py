@@ -102,11 +102,11 @@ def pretrain(texts, vocab, cfg=None, *, backend="auto", run_dir=None, heldout_te
                 row["heldout_loss"] = heldout_loss(be, params, enc_ho)
                 info["heldout_loss"] = row["heldout_loss"]
                 t_last = time.perf_counter()
+            info["final_loss"] = row["loss"]
             if logger:
                 logger.log(row)
             bar.update(1, loss=row["loss"], **({"heldout": row["heldout_loss"]} if "heldout_loss" in row else {}))
             if run_dir and (step % cfg.ckpt_every == 0 or step == cfg.steps):
-                info["final_loss"] = row["loss"]
                 common.save_and_prune(run_dir, "pretrain", step, done=step == cfg.steps, cfg=cfg, vocab=vocab,
                                       groups={"policy": params}, rng=rng, opt_state=state, extra=info)
     finally:

@@ -33,12 +33,12 @@ from .pretrain import cosine_lr
 @dataclass
 class RewardConfig:
     """Preference collection and reward-model training."""
-    n_pairs: int = 10000         #: preference pairs to collect (simulated annotator)
+    n_pairs: int = 16000         #: preference pairs to collect (simulated annotator)
     heldout_frac: float = 0.2    #: share of pairs held out to measure accuracy
     max_new: int = 40            #: response length limit when sampling pairs from π_ref
-    steps: int = 800             #: optimiser steps
-    batch_size: int = 64         #: pairs per step
-    lr: float = 3e-3             #: Adam learning rate at the start
+    steps: int = 600             #: optimiser steps
+    batch_size: int = 128        #: pairs per step
+    lr: float = 2e-3             #: Adam learning rate at the start
     min_lr_frac: float = 0.1     #: the cosine schedule ends at lr · min_lr_frac
     max_grad_norm: float = 1.0   #: global-norm clipping threshold
     init_from_policy: bool = True  #: start embedding and LSTM from π_ref (else a fresh network)
