@@ -97,7 +97,8 @@ def test_sample_command(quick_run, capsys):
     assert cli.main(["sample", "--checkpoint", stem + ".npz", "--prompt", "the cat ", "--n", "3", "--seed", "1",
                      "--backend", "numpy", "--json"]) == 0
     assert [json.loads(ln) for ln in capsys.readouterr().out.splitlines()] == rows
-    assert cli.main(["sample", "--checkpoint", out, "--n", "2", "--kind", "greedy", "--max-len", "5"]) == 0
+    assert cli.main(["sample", "--checkpoint", out, "--n", "2", "--kind", "greedy", "--max-len", "5",
+                     "--backend", "numpy"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("# rl step") and len(lines) == 3
 
