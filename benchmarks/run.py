@@ -10,8 +10,9 @@ NumPy reference first, warmed up (Numba compiles, caches load), then timed round
 one process with a pause at each switch (an OpenBLAS pool spins ~0.1–0.2 s after a call and
 slows the next library). Each sample is a block of calls lasting at least ``--min-time``;
 we report the median over ``--repeats`` rounds with min and max, and ratios as the median of
-per-round paired ratios. GFLOP/s counts GEMM FLOPs only: forward 2·(4H(E+H) + H·V) per
-token, a training step 3× that; the matrix-multiply peak is a square float32 GEMM measured
+per-round paired ratios. GFLOP/s counts the GEMM FLOPs no implementation can avoid: forward
+2·(4H·H + H·V) per token (the input projection depends on the token alone and is tabulated by
+the compiled kernels), a training step 3× that; the matrix-multiply peak is a square float32 GEMM measured
 in the same run with the same thread count.
 """
 
