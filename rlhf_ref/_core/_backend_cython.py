@@ -409,7 +409,7 @@ def _complete(grads, params, dt):
 
 
 def _stats(K, net, sel, V, alpha, eps, has_q=False, qoff=0):
-    """Pass 1 at the positions sel (B, T): logp, ent, qb, mx, ssum, plq, each (B, T) float64."""
+    """Pass 1 at the positions sel (B, T): logp, ent, qb, mx, s1, plq, each (B, T) float64."""
     B, T = sel.shape
     outs = [np.empty((B, T)) for _ in range(6)]
     nt = _pass_threads(T * B * V, net.nt)
@@ -549,7 +549,7 @@ def _reinforce(K, params, tokens, mask, am, reward, ref_logp, cfg, V):
     net = _Net(K, params, tokens, mask, dt, _nthreads(), ("head", "value", "qvalue"))
     critic_q = cfg.critic == "qvalue"
     qoff = net.off["qvalue"][0] if "qvalue" in net.off else 0
-    logp, ent, qb, mx, ssum, plq = _stats(K, net, am, V, cfg.alpha, cfg.eps, critic_q, qoff)
+    logp, ent, qb, mx, s1, plq = _stats(K, net, am, V, cfg.alpha, cfg.eps, critic_q, qoff)
     pm = model.position_mask(mask)
     values = net.column("value", pm) if "value" in net.off else None
     qvalues = net.block("qvalue", pm) if "qvalue" in net.off else None
@@ -567,7 +567,7 @@ def _reinforce(K, params, tokens, mask, am, reward, ref_logp, cfg, V):
         kl, rewards, G, bl, adv, w, pred, d_logp, d_ent, d_pred)
 
     # pass 3: ∂L/∂logits in place, then the backward pass
-    Tr.policy_grads(net.logits, net.ids_pos, am, V, float(cfg.alpha), float(cfg.eps), mx, ssum, logp, plq,
+    Tr.policy_grads(net.logits, net.ids_pos, am, V, float(cfg.alpha), float(cfg.eps), mx, s1, logp, plq,
                     d_logp, d_ent, d_pred, net.off[cfg.critic][0], critic_q,
                     _pass_threads(T * B * net.logits.shape[1], net.nt))
     grads = net.backward_all(params)
@@ -598,11 +598,11 @@ def sft_loss_and_grad(params, tokens, mask):
     V = params["head.weight"].shape[0]
     with _call():
         net = _Net(K, params, tokens, mask, dt, _nthreads(), ("head",))
-        logp, ent, qb, mx, ssum, plq = _stats(K, net, pm, V, 1.0, 0.0)
+        logp, ent, qb, mx, s1, plq = _stats(K, net, pm, V, 1.0, 0.0)
         d_logp = np.empty_like(logp)
         loss = K.train.sft_chain(logp, pm, d_logp)
         zero = np.zeros_like(logp)
-        K.train.policy_grads(net.logits, net.ids_pos, pm, V, 1.0, 0.0, mx, ssum, logp, plq, d_logp, zero, zero, -1,
+        K.train.policy_grads(net.logits, net.ids_pos, pm, V, 1.0, 0.0, mx, s1, logp, plq, d_logp, zero, zero, -1,
                              False, _pass_threads(net.Tpos * net.B * V, net.nt))
         grads = net.backward_all(params)
     return {"logp": logp.astype(dt), "loss": loss, "n_real": n_real}, grads

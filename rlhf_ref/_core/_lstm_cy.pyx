@@ -257,8 +257,12 @@ def forward(const floating[:, ::1] E, const floating[:, ::1] W_ih, const floatin
     need(cs.shape[0] == T + 1 and cs.shape[1] == B and cs.shape[2] == H and hs.shape[0] == T + 1
          and hs.shape[1] == B and hs.shape[2] == H, "forward: cs, hs must be (T + 1, B, H)")
     need(1 <= nchunks <= max(B, 1), "forward: 1 <= nchunks <= B")
-    need(_ids_ok(&ids[0, 0] if T * B > 0 else NULL, &lengths[0] if B > 0 else NULL, T, B, V),
+    need(T * B == 0 or _ids_ok(&ids[0, 0], &lengths[0], T, B, V),
          "forward: a length outside [0, T] or an id outside [0, V) at a real position")
+    if T == 0 or B == 0:                # no token fed: hs[0] = cs[0] = 0 is all there is
+        cs[...] = 0
+        hs[...] = 0
+        return 0
     with nogil:
         U = _forward(&E[0, 0], &W_ih[0, 0], &W_hh[0, 0], &WT[0, 0], &b_ih[0], &b_hh[0], &ids[0, 0], &lengths[0],
                      &slot[0], &uids[0], &Xu[0, 0], &P[0, 0], &gates[0, 0, 0], &cs[0, 0, 0], &hs[0, 0, 0],
@@ -401,9 +405,16 @@ def backward(const floating[:, ::1] E, const floating[:, ::1] W_ih, const floati
     need(dE.shape[0] == V and dE.shape[1] == Ed and dW_ih.shape[0] == G and dW_ih.shape[1] == Ed
          and dW_hh.shape[0] == G and dW_hh.shape[1] == H and db.shape[0] == G, "backward: gradient shapes")
     need(1 <= nchunks <= max(B, 1), "backward: 1 <= nchunks <= B")
+    if T == 0 or B == 0:                # no token fed: no parameter was used
+        dE[...] = 0
+        dW_ih[...] = 0
+        dW_hh[...] = 0
+        db[...] = 0
+        return
+    cdef const floating* pdHS = &dHS[0, 0] if dHS.shape[0] > 0 else NULL
     with nogil:
         _backward(&E[0, 0], &W_ih[0, 0], &W_hh[0, 0], &ids[0, 0], &lengths[0], &slot[0], &uids[0], U,
-                  &Xu[0, 0], &P[0, 0], &gates[0, 0, 0], &cs[0, 0, 0], &hs[0, 0, 0], &dHS[0, 0],
+                  &Xu[0, 0], &P[0, 0], &gates[0, 0, 0], &cs[0, 0, 0], &hs[0, 0, 0], pdHS,
                   dHS.shape[0] // B if B > 0 else 0,
                   &dh[0, 0], &dc[0, 0], &tmp[0, 0], &dE[0, 0], &dW_ih[0, 0], &dW_hh[0, 0], &db[0],
                   T, B, E.shape[0], E.shape[1], W_hh.shape[1], nthreads, nchunks)

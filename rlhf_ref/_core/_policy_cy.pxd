@@ -3,7 +3,13 @@
 # fused, with no (B, T, V) temporaries. The formulas are the reference's (policy.py docstring):
 #
 #   Boltzmann    log π(a)   = s_a − lse,  s = α·z (in the row's dtype, as NumPy rounds alpha * z),
-#                lse = m + log Σ_k exp(s_k − m),  m = max_k s_k
+#                lse = m + log S,  S = Σ_k exp(s_k − m),  m = max_k s_k, and log S = log1p(S − 1)
+#                with S − 1 summed without the maximum's term (exactly 1), so that log S keeps its
+#                relative accuracy when one token takes nearly all the mass. In float64 log π(a)
+#                is evaluated in the reference's order s_a − (m + log S), so both round alike (that
+#                order rounds m + log S first: a log-probability near 0 is accurate only to eps·|m|,
+#                in the reference too). In float32, compared with the float64 reference, as
+#                (s_a − m) − log S, whose rounding stays relative to log π itself.
 #   ε-mixture    log π_ε(a) = logaddexp(log1p(−ε) + log π(a), log(ε/V)), in float64 (the reference
 #                promotes to float64 there too), ε = 0: log π
 #   classic ε-greedy / greedy   q = (1−ε)·onehot(argmax z) + ε/V (ties to the lowest index)
@@ -19,7 +25,7 @@
 # serialised on the add latency).
 
 from cython cimport floating
-from libc.math cimport log, exp as libm_exp, INFINITY
+from libc.math cimport log, log1p, exp as libm_exp, INFINITY
 from ._common_cy cimport vexp, exp_row, logaddexp, log1m
 
 cdef enum:
@@ -33,8 +39,8 @@ ctypedef struct RowStats:
     double ent      # H(π_ε)
     double qb       # Σ_k π_ε,k Q_k (the qvalue baseline), when asked
     double plq      # Σ_k π_k log π_ε,k (for the entropy gradient)
-    double mx       # m = max_k α z_k      (in the row's dtype, exactly)
-    double ssum     # S = Σ_k exp(α z_k − m) (in the row's dtype, exactly); lse = m + log S
+    double mx       # m = max_k α z_k (in the row's dtype, exactly)
+    double s1       # S − 1 = Σ_{k ≠ k*} exp(α z_k − m), k* the first maximum (in the row's dtype, exactly)
 
 
 cdef inline floating row_sum(const floating* e, Py_ssize_t V) noexcept nogil:
@@ -62,23 +68,38 @@ cdef inline Py_ssize_t argmax_row(const floating* z, Py_ssize_t V) noexcept nogi
 
 
 cdef inline floating softmax_row(const floating* z, Py_ssize_t V, floating al, floating* e,
-                                 floating* S) noexcept nogil:
-    """e[k] = exp(α z_k − m); returns m and sets S = Σ e."""
-    cdef Py_ssize_t k
-    cdef floating m = al * z[0], s
+                                 floating* s1) noexcept nogil:
+    """e[k] = exp(s_k − m) with s_k = α z_k rounded as NumPy rounds alpha * z and m = max s_k;
+    returns m and sets s1 = S − 1, the sum of every term but the (first) maximum's, which is
+    exactly 1. S = 1 + s1 and log S = log1p(s1): computed so, log S keeps its relative accuracy
+    when one token takes nearly all the mass (S → 1), where log of a rounded S loses it."""
+    cdef Py_ssize_t k, kmax = 0
+    cdef floating m
+    for k in range(V):
+        e[k] = al * z[k]
+    m = e[0]
     for k in range(1, V):
-        s = al * z[k]
-        if s > m:
-            m = s
-    # e_k = exp(α z_k − m): α z_k − m is one rounding off NumPy's (α z_k) − m, as fused here
-    exp_row(z, V, al, -m, e)
-    S[0] = row_sum(e, V)
+        if e[k] > m:
+            m = e[k]
+            kmax = k
+    exp_row(e, V, <floating>1, -m, e)          # exp(s_k − m): s_k − m is exact or one rounding
+    e[kmax] = 0
+    s1[0] = row_sum(e, V)
+    e[kmax] = 1                                 # exp(0)
     return m
 
 
-cdef inline floating lse_of(floating m, floating S) noexcept nogil:
-    # lse = m + log S, in the row's dtype as the reference computes it
-    return m + <floating>log(S)
+cdef inline floating log_s(floating s1) noexcept nogil:
+    """log S = log1p(S − 1)."""
+    return <floating>log1p(s1)
+
+
+cdef inline floating logpi(floating s, floating m, floating ls) noexcept nogil:
+    """log π_k from s_k = α z_k, m and ls = log S (the order: see the top of this file)."""
+    if floating is double:
+        return s - (m + ls)
+    else:
+        return (s - m) - ls
 
 
 cdef inline RowStats stats_row(const floating* z, Py_ssize_t V, Py_ssize_t a, double alpha, double eps,
@@ -86,21 +107,22 @@ cdef inline RowStats stats_row(const floating* z, Py_ssize_t V, Py_ssize_t a, do
     """For an action position: log π_ε(a), the entropy, the qvalue baseline and what the gradient
     pass needs (Boltzmann ε-mixture over z[:V]; qz[:V] are Q-values, read when has_q)."""
     cdef RowStats st
-    cdef floating al = <floating>alpha, S, m, lse, pk, lq, zero = 0
+    cdef floating al = <floating>alpha, S, s1, m, ls, pk, lq, zero = 0
     cdef double l1, le, lqd, qk, ent = 0, plq = 0, qb = 0
     cdef Py_ssize_t k
-    m = softmax_row(z, V, al, e, &S)
-    lse = lse_of(m, S)
+    m = softmax_row(z, V, al, e, &s1)
+    S = 1 + s1
+    ls = log_s(s1)
     st.mx = m
-    st.ssum = S
-    st.lp = al * z[a] - lse
+    st.s1 = s1
+    st.lp = logpi(al * z[a], m, ls)
     if eps > 0.0:
         l1 = log1m(eps)
         le = log(eps / V)
         st.lp = logaddexp(l1 + st.lp, le)
         for k in range(V):
             pk = e[k] / S
-            lqd = logaddexp(l1 + <double>(al * z[k] - lse), le)
+            lqd = logaddexp(l1 + <double>logpi(al * z[k], m, ls), le)
             qk = libm_exp(lqd)
             if qk > 0:
                 ent = ent - qk * lqd
@@ -112,7 +134,7 @@ cdef inline RowStats stats_row(const floating* z, Py_ssize_t V, Py_ssize_t a, do
         for k in range(V):
             pk = e[k] / S
             if pk > zero:                       # 0·log 0 = 0
-                plq = plq + pk * (al * z[k] - lse)
+                plq = plq + pk * logpi(al * z[k], m, ls)
             if has_q:
                 qb = qb + pk * qz[k]
         ent = -plq
@@ -123,17 +145,19 @@ cdef inline RowStats stats_row(const floating* z, Py_ssize_t V, Py_ssize_t a, do
 
 
 cdef inline void grad_row(floating* z, Py_ssize_t V, Py_ssize_t a, double alpha, double eps,
-                          double mx, double ssum, double lq_a, double plq, double d_logp,
+                          double mx, double s1, double lq_a, double plq, double d_logp,
                           double d_ent) noexcept nogil:
-    """Overwrite z[:V] with ∂/∂z of d_logp·log π_ε(a) + d_ent·H(π_ε) (formula above)."""
-    cdef floating al = <floating>alpha, m = <floating>mx, S = <floating>ssum, lse, s, p, lq, zero = 0
+    """Overwrite z[:V] with ∂/∂z of d_logp·log π_ε(a) + d_ent·H(π_ε) (formula above); mx, s1
+    as stats_row returned them (so that π is the same here as there)."""
+    cdef floating al = <floating>alpha, m = <floating>mx, fs1 = <floating>s1, S, ls, s, p, lq, zero = 0
     cdef floating fscale, fce, fplq = <floating>plq
     cdef double scale, ce, l1, le, lqd, pa
     cdef Py_ssize_t k
-    lse = lse_of(m, S)
+    S = 1 + fs1
+    ls = log_s(fs1)
     scale = d_logp * alpha
     if eps > 0.0:
-        pa = vexp(al * z[a] - m) / S
+        pa = vexp((al * z[a]) - m) / S
         scale = scale * (1.0 - eps) * pa / libm_exp(lq_a)
     ce = -d_ent * (1.0 - eps) * alpha
     fscale = <floating>scale
@@ -144,17 +168,19 @@ cdef inline void grad_row(floating* z, Py_ssize_t V, Py_ssize_t a, double alpha,
         for k in range(V):
             s = al * z[k]
             p = vexp(s - m) / S
-            lqd = logaddexp(l1 + <double>(s - lse), le)
+            lqd = logaddexp(l1 + <double>logpi(s, m, ls), le)
             lq = <floating>lqd
             z[k] = -fscale * p + fce * ((p * lq if p > zero else zero) - p * fplq)
     elif d_ent != 0.0:
         for k in range(V):
             s = al * z[k]
             p = vexp(s - m) / S
-            lq = s - lse
+            lq = logpi(s, m, ls)
             z[k] = -fscale * p + fce * ((p * lq if p > zero else zero) - p * fplq)
     else:
-        exp_row(z, V, al, -m, z)                # in place: z_k ← exp(α z_k − m), then −scale·π_k
+        for k in range(V):                      # in place: z_k ← s_k, exp(s_k − m), then −scale·π_k
+            z[k] = al * z[k]
+        exp_row(z, V, <floating>1, -m, z)
         for k in range(V):
             z[k] = -fscale * (z[k] / S)
     z[a] = z[a] + fscale
@@ -172,10 +198,10 @@ cdef inline double greedy_logprob(const floating* z, Py_ssize_t V, Py_ssize_t a,
 cdef inline double logprob_row(const floating* z, Py_ssize_t V, Py_ssize_t a, double alpha, double eps,
                                int kind, floating* e) noexcept nogil:
     """log q(a) under the policy `kind` over z[:V] (the frozen reference policy at a sampled token)."""
-    cdef floating al = <floating>alpha, S, m, lp
+    cdef floating al = <floating>alpha, s1, m, lp
     if kind == BOLTZMANN:
-        m = softmax_row(z, V, al, e, &S)
-        lp = al * z[a] - lse_of(m, S)
+        m = softmax_row(z, V, al, e, &s1)
+        lp = logpi(al * z[a], m, log_s(s1))
         if eps > 0.0:
             return logaddexp(log1m(eps) + <double>lp, log(eps / V))
         return lp
@@ -185,18 +211,19 @@ cdef inline double logprob_row(const floating* z, Py_ssize_t V, Py_ssize_t a, do
 cdef inline Py_ssize_t sample_row(const floating* z, Py_ssize_t V, double alpha, double eps, int kind,
                                   double u, floating* e, double* lp_out) noexcept nogil:
     """Sample one token from the policy `kind` over z[:V] with the uniform u; lp_out = log q(a)."""
-    cdef floating al = <floating>alpha, S, m, lse, acc = 0, hi, lo
+    cdef floating al = <floating>alpha, S, s1, m, ls, acc = 0, hi, lo
     cdef double l1, le, lqd, qd, accd = 0
     cdef Py_ssize_t k, a = -1, last = -1, g
     if kind == BOLTZMANN:
-        m = softmax_row(z, V, al, e, &S)
-        lse = lse_of(m, S)
+        m = softmax_row(z, V, al, e, &s1)
+        S = 1 + s1
+        ls = log_s(s1)
         if eps > 0.0:
             # the ε-mixture in float64, as the reference computes it
             l1 = log1m(eps)
             le = log(eps / V)
             for k in range(V):
-                qd = libm_exp(logaddexp(l1 + <double>(al * z[k] - lse), le))
+                qd = libm_exp(logaddexp(l1 + <double>logpi(al * z[k], m, ls), le))
                 accd = accd + qd
                 if qd > 0:
                     last = k
@@ -204,10 +231,12 @@ cdef inline Py_ssize_t sample_row(const floating* z, Py_ssize_t V, double alpha,
                     a = k
             if a < 0:
                 a = last
-            lp_out[0] = logaddexp(l1 + <double>(al * z[a] - lse), le)
+            lp_out[0] = logaddexp(l1 + <double>logpi(al * z[a], m, ls), le)
             return a
-        # q_k = exp(log π_k), log π_k = α z_k − lse (policy.sample(exp(logq)))
-        exp_row(z, V, al, -lse, e)
+        # q_k = π_k = e_k / S (the reference samples from exp(log π_k): equal up to rounding,
+        # which only moves a tie at a CDF boundary)
+        for k in range(V):
+            e[k] = e[k] / S
         for k in range(V):
             acc = acc + e[k]
             if acc > u:
@@ -218,7 +247,7 @@ cdef inline Py_ssize_t sample_row(const floating* z, Py_ssize_t V, double alpha,
                 if e[k] > 0:
                     a = k
                     break
-        lp_out[0] = al * z[a] - lse
+        lp_out[0] = logpi(al * z[a], m, ls)
         return a
     # classic ε-greedy / greedy
     g = argmax_row(z, V)

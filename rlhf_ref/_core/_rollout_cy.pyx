@@ -35,6 +35,24 @@ cdef inline void need(bint ok, str what) except *:
         raise ValueError(f"_rollout_cy.rollout: {what}")
 
 
+# The first element's address, NULL for an empty buffer (an unused argument): &a[0, 0] of an empty
+# view is an IndexError in the debug build (RLHF_REF_CYTHON_DEBUG=1, bounds checks on).
+cdef inline const floating* cp2(const floating[:, ::1] a):
+    return &a[0, 0] if a.shape[0] > 0 and a.shape[1] > 0 else NULL
+
+
+cdef inline const floating* cp1(const floating[::1] a):
+    return &a[0] if a.shape[0] > 0 else NULL
+
+
+cdef inline floating* p2(floating[:, ::1] a):
+    return &a[0, 0] if a.shape[0] > 0 and a.shape[1] > 0 else NULL
+
+
+cdef inline double* d2(double[:, ::1] a):
+    return &a[0, 0] if a.shape[0] > 0 and a.shape[1] > 0 else NULL
+
+
 cdef inline void _policy_row(const floating* z, Py_ssize_t Kc, bint has_value, const floating* zr, Py_ssize_t Kr,
                              bint has_ref, int64_t* tokens, const int64_t* prompt_len, const double* u,
                              Py_ssize_t V, double alpha, double eps, int kind, int64_t eos_id,
@@ -171,23 +189,41 @@ def rollout(const floating[:, ::1] P, const floating[:, ::1] W_hh, const floatin
     if B * T == 0:
         return
     cdef floating* w = &work[0, 0]
-    cdef const floating* pWT = &WT[0, 0] if WT.shape[0] * WT.shape[1] else NULL
-    cdef const floating* pWcT = &WcT[0, 0] if WcT.shape[0] * WcT.shape[1] else NULL
-    cdef const floating* pWTr = &WTr[0, 0] if has_ref and WTr.shape[0] * WTr.shape[1] else NULL
-    cdef const floating* pWcTr = &WcTr[0, 0] if has_ref and WcTr.shape[0] * WcTr.shape[1] else NULL
+    cdef const floating* pWT = cp2(WT)
+    cdef const floating* pWcT = cp2(WcT)
+    cdef const floating* pWTr = cp2(WTr) if has_ref else NULL
+    cdef const floating* pWcTr = cp2(WcTr) if has_ref else NULL
+    cdef const floating* pP = cp2(P)
+    cdef const floating* pW_hh = cp2(W_hh)
+    cdef const floating* pWc = cp2(Wc)
+    cdef const floating* pbc = cp1(bc)
+    cdef const floating* pPr = cp2(Pr)
+    cdef const floating* pW_hhr = cp2(W_hhr)
+    cdef const floating* pWcr = cp2(Wcr)
+    cdef const floating* pbcr = cp1(bcr)
+    cdef double* pref = d2(ref_logp)
+    cdef double* pvals = d2(vals)
+    cdef floating* ph = p2(h)
+    cdef floating* pc = p2(c)
+    cdef floating* pcn = p2(cn)
+    cdef floating* pa = p2(a)
+    cdef floating* pz = p2(z)
+    cdef floating* phr = p2(hr)
+    cdef floating* pcr = p2(cr)
+    cdef floating* pcnr = p2(cnr)
+    cdef floating* par = p2(ar)
+    cdef floating* pzr = p2(zr)
     with nogil:
         if nchunks > 1:
             for ch in prange(nchunks, num_threads=nchunks, schedule="static"):
                 b0 = (B * ch) // nchunks
                 b1 = (B * (ch + 1)) // nchunks
-                _rollout_rows(&P[0, 0], &W_hh[0, 0], pWT, &Wc[0, 0], pWcT, &bc[0], has_value,
-                              &Pr[0, 0], &W_hhr[0, 0], pWTr, &Wcr[0, 0], pWcTr, &bcr[0], has_ref, &tokens[0, 0], &prompt_len[0], &u[0, 0], V, alpha,
-                              eps, kind, eos_id, &mask[0, 0], &am[0, 0], &logp[0, 0], &ref_logp[0, 0],
-                              &vals[0, 0], &h[0, 0], &c[0, 0], &cn[0, 0], &a[0, 0], &z[0, 0], &hr[0, 0], &cr[0, 0], &cnr[0, 0],
-                              &ar[0, 0], &zr[0, 0], w + ch * V, &done[0], T, H, Kc, Hr, Kr, b0, b1)
+                _rollout_rows(pP, pW_hh, pWT, pWc, pWcT, pbc, has_value, pPr, pW_hhr, pWTr, pWcr, pWcTr, pbcr,
+                              has_ref, &tokens[0, 0], &prompt_len[0], &u[0, 0], V, alpha, eps, kind, eos_id,
+                              &mask[0, 0], &am[0, 0], &logp[0, 0], pref, pvals, ph, pc, pcn, pa, pz, phr, pcr, pcnr,
+                              par, pzr, w + ch * V, &done[0], T, H, Kc, Hr, Kr, b0, b1)
         else:
-            _rollout_rows(&P[0, 0], &W_hh[0, 0], pWT, &Wc[0, 0], pWcT, &bc[0], has_value,
-                          &Pr[0, 0], &W_hhr[0, 0], pWTr, &Wcr[0, 0], pWcTr, &bcr[0], has_ref, &tokens[0, 0], &prompt_len[0], &u[0, 0], V, alpha,
-                          eps, kind, eos_id, &mask[0, 0], &am[0, 0], &logp[0, 0], &ref_logp[0, 0],
-                          &vals[0, 0], &h[0, 0], &c[0, 0], &cn[0, 0], &a[0, 0], &z[0, 0], &hr[0, 0], &cr[0, 0], &cnr[0, 0],
-                          &ar[0, 0], &zr[0, 0], w, &done[0], T, H, Kc, Hr, Kr, 0, B)
+            _rollout_rows(pP, pW_hh, pWT, pWc, pWcT, pbc, has_value, pPr, pW_hhr, pWTr, pWcr, pWcTr, pbcr,
+                          has_ref, &tokens[0, 0], &prompt_len[0], &u[0, 0], V, alpha, eps, kind, eos_id,
+                          &mask[0, 0], &am[0, 0], &logp[0, 0], pref, pvals, ph, pc, pcn, pa, pz, phr, pcr, pcnr,
+                          par, pzr, w, &done[0], T, H, Kc, Hr, Kr, 0, B)

@@ -66,7 +66,7 @@ cdef bint _bt(const double[:, ::1] a, Py_ssize_t B, Py_ssize_t T):
 cdef inline void _stats_one(const floating* logits, Py_ssize_t K, const int64_t* ids, const double* sel,
                             Py_ssize_t B, Py_ssize_t T, Py_ssize_t r, Py_ssize_t V, double alpha, double eps,
                             Py_ssize_t qoff, bint has_q, double* logp, double* ent, double* qb,
-                            double* mx, double* ssum, double* plq, floating* e) noexcept nogil:
+                            double* mx, double* s1, double* plq, floating* e) noexcept nogil:
     cdef Py_ssize_t t = r // B, b = r - t * B, i = b * T + t
     cdef RowStats st
     if sel[i] == 0:
@@ -74,7 +74,7 @@ cdef inline void _stats_one(const floating* logits, Py_ssize_t K, const int64_t*
         ent[i] = 0
         qb[i] = 0
         mx[i] = 0
-        ssum[i] = 1
+        s1[i] = 0
         plq[i] = 0
         return
     st = stats_row(logits + r * K, V, ids[r], alpha, eps, logits + r * K + qoff, has_q, e)
@@ -82,23 +82,23 @@ cdef inline void _stats_one(const floating* logits, Py_ssize_t K, const int64_t*
     ent[i] = st.ent
     qb[i] = st.qb
     mx[i] = st.mx
-    ssum[i] = st.ssum
+    s1[i] = st.s1
     plq[i] = st.plq
 
 
 def policy_stats(const floating[:, ::1] logits, const int64_t[:, ::1] ids, const double[:, ::1] sel,
                  Py_ssize_t V, double alpha, double eps, Py_ssize_t qoff, bint has_q,
                  double[:, ::1] logp, double[:, ::1] ent, double[:, ::1] qb, double[:, ::1] mx,
-                 double[:, ::1] ssum, double[:, ::1] plq, floating[:, ::1] work, int nthreads=1):
+                 double[:, ::1] s1, double[:, ::1] plq, floating[:, ::1] work, int nthreads=1):
     """Pass 1. logits (T·B, K), ids (T, B) the tokens (the actions a_t), sel (B, T) where to
     compute (elsewhere the outputs are 0). Outputs (B, T) float64: logp, ent (entropy), qb
-    (Σ π_ε Q, when has_q: Q-values at columns [qoff, qoff + V)), mx, ssum, plq. work (n, V)
-    scratch with n ≥ nthreads."""
+    (Σ π_ε Q, when has_q: Q-values at columns [qoff, qoff + V)), mx and s1 (the softmax's
+    max and S − 1, for the gradient pass), plq. work (n, V) scratch with n ≥ nthreads."""
     cdef Py_ssize_t T = ids.shape[0], B = ids.shape[1], K = logits.shape[1], r
     _check_pass("policy_stats", logits.shape[0], K, T, B, V, &ids[0, 0], &sel[0, 0], sel.shape[0], sel.shape[1])
     need(not has_q or 0 <= qoff <= K - V, "policy_stats: Q-values at columns [qoff, qoff + V) of the logits")
-    need(_bt(logp, B, T) and _bt(ent, B, T) and _bt(qb, B, T) and _bt(mx, B, T) and _bt(ssum, B, T) and _bt(plq, B, T),
-         "policy_stats: outputs (B, T)")
+    need(_bt(logp, B, T) and _bt(ent, B, T) and _bt(qb, B, T) and _bt(mx, B, T) and _bt(s1, B, T)
+         and _bt(plq, B, T), "policy_stats: outputs (B, T)")
     need(work.shape[0] >= max(nthreads, 1) and work.shape[1] >= V, "policy_stats: work (nthreads, V)")
     if T * B == 0:
         return
@@ -108,19 +108,19 @@ def policy_stats(const floating[:, ::1] logits, const int64_t[:, ::1] ids, const
         if nthreads > 1 and T * B > 1:
             for r in prange(T * B, num_threads=nthreads, schedule="static"):
                 _stats_one(L, K, &ids[0, 0], &sel[0, 0], B, T, r, V, alpha, eps, qoff, has_q,
-                           &logp[0, 0], &ent[0, 0], &qb[0, 0], &mx[0, 0], &ssum[0, 0], &plq[0, 0],
+                           &logp[0, 0], &ent[0, 0], &qb[0, 0], &mx[0, 0], &s1[0, 0], &plq[0, 0],
                            w + threadid() * V)
         else:
             for r in range(T * B):
                 _stats_one(L, K, &ids[0, 0], &sel[0, 0], B, T, r, V, alpha, eps, qoff, has_q,
-                           &logp[0, 0], &ent[0, 0], &qb[0, 0], &mx[0, 0], &ssum[0, 0], &plq[0, 0], w)
+                           &logp[0, 0], &ent[0, 0], &qb[0, 0], &mx[0, 0], &s1[0, 0], &plq[0, 0], w)
 
 
 # ----------------------------------------------------------------------------- pass 3
 
 cdef inline void _grads_one(floating* logits, Py_ssize_t K, const int64_t* ids, const double* sel,
                             Py_ssize_t B, Py_ssize_t T, Py_ssize_t r, Py_ssize_t V, double alpha, double eps,
-                            const double* mx, const double* ssum, const double* logp, const double* plq,
+                            const double* mx, const double* s1, const double* logp, const double* plq,
                             const double* d_logp, const double* d_ent, const double* d_pred,
                             Py_ssize_t pred_col, bint pred_q) noexcept nogil:
     cdef Py_ssize_t t = r // B, b = r - t * B, i = b * T + t, k
@@ -129,7 +129,7 @@ cdef inline void _grads_one(floating* logits, Py_ssize_t K, const int64_t* ids, 
     if sel[i] == 0:
         memset(z, 0, K * sizeof(floating))
         return
-    grad_row(z, V, a, alpha, eps, mx[i], ssum[i], logp[i], plq[i], d_logp[i], d_ent[i])
+    grad_row(z, V, a, alpha, eps, mx[i], s1[i], logp[i], plq[i], d_logp[i], d_ent[i])
     for k in range(V, K):
         z[k] = 0
     if pred_col >= 0:
@@ -138,7 +138,7 @@ cdef inline void _grads_one(floating* logits, Py_ssize_t K, const int64_t* ids, 
 
 
 def policy_grads(floating[:, ::1] logits, const int64_t[:, ::1] ids, const double[:, ::1] sel,
-                 Py_ssize_t V, double alpha, double eps, const double[:, ::1] mx, const double[:, ::1] ssum,
+                 Py_ssize_t V, double alpha, double eps, const double[:, ::1] mx, const double[:, ::1] s1,
                  const double[:, ::1] logp, const double[:, ::1] plq, const double[:, ::1] d_logp,
                  const double[:, ::1] d_ent, const double[:, ::1] d_pred, Py_ssize_t pred_col, bint pred_q,
                  int nthreads=1):
@@ -149,7 +149,7 @@ def policy_grads(floating[:, ::1] logits, const int64_t[:, ::1] ids, const doubl
     cdef Py_ssize_t T = ids.shape[0], B = ids.shape[1], K = logits.shape[1], r
     _check_pass("policy_grads", logits.shape[0], K, T, B, V, &ids[0, 0], &sel[0, 0], sel.shape[0], sel.shape[1])
     need(pred_col < 0 or pred_col + (V if pred_q else 1) <= K, "policy_grads: the critic's columns lie outside K")
-    need(_bt(mx, B, T) and _bt(ssum, B, T) and _bt(logp, B, T) and _bt(plq, B, T) and _bt(d_logp, B, T)
+    need(_bt(mx, B, T) and _bt(s1, B, T) and _bt(logp, B, T) and _bt(plq, B, T) and _bt(d_logp, B, T)
          and _bt(d_ent, B, T) and _bt(d_pred, B, T), "policy_grads: (B, T) inputs")
     if T * B == 0:
         return
@@ -157,11 +157,11 @@ def policy_grads(floating[:, ::1] logits, const int64_t[:, ::1] ids, const doubl
     with nogil:
         if nthreads > 1 and T * B > 1:
             for r in prange(T * B, num_threads=nthreads, schedule="static"):
-                _grads_one(L, K, &ids[0, 0], &sel[0, 0], B, T, r, V, alpha, eps, &mx[0, 0], &ssum[0, 0],
+                _grads_one(L, K, &ids[0, 0], &sel[0, 0], B, T, r, V, alpha, eps, &mx[0, 0], &s1[0, 0],
                            &logp[0, 0], &plq[0, 0], &d_logp[0, 0], &d_ent[0, 0], &d_pred[0, 0], pred_col, pred_q)
         else:
             for r in range(T * B):
-                _grads_one(L, K, &ids[0, 0], &sel[0, 0], B, T, r, V, alpha, eps, &mx[0, 0], &ssum[0, 0],
+                _grads_one(L, K, &ids[0, 0], &sel[0, 0], B, T, r, V, alpha, eps, &mx[0, 0], &s1[0, 0],
                            &logp[0, 0], &plq[0, 0], &d_logp[0, 0], &d_ent[0, 0], &d_pred[0, 0], pred_col, pred_q)
 
 
@@ -180,7 +180,7 @@ def reinforce_chain(const double[:, ::1] logp, const double[:, ::1] ref_logp, co
     Q(s_t, a_t) (qvalue critic). Returns (loss_pg, loss_ent, loss_value). The caller has checked
     what the reference raises on (no action; loo with < 2 rows; bessel with < 2 actions)."""
     cdef Py_ssize_t B = logp.shape[0], T = logp.shape[1], b, t, last
-    cdef double x, k, g, tot, disc, N = 0, nrows = 0, n_b, s_b = 0, S_all = 0, mu, var, den, sd
+    cdef double x, k, g, tot, disc, N = 0, nrows = 0, n_b = 0, s_b = 0, S_all = 0, mu, var, den, sd
     cdef double loss_pg = 0, loss_ent = 0, loss_value = 0, e
     need(reward.shape[0] == B and _bt(ref_logp, B, T) and _bt(am, B, T) and _bt(values, B, T) and _bt(qb, B, T)
          and _bt(pred_q, B, T) and _bt(ent, B, T) and _bt(kl, B, T) and _bt(rewards, B, T) and _bt(G, B, T)
