@@ -4,17 +4,19 @@ The whole time loop runs in C with the GIL released. Per step t = 1 … T−1 (f
 so that h becomes h_{t−1}, the state token t is chosen in), exactly in the reference's order:
 
 1. the input part of the pre-activations is a row of the table P = E W_ihᵀ + b_ih + b_hh
-   (``_lstm_cy.input_table``), then one BLAS product a += h W_hhᵀ for the batch (skipped at
-   t = 1, where h = 0), then the fused cell (``_lstm_cy.cell``) per live row;
-2. one BLAS product for the stacked heads z = h W_cᵀ + b_c (``head`` and, when asked, ``value``);
+   (``_lstm_cy.input_table``), then one product a += h W_hhᵀ per block of rows (skipped at
+   t = 1, where h = 0; ``_common_cy.smm`` for 4..64 rows when the transposed weights are given,
+   BLAS otherwise), then the fused cell (``_lstm_cy.cell``) per live row;
+2. one product for the stacked heads z = h W_cᵀ + b_c (``head`` and, when asked, ``value``);
 3. per live row: the mask, the value, and at t ≥ prompt_len the policy and the inverse-CDF draw
    with u[b, t] (``_policy_cy.sample_row``), the log-probability of the drawn token under the
    frozen reference policy when given (which runs beside with its own state), and EOS.
 
 Rows that have ended are not stepped (the reference steps them and discards the result). Rows
 are independent through the whole loop, so with ``nchunks > 1`` the batch is cut into blocks of
-rows and each OpenMP thread runs its block through all T steps with its own BLAS calls: no
-synchronisation per step (BLAS must run single-threaded meanwhile; the backend sets that).
+rows and each OpenMP thread runs its block through all T steps with its own products: no
+synchronisation per step (BLAS must run single-threaded meanwhile; the backend sets that). The
+entry point checks every shape and the prompt ids (bounds checks are off inside).
 """
 
 from cython cimport floating

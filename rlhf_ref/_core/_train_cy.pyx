@@ -5,8 +5,8 @@ r = t·B + b; the stacked heads: ``head`` columns [0, V), then ``value`` and/or 
 by ``_lstm_cy.linear``. Three passes turn it into the losses and ∂L/∂logits, in place:
 
     policy_stats     per selected position (an action, or a real t ≥ 1 for SFT): log π_ε(a_t),
-                     entropy, the qvalue baseline, and what the gradient pass needs (m, S, Σ π log π_ε);
-                     rows in parallel, each with its own (V,) scratch row
+                     entropy, the qvalue baseline, and what the gradient pass needs (m, S − 1,
+                     Σ π log π_ε); rows in parallel, each with its own (V,) scratch row
     reinforce_chain  the per-token scalars of returns.py and reinforce.py in float64, in the
                      reference's order: k_t, shaped rewards, returns, baseline, advantages
                      (whitened), aggregation weights, the three losses and their upstream
@@ -17,6 +17,9 @@ by ``_lstm_cy.linear``. Three passes turn it into the losses and ∂L/∂logits,
 
 (B, T) arrays are batch-major float64, as the reference returns them; the row passes compute in
 the logits' dtype (float32 or float64) and the ε-mixture in float64, as the reference does.
+Returns and advantages are a few O(B·T) loops here rather than the reference's NumPy (whose
+reward-to-go is a Python loop over T, ~5 µs a step: 300 µs of a 1 ms B = 1 training step). Every
+entry point checks the shapes and the actions' ids it relies on (bounds checks are off inside).
 """
 
 from cython cimport floating
