@@ -18,7 +18,8 @@ by ``_lstm_cy.linear``. Three passes turn it into the losses and ∂L/∂logits,
 (B, T) arrays are batch-major float64, as the reference returns them; the row passes compute in
 the logits' dtype (float32 or float64) and the ε-mixture in float64, as the reference does.
 Returns and advantages are a few O(B·T) loops here rather than the reference's NumPy (whose
-reward-to-go is a Python loop over T, ~5 µs a step: 300 µs of a 1 ms B = 1 training step). Every
+reward-to-go is a Python loop over T: 160 µs at T = 64, B = 1, the reference's whole per-token
+chain 200 µs, measured, against a B = 1 training step of about 1 ms). Every
 entry point checks the shapes and the actions' ids it relies on (bounds checks are off inside).
 """
 
