@@ -105,6 +105,22 @@ def sequence_logprobs(params, tokens, mask, prompt_len, alpha=1.0, eps=0.0):
     return token_logprobs(policy.logprobs(out["scores"], alpha, eps), tokens, am)
 
 
+def pack_outputs(dt, am, logp, ref_logp, ent, kl, rewards, G, values, qvalues, bl, adv, w, loss_pg, loss_ent,
+                 loss_value):
+    """The ``out`` dict of a compiled backend's ``reinforce_loss_and_grad`` (no (B, T, V) scores/logq):
+    every per-token array in the params dtype ``dt``, in data-flow order."""
+    out = {"action_mask": am, "logp": logp.astype(dt), "ref_logp": ref_logp.astype(dt),
+           "entropy": ent.astype(dt), "kl": kl.astype(dt), "rewards": rewards.astype(dt), "returns": G.astype(dt)}
+    if values is not None:
+        out["values"] = values.astype(dt)
+    if qvalues is not None:
+        out["qvalues"] = qvalues
+    out.update({"baseline": bl.astype(dt), "advantages": adv.astype(dt), "weights": w.astype(dt),
+                "loss_pg": loss_pg, "loss_ent": loss_ent, "loss_value": loss_value,
+                "loss": loss_pg + loss_ent + loss_value})
+    return out
+
+
 def loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, ref_params=None, ref_logp=None,
                   term_grads=False):
     """The RL loss, every intermediate and ∇L for every parameter.

@@ -18,14 +18,21 @@ import numpy as np
 from . import model, policy
 
 
-def loss_and_grad(params, tokens, mask):
-    """L_sft, the next-token log-probs (B, T) and ∇L_sft for every parameter (other heads get 0)."""
+def prepare(params, tokens, mask):
+    """Validate an SFT batch; returns (tokens, mask, pm, n_real) with pm the positions predicted
+    (real and t ≥ 1). Every backend runs this same check before its kernels."""
     _, tokens, mask, _ = model.prepare(params, tokens, mask, None)
-    fwd, cache = model.forward(params, tokens, mask)
-    pm = cache["pm"]                                                    # real and t ≥ 1
+    pm = model.position_mask(mask)
     n_real = pm.sum()
     if n_real == 0:
         raise ValueError("the batch has no next-token target (every row is shorter than 2 real tokens)")
+    return tokens, mask, pm, n_real
+
+
+def loss_and_grad(params, tokens, mask):
+    """L_sft, the next-token log-probs (B, T) and ∇L_sft for every parameter (other heads get 0)."""
+    tokens, mask, pm, n_real = prepare(params, tokens, mask)
+    fwd, cache = model.forward(params, tokens, mask)
     logq = policy.log_softmax(fwd["scores"])                            # (B, T, V)
     logp = np.where(pm > 0, np.take_along_axis(logq, tokens[:, :, None], -1)[:, :, 0], 0.0)
     loss = -logp.sum() / n_real

@@ -40,7 +40,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from .. import model
+from .. import model, reinforce, sft
 from .._validate import as_float_array
 
 NAME = "numba"
@@ -440,15 +440,8 @@ def reinforce_loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, 
                          d_pred, pred_col, has_q)
     grads = net.backward_all(params)
 
-    out = {"action_mask": am, "logp": logp.astype(dt), "ref_logp": ref_logp.astype(dt),
-           "entropy": ent.astype(dt), "kl": kl.astype(dt), "rewards": rewards.astype(dt), "returns": G.astype(dt)}
-    if "value" in net.off:
-        out["values"] = values.astype(dt)
-    if qvalues is not None:
-        out["qvalues"] = qvalues
-    out.update({"baseline": bl.astype(dt), "advantages": adv.astype(dt), "weights": w.astype(dt),
-                "loss_pg": loss_pg, "loss_ent": loss_ent, "loss_value": loss_value,
-                "loss": loss_pg + loss_ent + loss_value})
+    out = reinforce.pack_outputs(dt, am, logp, ref_logp, ent, kl, rewards, G, values if "value" in net.off else None, qvalues, bl, adv, w,
+                                 loss_pg, loss_ent, loss_value)
     return out, grads
 
 
@@ -456,11 +449,7 @@ def reinforce_loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, 
 
 def sft_loss_and_grad(params, tokens, mask):
     """``rlhf_ref.sft.loss_and_grad``: next-token cross-entropy, token mean over real t ≥ 1."""
-    _, tokens, mask, _ = model.prepare(params, tokens, mask, None)
-    pm = model.position_mask(mask)
-    n_real = pm.sum()
-    if n_real == 0:
-        raise ValueError("the batch has no next-token target (every row is shorter than 2 real tokens)")
+    tokens, mask, pm, n_real = sft.prepare(params, tokens, mask)
     K = _require()
     dt = _dtype(params)
     V = params["head.weight"].shape[0]
