@@ -28,42 +28,44 @@ from dataclasses import dataclass, asdict
 
 import numpy as np
 
-from . import lstm, model, policy, returns as ret
+from . import conventions, lstm, model, policy, returns as ret
 from ._validate import as_float_array, check_choice, check_range
 
-AGGREGATIONS = ("token_mean", "seq_mean", "seq_sum")
+AGGREGATIONS = conventions.values("aggregation")
+_D = conventions.default
+
+
+def check_switch(sw, value):
+    """``value`` checked against the conventions table's row ``sw`` (the reference's messages)."""
+    if sw.is_bool:
+        if not isinstance(value, bool):
+            raise TypeError(f"{sw.name} must be a bool, got {value!r}")
+    elif sw.is_choice:
+        check_choice(value, sw.name, sw.values)
+    else:
+        check_range(value, sw.name, lo=sw.lo, hi=sw.hi, lo_open=sw.lo_open)
 
 
 @dataclass(frozen=True)
 class ReinforceConfig:
-    """Every convention and coefficient of the REINFORCE objective (defaults of DESIGN.md §3)."""
-    alpha: float = 1.0          #: inverse temperature α > 0 of the Boltzmann policy
-    eps: float = 0.0            #: ε ∈ [0, 1] of the trainable ε-mixture
-    gamma: float = 1.0          #: discount γ ∈ [0, 1]
-    beta: float = 0.05          #: KL coefficient β ≥ 0
-    kl: str = "k1"              #: KL estimator in the reward: k1, k2, k3
-    returns: str = "rtg"        #: "rtg" (reward-to-go) or "total" (the article's Σγᵗ r_t)
-    baseline: str = "value"     #: value, qvalue, mean, loo, none
-    whiten: str = "off"         #: advantage whitening: off, population, bessel
-    shift_mean: bool = True     #: whitening subtracts the mean (False adds it back)
-    aggregation: str = "token_mean"  #: token_mean, seq_mean, seq_sum
-    entropy_coef: float = 0.0   #: c_H ≥ 0
-    value_coef: float = 0.5     #: c_V ≥ 0
+    """Every convention and coefficient of the REINFORCE objective: the fields, their defaults, values
+    and checks are the rows of ``conventions.SWITCHES`` (defaults of DESIGN.md §3)."""
+    alpha: float = _D("alpha")          #: inverse temperature α > 0 of the Boltzmann policy
+    eps: float = _D("eps")              #: ε ∈ [0, 1] of the trainable ε-mixture
+    gamma: float = _D("gamma")          #: discount γ ∈ [0, 1]
+    beta: float = _D("beta")            #: KL coefficient β ≥ 0
+    kl: str = _D("kl")                  #: KL estimator in the reward: k1, k2, k3
+    returns: str = _D("returns")        #: "rtg" (reward-to-go) or "total" (the article's Σγᵗ r_t)
+    baseline: str = _D("baseline")      #: value, qvalue, mean, loo, none
+    whiten: str = _D("whiten")          #: advantage whitening: off, population, bessel
+    shift_mean: bool = _D("shift_mean")  #: whitening subtracts the mean (False adds it back)
+    aggregation: str = _D("aggregation")  #: token_mean, seq_mean, seq_sum
+    entropy_coef: float = _D("entropy_coef")  #: c_H ≥ 0
+    value_coef: float = _D("value_coef")  #: c_V ≥ 0
 
     def __post_init__(self):
-        check_range(self.alpha, "alpha", lo=0.0, lo_open=True)
-        check_range(self.eps, "eps", lo=0.0, hi=1.0)
-        check_range(self.gamma, "gamma", lo=0.0, hi=1.0)
-        check_range(self.beta, "beta", lo=0.0)
-        check_choice(self.kl, "kl", ret.KL_ESTIMATORS)
-        check_choice(self.returns, "returns", ret.RETURNS)
-        check_choice(self.baseline, "baseline", ret.BASELINES)
-        check_choice(self.whiten, "whiten", ret.WHITEN)
-        check_choice(self.aggregation, "aggregation", AGGREGATIONS)
-        check_range(self.entropy_coef, "entropy_coef", lo=0.0)
-        check_range(self.value_coef, "value_coef", lo=0.0)
-        if not isinstance(self.shift_mean, bool):
-            raise TypeError(f"shift_mean must be a bool, got {self.shift_mean!r}")
+        for sw in conventions.SWITCHES:
+            check_switch(sw, getattr(self, sw.name))
 
     @property
     def critic(self):

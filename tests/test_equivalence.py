@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from rlhf_ref import lstm, model, policy, reinforce, reward_model, rollout as ref_rollout, sft
+from rlhf_ref import backends, conventions, lstm, model, policy, reinforce, reward_model, rollout as ref_rollout, sft
 from rlhf_ref.tokenizer import EOS
 
 try:
@@ -47,59 +47,11 @@ DTYPES = (np.float64, np.float32)
 # ---------------------------------------------------------------------------------------------
 # the backends under test
 
-class _ReferenceBackend:
-    """The NumPy reference behind the backend interface (used until ``rlhf_ref.backends`` exists)."""
-    NAME = "numpy"
-    rollout = staticmethod(ref_rollout.rollout)
-    sequence_logprobs = staticmethod(reinforce.sequence_logprobs)
-    reinforce_loss_and_grad = staticmethod(reinforce.loss_and_grad)
-    sft_loss_and_grad = staticmethod(sft.loss_and_grad)
-    bt_loss_and_grad = staticmethod(reward_model.bt_loss_and_grad)
-
-    @staticmethod
-    def reward_forward(params, tokens, mask):
-        return reward_model.forward(params, tokens, mask)[0]
-
-    @staticmethod
-    def probe():
-        return None
-
-
-def _is_avail(st_):
-    if isinstance(st_, tuple):
-        return bool(st_[0]), (None if st_[0] else str(st_[1]))
-    if isinstance(st_, bool):
-        return st_, None if st_ else "unavailable"
-    if st_ is None:
-        return True, None
-    if isinstance(st_, str):
-        return False, st_
-    ok = bool(getattr(st_, "available", st_))
-    return ok, (None if ok else str(getattr(st_, "reason", st_)))
-
-
 def _discover():
-    """[(name, backend or None, reason)] from the registry, else from the backend modules directly."""
-    try:
-        from rlhf_ref import backends as registry
-    except ImportError:
-        registry = None
+    """[(name, backend or None, reason)] for every backend of the registry."""
     found = []
-    if registry is not None:
-        for name, status in registry.available().items():
-            ok, why = _is_avail(status)
-            found.append((name, registry.get(name) if ok else None, why))
-        return found
-    found.append(("numpy", _ReferenceBackend, None))
-    import importlib
-    for name in ("cython", "numba", "cuda"):
-        try:
-            mod = importlib.import_module(f"rlhf_ref._core._backend_{name}")
-        except ImportError as e:
-            found.append((name, None, f"module missing: {e}"))
-            continue
-        why = mod.probe()
-        found.append((name, mod if why is None else None, why))
+    for name, status in backends.available().items():
+        found.append((name, backends.get(name) if status.available else None, status.reason))
     return found
 
 
@@ -226,7 +178,7 @@ def batches(draw, B, T, V, empty_rows=True):
 
 
 @st.composite
-def policy_args(draw, kinds=("boltzmann", "eps_greedy", "greedy")):
+def policy_args(draw, kinds=conventions.values("policy")):
     kind = draw(st.sampled_from(kinds))
     alpha = draw(st.floats(0.25, 4.0)) if kind == "boltzmann" else 1.0
     if kind == "greedy":
@@ -332,22 +284,23 @@ def test_sequence_logprobs(be, data):
 # ---------------------------------------------------------------------------------------------
 # REINFORCE: outputs and every gradient, over every convention
 
+# the strategies of the numeric switches; the choices are drawn from the table of conventions, so a
+# value added there is tested on every backend (and a switch with no strategy here fails at import)
+NUMERIC = {
+    "alpha": st.floats(0.25, 4.0),
+    "eps": st.one_of(st.just(0.0), st.floats(1e-3, 0.999), st.just(1.0)),
+    "gamma": st.one_of(st.just(1.0), st.just(0.0), st.floats(0.0, 1.0)),
+    "beta": st.one_of(st.just(0.0), st.floats(0.0, 1.0)),
+    "entropy_coef": st.one_of(st.just(0.0), st.floats(0.0, 1.0)),
+    "value_coef": st.one_of(st.just(0.0), st.just(0.5), st.floats(0.0, 2.0)),
+}
+SWITCH_STRATEGIES = {sw.name: (st.sampled_from(sw.values) if sw.values is not None else NUMERIC[sw.name])
+                     for sw in conventions.SWITCHES}
+
+
 @st.composite
 def configs(draw):
-    return reinforce.ReinforceConfig(
-        alpha=draw(st.floats(0.25, 4.0)),
-        eps=draw(st.one_of(st.just(0.0), st.floats(1e-3, 0.999), st.just(1.0))),
-        gamma=draw(st.one_of(st.just(1.0), st.just(0.0), st.floats(0.0, 1.0))),
-        beta=draw(st.one_of(st.just(0.0), st.floats(0.0, 1.0))),
-        kl=draw(st.sampled_from(("k1", "k2", "k3"))),
-        returns=draw(st.sampled_from(("rtg", "total"))),
-        baseline=draw(st.sampled_from(("value", "qvalue", "mean", "loo", "none"))),
-        whiten=draw(st.sampled_from(("off", "population", "bessel"))),
-        shift_mean=draw(st.booleans()),
-        aggregation=draw(st.sampled_from(("token_mean", "seq_mean", "seq_sum"))),
-        entropy_coef=draw(st.one_of(st.just(0.0), st.floats(0.0, 1.0))),
-        value_coef=draw(st.one_of(st.just(0.0), st.just(0.5), st.floats(0.0, 2.0))),
-    )
+    return reinforce.ReinforceConfig(**{name: draw(s) for name, s in SWITCH_STRATEGIES.items()})
 
 
 OUT_KEYS = ("action_mask", "logp", "ref_logp", "entropy", "kl", "rewards", "returns", "baseline", "advantages",

@@ -50,7 +50,9 @@ def _user_errors():
 
 
 def apply_sets(cfg, sets):
-    """A copy of the dataclass ``cfg`` with ``name=value`` assignments (typed by the field)."""
+    """A copy of the dataclass ``cfg`` with ``name=value`` assignments, typed by the table of
+    conventions (conventions.py) for its switches, else by the field's current value."""
+    from ..conventions import TABLE
     names = {f.name: f for f in dataclasses.fields(cfg)}
     changes = {}
     for s in sets or ():
@@ -58,7 +60,7 @@ def apply_sets(cfg, sets):
         name = name.strip().replace("-", "_")
         if not eq or name not in names:
             raise CommandError(f"--set {s!r}: expected name=value with name one of {', '.join(sorted(names))}")
-        kind = type(getattr(cfg, name))
+        kind = TABLE[name].type if name in TABLE else type(getattr(cfg, name))
         try:
             if kind is bool:
                 if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
