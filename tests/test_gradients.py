@@ -214,7 +214,10 @@ def design_pieces(p, tokens, mask, prompt_len, R, ref_logp, cfg):
     for b, t in zip(*np.nonzero(am)):
         logp[b, t] = logq[b, t, tokens[b, t]]
     x = np.where(am, logp - ref_logp, 0.0)
-    k = {"k1": x, "k2": x * x / 2, "k3": np.exp(-x) - 1 + x}[cfg.kl] * am
+    k = {"k1": x, "k2": x * x / 2, "k3": np.exp(-x) - 1 + x}.get(cfg.kl)
+    if k is None:
+        pytest.fail(f"design_pieces has no formula for KL estimator {cfg.kl!r}: write it out here")
+    k = k * am
     r = -cfg.beta * k
     acts = [list(np.flatnonzero(am[b])) for b in range(B)]
     G = np.zeros((B, T))
