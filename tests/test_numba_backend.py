@@ -311,7 +311,7 @@ def test_parallel_row_blocks_match_the_serial_kernels(dt, monkeypatch):
 def test_blas_thread_control_is_found_and_restored():
     """The parallel kernels hold SciPy's OpenBLAS (behind np.dot in Numba) to one thread and give
     the count back; where it cannot be found, "auto" keeps the serial kernels."""
-    controls = _blas.controls()
+    controls = _blas.controls(lp64=True)
     if not controls:
         assert _config.NUMBA_PARALLEL != "auto" or nbk._blocks(8) == 1
         pytest.skip("no controllable OpenBLAS here")
@@ -327,7 +327,7 @@ def test_overlapping_holds_from_threads_restore_blas_threads():
     overlap: A enters, B enters, A leaves, B leaves. OpenBLAS's thread count must come back as
     found; a save/restore per call (B saves A's 1, restores it last) left it at 1."""
     import threading
-    controls = _blas.controls()
+    controls = _blas.controls(lp64=True)
     if not controls:
         pytest.skip("no controllable OpenBLAS here")
     get, put = controls[0]
@@ -358,6 +358,32 @@ def test_overlapping_holds_from_threads_restore_blas_threads():
     finally:
         for (_, pt), n in zip(controls, before):
             pt(n)
+
+
+@needs_numba
+def test_holds_of_every_blas_and_of_scipys_nest_per_library():
+    """The cython backend holds every OpenBLAS, the numba backend SciPy's (LP64) only; the counts
+    are kept per library, so a hold of all that ends inside a hold of SciPy's restores NumPy's
+    pool and leaves SciPy's at 1 until its own hold ends."""
+    every, lp64 = _blas.controls(), _blas.controls(lp64=True)
+    if not lp64 or len(every) == len(lp64):
+        pytest.skip("needs SciPy's OpenBLAS and another one (NumPy's) here")
+    before = [get() for get, _ in every]
+    for _, put in every:
+        put(2)
+    try:
+        both, scipy_only = _blas.one_thread(), _blas.one_thread(lp64=True)
+        both.__enter__()
+        scipy_only.__enter__()
+        assert all(get() == 1 for get, _ in every)
+        both.__exit__(None, None, None)
+        assert all(get() == 1 for get, _ in lp64)
+        assert all(get() == 2 for get, put in every if (get, put) not in lp64)
+        scipy_only.__exit__(None, None, None)
+        assert all(get() == 2 for get, _ in every)
+    finally:
+        for (_, put), n in zip(every, before):
+            put(n)
 
 
 @needs_numba

@@ -100,13 +100,15 @@ def _blocks(B):
         return 1
     import numba
     n = numba.get_num_threads()
-    if n < 2 or (parallel == "auto" and not _blas.controls()):
+    if n < 2 or (parallel == "auto" and not _blas.controls(lp64=True)):
         return 1
     return min(n, B)
 
 
-#: holds every OpenBLAS to one thread while Numba's threads each call it (reference-counted)
-_one_blas_thread = _blas.one_thread
+def _one_blas_thread():
+    """Hold SciPy's OpenBLAS (what np.dot in Numba calls) to one thread while Numba's threads each
+    call it (reference-counted over Python threads, _blas.py)."""
+    return _blas.one_thread(lp64=True)
 
 
 # ----------------------------------------------------------------------------- shared pieces

@@ -6,15 +6,18 @@ of those costs a hand-off per call, and under load a time slice per call. So whi
 every OpenBLAS loaded in the process is set to one thread, and restored afterwards.
 
 ``controls()`` finds the OpenBLAS libraries once: on Linux the shared objects mapped in this
-process (/proc/self/maps) whose name contains "blas" and that export
+process (/proc/self/maps) whose name contains "blas" and that export (or link to)
 ``[scipy_]openblas_{get,set}_num_threads[64_]`` (SciPy's wheels: the ``scipy_`` prefix; NumPy's
-ILP64 build: the ``64_`` suffix; a system OpenBLAS: neither); elsewhere threadpoolctl's, when it is
-installed. An empty list means no control: the backends then keep BLAS's own threading (their
-kernels run one block).
+ILP64 build: the ``64_`` suffix; a system OpenBLAS: neither), one entry per library; elsewhere
+threadpoolctl's, when it is installed. An empty list means no control: the backends then keep
+BLAS's own threading (their kernels run one block). ``controls(lp64=True)`` keeps the LP64 ones
+(no ``64_``): SciPy's, the BLAS behind ``cython_blas`` and so behind Numba's ``np.dot``.
 
-``one_thread()`` is the context. It is reference-counted over all Python threads: the thread
-counts are saved by the first call to enter and restored by the last one to leave, so concurrent
-calls (the kernels release the GIL) never leave OpenBLAS at one thread, whatever order they end in.
+``one_thread(lp64=False)`` is the context (the cython backend holds every OpenBLAS; the numba
+backend holds only the LP64 one its kernels call, as it always has: NumPy's own pool is left as
+it is). It is reference-counted per library over all Python threads: a library's count is saved by the
+first call to hold it and restored by the last one to let go, so concurrent calls (the kernels
+release the GIL) never leave OpenBLAS at one thread, whatever order they end in.
 """
 
 from __future__ import annotations
@@ -22,21 +25,25 @@ from __future__ import annotations
 import os
 import threading
 
-_CONTROLS = None            # [(get_num_threads, set_num_threads)] after the first controls()
+_FOUND = None               # [(get_num_threads, set_num_threads, lp64)] after the first search
 _LOCK = threading.Lock()
-_SAVED = []                 # [(set_num_threads, count before)] while some call runs
-_USERS = 0                  # calls inside one_thread() now, over all threads
+_USERS = {}                 # id(set_num_threads) -> [calls holding it now, its count before the first]
 
 
-def controls():
-    """[(get_num_threads, set_num_threads)] of every OpenBLAS loaded in the process (found once)."""
-    global _CONTROLS
-    if _CONTROLS is None:
+def _found():
+    global _FOUND
+    if _FOUND is None:
         try:
-            _CONTROLS = _find()
+            _FOUND = _find()
         except Exception:
-            _CONTROLS = []
-    return _CONTROLS
+            _FOUND = []
+    return _FOUND
+
+
+def controls(lp64=False):
+    """[(get_num_threads, set_num_threads)] of every OpenBLAS loaded in the process (found once);
+    with ``lp64``, only those with 32-bit integers (SciPy's: what cython_blas and Numba call)."""
+    return [(get, put) for get, put, is_lp64 in _found() if is_lp64 or not lp64]
 
 
 def _find():
@@ -54,7 +61,7 @@ def _find():
                     paths.append(parts[-1])
     except OSError:
         pass
-    found = []
+    found, seen = [], set()
     for path in dict.fromkeys(paths):
         try:
             lib = ctypes.CDLL(path)
@@ -64,45 +71,53 @@ def _find():
             get = getattr(lib, f"{pre}openblas_get_num_threads{suf}", None)
             put = getattr(lib, f"{pre}openblas_set_num_threads{suf}", None)
             if get is not None and put is not None:
-                get.restype, get.argtypes = ctypes.c_int, []
-                put.restype, put.argtypes = None, [ctypes.c_int]
-                found.append((get, put))
+                addr = ctypes.cast(put, ctypes.c_void_p).value     # a wrapper linking to a found one
+                if addr not in seen:
+                    seen.add(addr)
+                    get.restype, get.argtypes = ctypes.c_int, []
+                    put.restype, put.argtypes = None, [ctypes.c_int]
+                    found.append((get, put, suf == ""))
                 break
     if not paths:                                     # elsewhere: threadpoolctl, when installed
         try:
             from threadpoolctl import ThreadpoolController
             for c in ThreadpoolController().lib_controllers:
                 if c.internal_api == "openblas":
-                    found.append((c.get_num_threads, c.set_num_threads))
+                    found.append((c.get_num_threads, c.set_num_threads,
+                                  "64" not in (getattr(c, "symbol_suffix", "") or "")))
         except Exception:
             pass
     return found
 
 
 class one_thread:
-    """Context: every OpenBLAS of the process runs single-threaded inside (reference-counted over
-    all Python threads; see the module docstring)."""
+    """Context: every OpenBLAS of the process (``lp64``: the LP64 ones) runs single-threaded inside
+    (reference-counted per library over all Python threads; see the module docstring)."""
 
-    __slots__ = ()
+    __slots__ = ("lp64",)
+
+    def __init__(self, lp64=False):
+        self.lp64 = lp64
 
     def __enter__(self):
-        global _USERS
         with _LOCK:
-            if _USERS == 0:
-                _SAVED[:] = [(put, get()) for get, put in controls()]
-                for put, n in _SAVED:
+            for get, put in controls(self.lp64):
+                held = _USERS.get(id(put))
+                if held is None:
+                    n = get()
+                    _USERS[id(put)] = held = [0, n]
                     if n != 1:
                         put(1)
-            _USERS += 1
+                held[0] += 1
         return self
 
     def __exit__(self, *exc):
-        global _USERS
         with _LOCK:
-            _USERS -= 1
-            if _USERS == 0:
-                for put, n in _SAVED:
-                    if n != 1:
-                        put(n)
-                _SAVED.clear()
+            for _, put in controls(self.lp64):
+                held = _USERS[id(put)]
+                held[0] -= 1
+                if held[0] == 0:
+                    del _USERS[id(put)]
+                    if held[1] != 1:
+                        put(held[1])
         return False
