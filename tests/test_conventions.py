@@ -94,3 +94,11 @@ def test_kl_estimate_values_and_derivative(est):
     h = 1e-6
     fd = (returns.kl_estimate(x + h, est) - returns.kl_estimate(x - h, est)) / (2 * h)
     np.testing.assert_allclose(returns.kl_estimate_grad(x, est), fd, rtol=1e-7, atol=1e-9)
+
+
+def test_tuning_parameters_compiled_into_the_kernels_equal_the_config():
+    """_common_cy.pxd compiles the small-matrix row range in; _config.py is where Python reads it."""
+    from rlhf_ref._core import _config
+    pxd = _read("_common_cy.pxd")
+    assert int(re.search(r"SMM_MIN_ROWS = (\d+)", pxd).group(1)) == _config.CYTHON_SMM_MIN_ROWS
+    assert int(re.search(r"SMM_MAX_ROWS = (\d+)", pxd).group(1)) == _config.CYTHON_SMM_MAX_ROWS
