@@ -186,7 +186,7 @@ def kl_estimate(logp, ref_logp, kind):
         return 0.5 * x * x
     if kind == "k3":
         return torch.expm1(-x) + x
-    raise ValueError(kind)
+    raise ValueError(f"torch_reference.py has no formula for KL estimator {kind!r}")
 
 
 def shaped_rewards(kl, R, am, beta):

@@ -1,37 +1,18 @@
 """The backend registry: which implementations of the heavy computations exist here, and why not.
 
-Backends (DESIGN.md §5; the interface is in docs/internals.md):
+Backends (DESIGN.md §5):
 
     name     module                           what
-    numpy    rlhf_ref._backend_numpy          the reference itself (always available)
+    numpy    rlhf_ref._core._backend_numpy    the reference itself (always available)
     cython   rlhf_ref._core._backend_cython   compiled Cython kernels (built by setup.py when a C compiler is present)
     numba    rlhf_ref._core._backend_numba    Numba @njit kernels (pip install 'rlhf-ref[numba]')
     cuda     rlhf_ref._core._backend_cuda     Numba CUDA kernels (an NVIDIA GPU, or NUMBA_ENABLE_CUDASIM=1)
 
 A backend is a module. ``get(name)`` returns the module itself, so what the tests exercise is
-what the library runs. Each module exposes
-
-    probe() -> None | str
-        None when the backend can run here, else the reason it cannot (a sentence for a human).
-    NAME: str                       its registry name (optional)
-    IMPLEMENTED: frozenset[str]     the interface functions it really implements (optional;
-                                    default: all of INTERFACE); the others raise NotImplementedError
-    rollout(params, prompt_tokens, prompt_len, u, alpha=1.0, eps=0.0, kind="boltzmann", eos_id=2,
-            ref_params=None, values=False) -> dict
-        the same keys and meaning as rlhf_ref.rollout.rollout
-    sequence_logprobs(params, tokens, mask, prompt_len, alpha=1.0, eps=0.0) -> (B, T) array
-    reinforce_loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, ref_params=None,
-                            ref_logp=None) -> (out, grads)
-        the RL training step (forward and backward); out holds at least action_mask, logp,
-        ref_logp, entropy, kl, rewards, returns, baseline, advantages, loss_pg, loss_ent,
-        loss_value, loss; grads has exactly the keys of params
-    sft_loss_and_grad(params, tokens, mask) -> (out {"logp", "loss"}, grads)
-    reward_forward(params, tokens, mask) -> (B,) array
-    bt_loss_and_grad(params, chosen, chosen_mask, rejected, rejected_mask, margin=None) -> (out, grads)
-
-Every function validates its arguments with the reference's own checks before any kernel runs and
-computes in the dtype of ``params``. ``Backend`` below is the same interface as a
-``typing.Protocol``, for readers and type checkers.
+what the library runs. The interface it exposes is ``Backend`` below (a ``typing.Protocol``),
+described there once; ``NAME`` (its registry name) and ``IMPLEMENTED`` (the interface functions
+it really implements, default all of ``INTERFACE``; the others raise NotImplementedError) are
+optional module attributes.
 
 Nothing substitutes silently: asking for an unavailable backend by name raises
 ``BackendUnavailable`` with the reason; only ``"auto"`` chooses, by the documented order of
@@ -53,7 +34,7 @@ __all__ = ["NAMES", "MODULES", "INTERFACE", "JOBS", "EXTRAS", "Backend", "Backen
 NAMES = ("numpy", "cython", "numba", "cuda")
 
 MODULES = {
-    "numpy": "rlhf_ref._backend_numpy",
+    "numpy": "rlhf_ref._core._backend_numpy",
     "cython": "rlhf_ref._core._backend_cython",
     "numba": "rlhf_ref._core._backend_numba",
     "cuda": "rlhf_ref._core._backend_cuda",
@@ -78,24 +59,36 @@ CUDA_MIN_BATCH = 256
 
 
 class Backend(Protocol):
-    """The backend interface (a module satisfies it; see the module docstring and docs/internals.md)."""
+    """The backend interface: a module satisfies it. Every function validates its arguments with the
+    reference's own checks (so a bad input raises the reference's error) before any kernel runs,
+    and computes in the dtype of ``params`` (float32 or float64)."""
 
-    def probe(self) -> str | None: ...
+    def probe(self) -> str | None:
+        """None when the backend can run here, else the reason it cannot (a sentence for a human)."""
 
     def rollout(self, params, prompt_tokens, prompt_len, u, alpha=1.0, eps=0.0, kind="boltzmann", eos_id=2,
-                ref_params=None, values=False) -> dict: ...
+                ref_params=None, values=False) -> dict:
+        """The same keys and meaning as ``rlhf_ref.rollout.rollout``."""
 
-    def sequence_logprobs(self, params, tokens, mask, prompt_len, alpha=1.0, eps=0.0): ...
+    def sequence_logprobs(self, params, tokens, mask, prompt_len, alpha=1.0, eps=0.0):
+        """(B, T): ``rlhf_ref.reinforce.sequence_logprobs``."""
 
     def reinforce_loss_and_grad(self, params, tokens, mask, prompt_len, reward, cfg=None, ref_params=None,
-                                ref_logp=None) -> tuple[dict, dict]: ...
+                                ref_logp=None) -> tuple[dict, dict]:
+        """The RL training step (forward and backward), ``rlhf_ref.reinforce.loss_and_grad``: ``out``
+        holds at least action_mask, logp, ref_logp, entropy, kl, rewards, returns, baseline,
+        advantages, loss_pg, loss_ent, loss_value, loss (and values or qvalues; it may omit the
+        (B, T, V) arrays scores/logq); ``grads`` has exactly the keys of params."""
 
-    def sft_loss_and_grad(self, params, tokens, mask) -> tuple[dict, dict]: ...
+    def sft_loss_and_grad(self, params, tokens, mask) -> tuple[dict, dict]:
+        """(out {"logp", "loss"}, grads): ``rlhf_ref.sft.loss_and_grad``."""
 
-    def reward_forward(self, params, tokens, mask): ...
+    def reward_forward(self, params, tokens, mask):
+        """(B,) rewards: ``rlhf_ref.reward_model.forward`` without its cache."""
 
     def bt_loss_and_grad(self, params, chosen, chosen_mask, rejected, rejected_mask,
-                         margin=None) -> tuple[dict, dict]: ...
+                         margin=None) -> tuple[dict, dict]:
+        """(out, grads): ``rlhf_ref.reward_model.bt_loss_and_grad``."""
 
 
 class BackendUnavailable(RuntimeError):

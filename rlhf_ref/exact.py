@@ -21,7 +21,7 @@ import itertools
 
 import numpy as np
 
-from . import model, policy, reinforce
+from . import model, policy, reinforce, returns
 from .tokenizer import EOS
 
 MAX_RESPONSES = 100_000
@@ -98,7 +98,7 @@ def expected_estimator(params, ref_params, prompt, max_len, reward_fn, cfg, batc
     """The exact expectation of the REINFORCE estimator over batches of ``batch_size`` responses.
 
     Returns {'grad': E[∇L], 'terms': {'pg', 'ent', 'value'}: E[∇ of each term],
-             'loss_pg': E[L_pg], 'kl_seq': {k1, k2, k3: E[Σ_t k_t]}}.
+             'loss_pg': E[L_pg], 'kl_seq': {each of returns.KL_ESTIMATORS: E[Σ_t k_t]}}.
     """
     ex = exact_objective(params, ref_params, prompt, max_len, reward_fn, cfg.alpha, cfg.eps, eos_id)
     n = len(ex["responses"])
@@ -122,7 +122,7 @@ def expected_estimator(params, ref_params, prompt, max_len, reward_fn, cfg, batc
         acc["loss_pg"] += weight * out["loss_pg"]
     x = ex["token_logp"] - ex["token_ref_logp"]
     am = model.action_mask(ex["mask"], ex["prompt_len"]) > 0
-    acc["kl_seq"] = {k: float(ex["probs"] @ np.where(am, kv, 0.0).sum(1))
-                     for k, kv in (("k1", x), ("k2", 0.5 * x * x), ("k3", np.expm1(-x) + x))}
+    acc["kl_seq"] = {k: float(ex["probs"] @ np.where(am, returns.kl_estimate(x, k), 0.0).sum(1))
+                     for k in returns.KL_ESTIMATORS}
     acc["exact"] = ex
     return acc

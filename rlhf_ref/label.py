@@ -42,7 +42,7 @@ Ctrl-Z). It works when driven by another program through a pseudo-terminal, and 
 when stdin is not a terminal (``NoTerminalError``; exit status 2 from the command).
 
     run_labeler(pairs_source, out_path, mode="pair", *, swap=True, seed=0, stdin=None, stdout=None) -> dict
-    add_subparser(subparsers) / main_label(args) -> int / main(argv) -> int     (python -m rlhf_ref.label)
+    add_arguments(parser) / main(args) -> int          (rlhf-ref label; python -m rlhf_ref.label)
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ from .preferences import (Preference, PreferenceFileError, Rating, append_prefer
                           load_preferences, load_ratings)
 
 __all__ = ["Candidate", "NoTerminalError", "pair_id", "write_candidates", "load_candidates", "run_labeler",
-           "add_subparser", "main_label", "main"]
+           "add_arguments", "main"]
 
 NO_TERMINAL = ("rlhf-ref label needs an interactive terminal; stdin is not a terminal. Run it in a "
                "terminal (or drive it through a pseudo-terminal), not with input from a pipe or a file.")
@@ -480,7 +480,11 @@ def _undo(path, id_key, by_id):
 
 
 # ----------------------------------------------------------------------------- command line
-def _add_arguments(p):
+def add_arguments(p):
+    """The ``rlhf-ref label`` arguments."""
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = ("keys (pair mode): 1/a/left prefer left, 2/d/right prefer right, t tie, s skip, u undo, q quit; "
+                "rating mode: 1-5. Each judgement is on disk when its key is pressed; rerun to resume.")
     p.add_argument("candidates", help="candidates JSON Lines file: {id, prompt, a, b} per line "
                                       "(or {id, prompt, response} for rating mode)")
     p.add_argument("-o", "--out", required=True, help="output JSON Lines file (created, or resumed)")
@@ -492,19 +496,7 @@ def _add_arguments(p):
     return p
 
 
-def add_subparser(subparsers):
-    """Register ``label`` on an argparse subparsers object; its ``func`` is ``main_label``."""
-    p = subparsers.add_parser(
-        "label", help="judge pairs of samples (or rate samples) in the terminal, one key per judgement",
-        description=__doc__.split("\n\n")[0].strip(), formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="keys (pair mode): 1/a/left prefer left, 2/d/right prefer right, t tie, s skip, u undo, q quit; "
-               "rating mode: 1-5. Each judgement is on disk when its key is pressed; rerun to resume.")
-    _add_arguments(p)
-    p.set_defaults(func=main_label)
-    return p
-
-
-def main_label(args):
+def main(args):
     """Run the labeler for parsed ``args``; returns the exit status (0 done/quit, 2 bad input or no
     terminal, 130 Ctrl-C, 128+n on signal n)."""
     try:
@@ -523,11 +515,6 @@ def main_label(args):
     return 0
 
 
-def main(argv=None):
-    """``python -m rlhf_ref.label ...``: the same as ``rlhf-ref label ...``."""
-    p = _add_arguments(argparse.ArgumentParser(prog="rlhf-ref label", description=__doc__.split("\n\n")[0]))
-    return main_label(p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":                 # python -m rlhf_ref.label ...: the same as rlhf-ref label ...
+    sys.exit(main(add_arguments(argparse.ArgumentParser(prog="rlhf-ref label",
+                                                        description=__doc__.split("\n\n")[0])).parse_args()))

@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import conventions
 from ._validate import as_float_array, as_int_array, check_range, check_choice
 
-KINDS = ("boltzmann", "eps_greedy", "greedy")
+KINDS = conventions.values("policy")
 
 
 def check_policy_args(alpha, eps, kind="boltzmann"):

@@ -28,42 +28,44 @@ from dataclasses import dataclass, asdict
 
 import numpy as np
 
-from . import lstm, model, policy, returns as ret
+from . import conventions, lstm, model, policy, returns as ret
 from ._validate import as_float_array, check_choice, check_range
 
-AGGREGATIONS = ("token_mean", "seq_mean", "seq_sum")
+AGGREGATIONS = conventions.values("aggregation")
+_D = conventions.default
+
+
+def check_switch(sw, value):
+    """``value`` checked against the conventions table's row ``sw`` (the reference's messages)."""
+    if sw.is_bool:
+        if not isinstance(value, bool):
+            raise TypeError(f"{sw.name} must be a bool, got {value!r}")
+    elif sw.is_choice:
+        check_choice(value, sw.name, sw.values)
+    else:
+        check_range(value, sw.name, lo=sw.lo, hi=sw.hi, lo_open=sw.lo_open)
 
 
 @dataclass(frozen=True)
 class ReinforceConfig:
-    """Every convention and coefficient of the REINFORCE objective (defaults of DESIGN.md §3)."""
-    alpha: float = 1.0          #: inverse temperature α > 0 of the Boltzmann policy
-    eps: float = 0.0            #: ε ∈ [0, 1] of the trainable ε-mixture
-    gamma: float = 1.0          #: discount γ ∈ [0, 1]
-    beta: float = 0.05          #: KL coefficient β ≥ 0
-    kl: str = "k1"              #: KL estimator in the reward: k1, k2, k3
-    returns: str = "rtg"        #: "rtg" (reward-to-go) or "total" (the article's Σγᵗ r_t)
-    baseline: str = "value"     #: value, qvalue, mean, loo, none
-    whiten: str = "off"         #: advantage whitening: off, population, bessel
-    shift_mean: bool = True     #: whitening subtracts the mean (False adds it back)
-    aggregation: str = "token_mean"  #: token_mean, seq_mean, seq_sum
-    entropy_coef: float = 0.0   #: c_H ≥ 0
-    value_coef: float = 0.5     #: c_V ≥ 0
+    """Every convention and coefficient of the REINFORCE objective: the fields, their defaults, values
+    and checks are the rows of ``conventions.SWITCHES`` (defaults of DESIGN.md §3)."""
+    alpha: float = _D("alpha")          #: inverse temperature α > 0 of the Boltzmann policy
+    eps: float = _D("eps")              #: ε ∈ [0, 1] of the trainable ε-mixture
+    gamma: float = _D("gamma")          #: discount γ ∈ [0, 1]
+    beta: float = _D("beta")            #: KL coefficient β ≥ 0
+    kl: str = _D("kl")                  #: KL estimator in the reward: k1, k2, k3
+    returns: str = _D("returns")        #: "rtg" (reward-to-go) or "total" (the article's Σγᵗ r_t)
+    baseline: str = _D("baseline")      #: value, qvalue, mean, loo, none
+    whiten: str = _D("whiten")          #: advantage whitening: off, population, bessel
+    shift_mean: bool = _D("shift_mean")  #: whitening subtracts the mean (False adds it back)
+    aggregation: str = _D("aggregation")  #: token_mean, seq_mean, seq_sum
+    entropy_coef: float = _D("entropy_coef")  #: c_H ≥ 0
+    value_coef: float = _D("value_coef")  #: c_V ≥ 0
 
     def __post_init__(self):
-        check_range(self.alpha, "alpha", lo=0.0, lo_open=True)
-        check_range(self.eps, "eps", lo=0.0, hi=1.0)
-        check_range(self.gamma, "gamma", lo=0.0, hi=1.0)
-        check_range(self.beta, "beta", lo=0.0)
-        check_choice(self.kl, "kl", ret.KL_ESTIMATORS)
-        check_choice(self.returns, "returns", ret.RETURNS)
-        check_choice(self.baseline, "baseline", ret.BASELINES)
-        check_choice(self.whiten, "whiten", ret.WHITEN)
-        check_choice(self.aggregation, "aggregation", AGGREGATIONS)
-        check_range(self.entropy_coef, "entropy_coef", lo=0.0)
-        check_range(self.value_coef, "value_coef", lo=0.0)
-        if not isinstance(self.shift_mean, bool):
-            raise TypeError(f"shift_mean must be a bool, got {self.shift_mean!r}")
+        for sw in conventions.SWITCHES:
+            check_switch(sw, getattr(self, sw.name))
 
     @property
     def critic(self):
@@ -105,20 +107,63 @@ def sequence_logprobs(params, tokens, mask, prompt_len, alpha=1.0, eps=0.0):
     return token_logprobs(policy.logprobs(out["scores"], alpha, eps), tokens, am)
 
 
-def pack_outputs(dt, am, logp, ref_logp, ent, kl, rewards, G, values, qvalues, bl, adv, w, loss_pg, loss_ent,
-                 loss_value):
-    """The ``out`` dict of a compiled backend's ``reinforce_loss_and_grad`` (no (B, T, V) scores/logq):
-    every per-token array in the params dtype ``dt``, in data-flow order."""
-    out = {"action_mask": am, "logp": logp.astype(dt), "ref_logp": ref_logp.astype(dt),
-           "entropy": ent.astype(dt), "kl": kl.astype(dt), "rewards": rewards.astype(dt), "returns": G.astype(dt)}
+def pack_outputs(am, logp, ref_logp, ent, kl, rewards, G, values, qvalues, bl, adv, w, loss_pg, loss_ent,
+                 loss_value, scores=None, logq=None, dt=None):
+    """The ``out`` dict of ``loss_and_grad`` and of every backend's ``reinforce_loss_and_grad``: one
+    key order (data-flow order). The compiled backends give no (B, T, V) ``scores``/``logq`` and
+    pass ``dt``, the params dtype, for every per-token array (their chain runs in float64)."""
+    cast = (lambda a: a) if dt is None else (lambda a: a.astype(dt))
+    out = {"action_mask": am}
+    if scores is not None:
+        out.update({"scores": scores, "logq": logq})
+    out.update({"logp": cast(logp), "ref_logp": cast(ref_logp), "entropy": cast(ent), "kl": cast(kl),
+                "rewards": cast(rewards), "returns": cast(G)})
     if values is not None:
-        out["values"] = values.astype(dt)
+        out["values"] = cast(values)
     if qvalues is not None:
         out["qvalues"] = qvalues
-    out.update({"baseline": bl.astype(dt), "advantages": adv.astype(dt), "weights": w.astype(dt),
+    out.update({"baseline": cast(bl), "advantages": cast(adv), "weights": cast(w),
                 "loss_pg": loss_pg, "loss_ent": loss_ent, "loss_value": loss_value,
                 "loss": loss_pg + loss_ent + loss_value})
     return out
+
+
+_DEFAULT_CFG = ReinforceConfig()        # frozen: one instance serves every call
+
+
+def prepare(params, tokens, mask, prompt_len, reward, cfg=None, ref_params=None, ref_logp=None, logprobs=None):
+    """Every check of ``loss_and_grad``, in its order, before anything is computed; the reference and
+    every backend call it, so a bad input raises the same error everywhere.
+
+    Returns (cfg, V, tokens, mask, prompt_len, reward, action_mask, ref_logp): ref_logp (B, T) is the
+    given one, 0 off the action mask, or ref_params' log-probs from ``logprobs`` (a backend's
+    ``sequence_logprobs``; the reference's by default).
+    """
+    cfg = _DEFAULT_CFG if cfg is None else cfg
+    if not isinstance(cfg, ReinforceConfig):
+        raise TypeError(f"cfg must be a ReinforceConfig, got {type(cfg).__name__}")
+    V, tokens, mask, prompt_len = model.prepare(params, tokens, mask, prompt_len, ("head", cfg.critic))
+    B, T = tokens.shape
+    reward = as_float_array(reward, "reward", ndim=1, shape=(B,))
+    am = model.action_mask(mask, prompt_len)                                     # (B, T)
+    n_row = np.count_nonzero(am > 0, axis=1)
+    N = int(n_row.sum())
+    if N == 0:
+        raise ValueError("the batch has no action (action_mask is all 0): the loss is undefined")
+    if (ref_params is None) == (ref_logp is None):
+        raise ValueError("give exactly one of ref_params (a policy dict) or ref_logp (B, T)")
+    if ref_params is not None:
+        Vr, _, _ = lstm.check_model(ref_params, ("head",), name="ref_params")
+        if Vr != V:
+            raise ValueError(f"ref_params has vocabulary {Vr}, params has {V}")
+        ref_logp = (logprobs or sequence_logprobs)(ref_params, tokens, mask, prompt_len, cfg.alpha, cfg.eps)
+    else:
+        ref_logp = np.where(am > 0, as_float_array(ref_logp, "ref_logp", shape=(B, T)), 0.0)
+    if cfg.baseline == "loo" and np.count_nonzero(n_row) < 2:
+        raise ValueError(f"baseline='loo' needs at least two rows with an action, got {np.count_nonzero(n_row)}")
+    if cfg.whiten == "bessel" and N < 2:
+        raise ValueError(f"whiten='bessel' needs two or more actions, got {N}")
+    return cfg, V, tokens, mask, prompt_len, reward, am, ref_logp
 
 
 def loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, ref_params=None, ref_logp=None,
@@ -132,13 +177,8 @@ def loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, ref_params
     ref_logp     its token log-probs (B, T) precomputed
     term_grads   also return the gradient of each loss term: grads['terms'] = {'pg', 'ent', 'value'}
     """
-    cfg = ReinforceConfig() if cfg is None else cfg
-    if not isinstance(cfg, ReinforceConfig):
-        raise TypeError(f"cfg must be a ReinforceConfig, got {type(cfg).__name__}")
-    V, tokens, mask, prompt_len = model.prepare(params, tokens, mask, prompt_len, ("head", cfg.critic))
-    B, T = tokens.shape
-    reward = as_float_array(reward, "reward", ndim=1, shape=(B,))
-    am = model.action_mask(mask, prompt_len)                                     # (B, T)
+    cfg, V, tokens, mask, prompt_len, reward, am, ref_logp = prepare(
+        params, tokens, mask, prompt_len, reward, cfg, ref_params, ref_logp)           # the frozen π_ref: same α, ε
     w = aggregation_weights(am, cfg.aggregation)                                 # (B, T)
 
     # policy forward: scores, full log-distribution, log-probs of the taken tokens, entropy
@@ -146,17 +186,6 @@ def loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, ref_params
     logq = policy.logprobs(fwd["scores"], cfg.alpha, cfg.eps)                    # (B, T, V)
     logp = token_logprobs(logq, tokens, am)                                      # (B, T)
     ent = np.where(am > 0, policy.entropy(logq), 0.0)                            # (B, T)
-
-    # the frozen reference policy, same α and ε
-    if (ref_params is None) == (ref_logp is None):
-        raise ValueError("give exactly one of ref_params (a policy dict) or ref_logp (B, T)")
-    if ref_params is not None:
-        Vr, _, _ = lstm.check_model(ref_params, ("head",), name="ref_params")
-        if Vr != V:
-            raise ValueError(f"ref_params has vocabulary {Vr}, params has {V}")
-        ref_logp = sequence_logprobs(ref_params, tokens, mask, prompt_len, cfg.alpha, cfg.eps)
-    else:
-        ref_logp = np.where(am > 0, as_float_array(ref_logp, "ref_logp", shape=(B, T)), 0.0)
 
     # KL-shaped rewards, returns, baseline, advantages (all constants for the gradient)
     kl = ret.kl_per_token(logp, ref_logp, am, cfg.kl)
@@ -177,19 +206,9 @@ def loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, ref_params
     loss_pg = -np.sum(w * adv * logp)
     loss_ent = -cfg.entropy_coef * np.sum(w * ent)
     loss_value = cfg.value_coef * 0.5 * np.sum(w * (pred - G) ** 2)
-    out = {
-        # logq is a per-position array: 0 where the scores are 0 (padding, column 0), DESIGN.md §2
-        "action_mask": am, "scores": fwd["scores"], "logq": np.where(cache["pm"][:, :, None] > 0, logq, 0.0),
-        "logp": logp, "ref_logp": ref_logp,
-        "entropy": ent, "kl": kl, "rewards": rewards, "returns": G,
-    }
-    if values is not None:
-        out["values"] = values
-    if qvalues is not None:
-        out["qvalues"] = qvalues
-    out.update({"baseline": b, "advantages": adv, "weights": w,
-                "loss_pg": loss_pg, "loss_ent": loss_ent, "loss_value": loss_value,
-                "loss": loss_pg + loss_ent + loss_value})
+    # logq is a per-position array: 0 where the scores are 0 (padding, column 0), DESIGN.md §2
+    out = pack_outputs(am, logp, ref_logp, ent, kl, rewards, G, values, qvalues, b, adv, w, loss_pg, loss_ent,
+                       loss_value, scores=fwd["scores"], logq=np.where(cache["pm"][:, :, None] > 0, logq, 0.0))
 
     # upstream gradients at the heads
     d_logp = -w * adv                                                            # ∂L_pg/∂logp

@@ -25,13 +25,39 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import conventions
 from ._validate import as_float_array, check_choice, check_range
 
-KL_ESTIMATORS = ("k1", "k2", "k3")
-RETURNS = ("rtg", "total")
-BASELINES = ("value", "qvalue", "mean", "loo", "none")
-WHITEN = ("off", "population", "bessel")
+# the allowed values, from the table of conventions (conventions.py)
+KL_ESTIMATORS = conventions.values("kl")
+RETURNS = conventions.values("returns")
+BASELINES = conventions.values("baseline")
+WHITEN = conventions.values("whiten")
 WHITEN_EPS = 1e-8
+
+
+def kl_estimate(x, estimator="k1"):
+    """The KL estimate k(x) of each log-ratio x = log π − log π_ref (any shape)."""
+    check_choice(estimator, "kl", KL_ESTIMATORS)
+    if estimator == "k1":
+        return x
+    if estimator == "k2":
+        return 0.5 * x * x
+    if estimator == "k3":
+        return np.expm1(-x) + x
+    raise NotImplementedError(f"kl_estimate has no formula for {estimator!r}")   # in the table only
+
+
+def kl_estimate_grad(x, estimator="k1"):
+    """dk/dx of ``kl_estimate``: k1 → 1, k2 → x, k3 → 1 − exp(−x) = −expm1(−x)."""
+    check_choice(estimator, "kl", KL_ESTIMATORS)
+    if estimator == "k1":
+        return np.ones_like(x)
+    if estimator == "k2":
+        return x
+    if estimator == "k3":
+        return -np.expm1(-x)
+    raise NotImplementedError(f"kl_estimate_grad has no formula for {estimator!r}")
 
 
 def kl_per_token(logp, ref_logp, action_mask, estimator="k1"):
@@ -39,13 +65,7 @@ def kl_per_token(logp, ref_logp, action_mask, estimator="k1"):
     check_choice(estimator, "kl", KL_ESTIMATORS)
     m = action_mask > 0
     x = np.where(m, logp - ref_logp, 0.0)
-    if estimator == "k1":
-        k = x
-    elif estimator == "k2":
-        k = 0.5 * x * x
-    else:
-        k = np.expm1(-x) + x
-    return np.where(m, k, 0.0)
+    return np.where(m, kl_estimate(x, estimator), 0.0)
 
 
 def last_action_index(action_mask):

@@ -66,8 +66,9 @@ def bt_loss(delta):
     return np.logaddexp(0.0, -delta)
 
 
-def bt_loss_and_grad(params, chosen, chosen_mask, rejected, rejected_mask, margin=None):
-    """Mean BT loss over pairs, rewards, pairwise accuracy and ∇L_RM."""
+def prepare_pairs(params, chosen, chosen_mask, rejected, rejected_mask, margin=None):
+    """Every check of ``bt_loss_and_grad`` (the reference and every backend call it):
+    (chosen, chosen_mask, rejected, rejected_mask, margin (P,) float64)."""
     c_tok, c_mask = _prepare(params, chosen, chosen_mask, "chosen")
     r_tok, r_mask = _prepare(params, rejected, rejected_mask, "rejected")
     P = c_tok.shape[0]
@@ -76,14 +77,30 @@ def bt_loss_and_grad(params, chosen, chosen_mask, rejected, rejected_mask, margi
     if P == 0:
         raise ValueError("no preference pairs: the loss is undefined")
     m = np.zeros(P) if margin is None else as_float_array(margin, "margin", shape=(P,))
-    r_c, cache_c = forward(params, c_tok, c_mask)
-    r_r, cache_r = forward(params, r_tok, r_mask)
+    return c_tok, c_mask, r_tok, r_mask, m
+
+
+def bt_head(r_c, r_r, m):
+    """The Bradley–Terry loss on top of the rewards (P,) of chosen and rejected: Δ, L_RM, ∂L/∂Δ (P,)."""
     delta = r_c - r_r - m
     loss = bt_loss(delta).mean()
     # ∂L/∂Δ = −σ(−Δ)/P, with σ(−Δ) = exp(−logaddexp(0, Δ)) for stability
-    d_delta = -np.exp(-np.logaddexp(0.0, delta)) / P
+    d_delta = -np.exp(-np.logaddexp(0.0, delta)) / delta.shape[0]
+    return delta, loss, d_delta
+
+
+def bt_outputs(r_c, r_r, delta, loss):
+    """The ``out`` dict of ``bt_loss_and_grad`` (every backend's too): one key order."""
+    return {"reward_chosen": r_c, "reward_rejected": r_r, "delta": delta, "loss": loss,
+            "accuracy": float(np.mean(r_c > r_r))}
+
+
+def bt_loss_and_grad(params, chosen, chosen_mask, rejected, rejected_mask, margin=None):
+    """Mean BT loss over pairs, rewards, pairwise accuracy and ∇L_RM."""
+    c_tok, c_mask, r_tok, r_mask, m = prepare_pairs(params, chosen, chosen_mask, rejected, rejected_mask, margin)
+    r_c, cache_c = forward(params, c_tok, c_mask)
+    r_r, cache_r = forward(params, r_tok, r_mask)
+    delta, loss, d_delta = bt_head(r_c, r_r, m)
     g_c, g_r = backward(d_delta, cache_c), backward(-d_delta, cache_r)
     grads = {k: g_c[k] + g_r[k] for k in g_c}
-    out = {"reward_chosen": r_c, "reward_rejected": r_r, "delta": delta, "loss": loss,
-           "accuracy": float(np.mean(r_c > r_r))}
-    return out, grads
+    return bt_outputs(r_c, r_r, delta, loss), grads

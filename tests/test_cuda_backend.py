@@ -39,8 +39,8 @@ def cuda_test(f):
 @pytest.fixture
 def tiny_blocks(monkeypatch):
     """2 threads, 2 rows per block, at most 2 blocks: 4 tiles of B = 7 rows, so blocks loop."""
-    from rlhf_ref._core import _rollout_cuda
-    monkeypatch.setattr(_rollout_cuda, "config", _rollout_cuda.CudaConfig(tpb=2, rows=2, max_blocks=2))
+    from rlhf_ref._core import _config, _rollout_cuda
+    monkeypatch.setattr(_config, "CUDA", _config.CudaConfig(tpb=2, rows=2, max_blocks=2))
     return _rollout_cuda
 
 
@@ -226,13 +226,13 @@ def test_rollout_without_optional_outputs_and_eos(tiny_blocks):
 def test_deterministic_and_independent_of_launch_config(monkeypatch, dtype):
     """Repeat → bit-identical; and every launch configuration gives the same bits (one thread
     computes each number in a fixed order)."""
-    from rlhf_ref._core import _rollout_cuda as C
+    from rlhf_ref._core import _config, _rollout_cuda as C
     p, pr, prompt, pl, u = make_problem(seed=1)
     p, pr = cast(p, dtype), cast(pr, dtype)
     runs = []
     for cfg in (C.CudaConfig(tpb=2, rows=2, max_blocks=2), C.CudaConfig(tpb=2, rows=2, max_blocks=2),
                 C.CudaConfig(tpb=3, rows=3, max_blocks=0), C.CudaConfig(tpb=5, rows=1, max_blocks=3)):
-        monkeypatch.setattr(C, "config", cfg)
+        monkeypatch.setattr(_config, "CUDA", cfg)
         runs.append(be.rollout(p, prompt, pl, u, 1.3, 0.2, ref_params=pr, values=True))
     for r in runs[1:]:
         for k in runs[0]:
@@ -241,8 +241,8 @@ def test_deterministic_and_independent_of_launch_config(monkeypatch, dtype):
 
 @cuda_test
 def test_launch_config_env_override(monkeypatch):
-    from rlhf_ref._core import _rollout_cuda as C
-    monkeypatch.setattr(C, "config", C.CudaConfig())
+    from rlhf_ref._core import _config, _rollout_cuda as C
+    monkeypatch.setattr(_config, "CUDA", C.CudaConfig())
     monkeypatch.setenv("RLHF_REF_CUDA_TPB", "2")
     monkeypatch.setenv("RLHF_REF_CUDA_ROWS", "2")
     monkeypatch.setenv("RLHF_REF_CUDA_MAX_BLOCKS", "3")
@@ -250,7 +250,7 @@ def test_launch_config_env_override(monkeypatch):
     assert C.launch_config(4) == (2, 2, 2)
     monkeypatch.delenv("RLHF_REF_CUDA_MAX_BLOCKS")
     assert C.launch_config(7) == (4, 2, 2)
-    monkeypatch.setattr(C, "config", C.CudaConfig(tpb=4))          # the module setting wins
+    monkeypatch.setattr(_config, "CUDA", C.CudaConfig(tpb=4))       # the config setting wins
     assert C.launch_config(7)[1] == 4
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 from rlhf_ref import backends, lstm, model, policy, reinforce, reward_model, rollout as ref_rollout, sft
+from rlhf_ref._core import _blas
 from rlhf_ref.tokenizer import EOS
 
 try:
@@ -365,7 +366,7 @@ def test_rollout_matches_reference_on_larger_shapes(monkeypatch, dt, B, nthreads
 @needs_cython
 def test_openblas_threads_are_restored():
     cy = _cy()
-    controls = cy._blas_controls()
+    controls = _blas.controls()
     if not controls:
         pytest.skip("no OpenBLAS thread control found here")
     before = [get() for get, _ in controls]
@@ -429,7 +430,7 @@ def test_concurrent_calls_from_threads():
     own work buffers, give the same bits as one at a time, and leave OpenBLAS's threads as found."""
     import threading
     cy = _cy()
-    controls = cy._blas_controls()
+    controls = _blas.controls()
     before = [get() for get, _ in controls]
     jobs = [_policy_batch(B, 12, 11, 16, seed=B) for B in (1, 5, 8, 12)]
     want = [cy.reinforce_loss_and_grad(p, t, m, pl, r, ref_logp=rl) for p, t, m, pl, r, rl in jobs]

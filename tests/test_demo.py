@@ -123,8 +123,12 @@ def test_train_commands_on_human_style_preferences(quick_run, tmp_path, capsys):
     assert cli.main(["train-rm", "--out", str(run), "--preferences", prefs, "--backend", "numpy", "--set", "steps=3",
                      "--set", "eval_every=0", "--progress", "off"]) == 0
     assert cli.main(["train-rl", "--out", str(run), "--backend", "numpy", "--set", "steps=2", "--set", "batch_size=4",
-                     "--set", "norm_samples=8", "--progress", "off"]) == 0
+                     "--set", "norm_samples=8", "--set", "whiten=population", "--set", "shift_mean=false",
+                     "--progress", "off"]) == 0
     assert len(common.stage_checkpoints(str(run), "rl")) == 1
+    # every switch of the conventions table reached the stage (shift_mean was once lost by RLConfig)
+    ck = common.load_stage(common.stage_checkpoints(str(run), "rl")[0], "rl")
+    assert ck["config"]["shift_mean"] is False and ck["config"]["whiten"] == "population"
     capsys.readouterr()
 
 
@@ -140,6 +144,8 @@ def test_train_commands_on_human_style_preferences(quick_run, tmp_path, capsys):
     (["train-rm", "--out", "{run}", "--preferences", "{prefs}", "--set", "lr=fast"], "lr must be a float"),
     (["train-rm", "--out", "{run}", "--preferences", "{prefs}", "--set", "nope=1"], "expected name=value"),
     (["train-rl", "--out", "{run}", "--set", "beta=-1"], "beta must be >= 0"),
+    (["train-rl", "--out", "{run}", "--set", "shift_mean=maybe"], "shift_mean must be a bool"),
+    (["train-rl", "--out", "{run}", "--set", "kl=k9"], "kl must be one of ['k1', 'k2', 'k3'], got 'k9'"),
 ])
 def test_bad_arguments_give_clear_errors(quick_run, tmp_path, capsys, argv, message):
     out, _ = quick_run

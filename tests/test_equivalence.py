@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from rlhf_ref import lstm, model, policy, reinforce, reward_model, rollout as ref_rollout, sft
+from rlhf_ref import backends, conventions, lstm, model, policy, reinforce, reward_model, rollout as ref_rollout, sft
 from rlhf_ref.tokenizer import EOS
 
 try:
@@ -47,59 +47,11 @@ DTYPES = (np.float64, np.float32)
 # ---------------------------------------------------------------------------------------------
 # the backends under test
 
-class _ReferenceBackend:
-    """The NumPy reference behind the backend interface (used until ``rlhf_ref.backends`` exists)."""
-    NAME = "numpy"
-    rollout = staticmethod(ref_rollout.rollout)
-    sequence_logprobs = staticmethod(reinforce.sequence_logprobs)
-    reinforce_loss_and_grad = staticmethod(reinforce.loss_and_grad)
-    sft_loss_and_grad = staticmethod(sft.loss_and_grad)
-    bt_loss_and_grad = staticmethod(reward_model.bt_loss_and_grad)
-
-    @staticmethod
-    def reward_forward(params, tokens, mask):
-        return reward_model.forward(params, tokens, mask)[0]
-
-    @staticmethod
-    def probe():
-        return None
-
-
-def _is_avail(st_):
-    if isinstance(st_, tuple):
-        return bool(st_[0]), (None if st_[0] else str(st_[1]))
-    if isinstance(st_, bool):
-        return st_, None if st_ else "unavailable"
-    if st_ is None:
-        return True, None
-    if isinstance(st_, str):
-        return False, st_
-    ok = bool(getattr(st_, "available", st_))
-    return ok, (None if ok else str(getattr(st_, "reason", st_)))
-
-
 def _discover():
-    """[(name, backend or None, reason)] from the registry, else from the backend modules directly."""
-    try:
-        from rlhf_ref import backends as registry
-    except ImportError:
-        registry = None
+    """[(name, backend or None, reason)] for every backend of the registry."""
     found = []
-    if registry is not None:
-        for name, status in registry.available().items():
-            ok, why = _is_avail(status)
-            found.append((name, registry.get(name) if ok else None, why))
-        return found
-    found.append(("numpy", _ReferenceBackend, None))
-    import importlib
-    for name in ("cython", "numba", "cuda"):
-        try:
-            mod = importlib.import_module(f"rlhf_ref._core._backend_{name}")
-        except ImportError as e:
-            found.append((name, None, f"module missing: {e}"))
-            continue
-        why = mod.probe()
-        found.append((name, mod if why is None else None, why))
+    for name, status in backends.available().items():
+        found.append((name, backends.get(name) if status.available else None, status.reason))
     return found
 
 
@@ -226,7 +178,7 @@ def batches(draw, B, T, V, empty_rows=True):
 
 
 @st.composite
-def policy_args(draw, kinds=("boltzmann", "eps_greedy", "greedy")):
+def policy_args(draw, kinds=conventions.values("policy")):
     kind = draw(st.sampled_from(kinds))
     alpha = draw(st.floats(0.25, 4.0)) if kind == "boltzmann" else 1.0
     if kind == "greedy":
@@ -332,22 +284,23 @@ def test_sequence_logprobs(be, data):
 # ---------------------------------------------------------------------------------------------
 # REINFORCE: outputs and every gradient, over every convention
 
+# the strategies of the numeric switches; the choices are drawn from the table of conventions, so a
+# value added there is tested on every backend (and a switch with no strategy here fails at import)
+NUMERIC = {
+    "alpha": st.floats(0.25, 4.0),
+    "eps": st.one_of(st.just(0.0), st.floats(1e-3, 0.999), st.just(1.0)),
+    "gamma": st.one_of(st.just(1.0), st.just(0.0), st.floats(0.0, 1.0)),
+    "beta": st.one_of(st.just(0.0), st.floats(0.0, 1.0)),
+    "entropy_coef": st.one_of(st.just(0.0), st.floats(0.0, 1.0)),
+    "value_coef": st.one_of(st.just(0.0), st.just(0.5), st.floats(0.0, 2.0)),
+}
+SWITCH_STRATEGIES = {sw.name: (st.sampled_from(sw.values) if sw.values is not None else NUMERIC[sw.name])
+                     for sw in conventions.SWITCHES}
+
+
 @st.composite
 def configs(draw):
-    return reinforce.ReinforceConfig(
-        alpha=draw(st.floats(0.25, 4.0)),
-        eps=draw(st.one_of(st.just(0.0), st.floats(1e-3, 0.999), st.just(1.0))),
-        gamma=draw(st.one_of(st.just(1.0), st.just(0.0), st.floats(0.0, 1.0))),
-        beta=draw(st.one_of(st.just(0.0), st.floats(0.0, 1.0))),
-        kl=draw(st.sampled_from(("k1", "k2", "k3"))),
-        returns=draw(st.sampled_from(("rtg", "total"))),
-        baseline=draw(st.sampled_from(("value", "qvalue", "mean", "loo", "none"))),
-        whiten=draw(st.sampled_from(("off", "population", "bessel"))),
-        shift_mean=draw(st.booleans()),
-        aggregation=draw(st.sampled_from(("token_mean", "seq_mean", "seq_sum"))),
-        entropy_coef=draw(st.one_of(st.just(0.0), st.floats(0.0, 1.0))),
-        value_coef=draw(st.one_of(st.just(0.0), st.just(0.5), st.floats(0.0, 2.0))),
-    )
+    return reinforce.ReinforceConfig(**{name: draw(s) for name, s in SWITCH_STRATEGIES.items()})
 
 
 OUT_KEYS = ("action_mask", "logp", "ref_logp", "entropy", "kl", "rewards", "returns", "baseline", "advantages",
@@ -572,3 +525,110 @@ def test_padding_columns_and_rows_change_nothing(be, dt):
     lp2 = call(be, "sequence_logprobs", p, tokens2, mask2, pl2)
     close(lp2[:3, :5], lp1, dt, n, "sequence_logprobs with padding")
     assert np.all(lp2[3:] == 0) and np.all(lp2[:, 5:] == 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# larger shapes than Hypothesis draws, for every backend: row blocks on several threads, the
+# small-matrix and BLAS products, rows ending early (EOS), a reference policy of another size
+
+def _large_shapes(be):
+    """(B, T, V, E, H) cases; small for cuda, whose simulator runs one OS thread per CUDA thread."""
+    if getattr(be, "NAME", None) == "cuda":
+        return [(9, 8, 7, 5, 6)]
+    return [(16, 12, 33, 12, 20), (70, 6, 30, 10, 12)]
+
+
+def _large_problem(B, T, V, E, H, dt, heads, seed):
+    rng = np.random.default_rng(seed)
+    p = cast(lstm.init_params(V, E, H, rng, heads=heads), dt)
+    p["head.bias"][EOS] += 1.0                                        # rows of varied length
+    pr = cast(lstm.init_params(V, E, H + 5, rng, heads=("head",)), dt)
+    return p, cast(p, np.float64), pr, cast(pr, np.float64), rng
+
+
+@pytest.mark.parametrize("be", BACKEND_PARAMS)
+@pytest.mark.parametrize("dt", DTYPES, ids=["float64", "float32"])
+def test_rollout_and_logprobs_larger_shapes(be, dt):
+    for B, T, V, E, H in _large_shapes(be):
+        p, p64, pr, pr64, rng = _large_problem(B, T, V, E, H, dt, ("head", "value"), seed=B + T)
+        prompt = rng.integers(3, V, (B, T))
+        pl = rng.integers(1, 4, B)
+        u = rng.random((B, T))
+        kw = dict(alpha=1.3, eps=0.15, kind="boltzmann", eos_id=EOS, values=True)
+        ref = ref_rollout.rollout(p64, prompt, pl, u, ref_params=pr64, **kw)
+        out = call(be, "rollout", p, prompt, pl, u, ref_params=pr, **kw)
+        assert ref["action_mask"][:, -1].sum() < B, "no row ended early: raise the EOS bias"
+        fwd, _ = model.forward(p64, ref["tokens"], ref["mask"])
+        cdf = np.cumsum(np.exp(policy.logprobs(fwd["scores"], kw["alpha"], kw["eps"])), axis=-1)
+        n = n_forward(T, E, H + 5, V)
+        zscale = kw["alpha"] * max(scale_of(fwd["scores"]),
+                                   scale_of(model.forward(pr64, ref["tokens"], ref["mask"])[0]["scores"]))
+        div = compare_sampled_tokens(out["tokens"], ref["tokens"], u, cdf, ref["action_mask"], dtype=dt, n=n)
+        assert np.mean(div == T) > 0.8, f"{np.mean(div < T):.0%} of the rows diverge"
+        for b in range(B):
+            m = int(div[b])
+            np.testing.assert_array_equal(out["mask"][b, :m], ref["mask"][b, :m])
+            for k in ("logp", "ref_logp", "values"):
+                close(out[k][b, :m], ref[k][b, :m], dt, n, f"rollout {k} row {b}",
+                      scale=None if k == "values" else zscale)
+        # teacher-forced log-probs of the reference's own rows
+        lp = call(be, "sequence_logprobs", p, ref["tokens"], ref["mask"], pl, 1.3, 0.15)
+        close(lp, reinforce.sequence_logprobs(p64, ref["tokens"], ref["mask"], pl, 1.3, 0.15), dt, n,
+              "sequence_logprobs", scale=zscale)
+
+
+@pytest.mark.parametrize("be", params_for("reinforce_loss_and_grad"))
+@pytest.mark.parametrize("dt", DTYPES, ids=["float64", "float32"])
+def test_reinforce_larger_shapes(be, dt):
+    for B, T, V, E, H in _large_shapes(be):
+        p, p64, pr, pr64, rng = _large_problem(B, T, V, E, H, dt, ("head", "value", "qvalue"), seed=B * T)
+        tokens = rng.integers(3, V, (B, T))
+        mask = (np.arange(T)[None, :] < rng.integers(2, T + 1, B)[:, None]).astype(np.float64)
+        pl = np.ones(B, np.int64)
+        reward = rng.standard_normal(B)
+        n = n_grad(B, T, E, H + 5, V)
+        for cfg in (reinforce.ReinforceConfig(entropy_coef=0.05, eps=0.2, gamma=0.9, kl="k3", aggregation="seq_mean"),
+                    reinforce.ReinforceConfig(baseline="qvalue", alpha=1.7, returns="total", whiten="bessel")):
+            ref_out, ref_g = reinforce.loss_and_grad(p64, tokens, mask, pl, reward, cfg, ref_params=pr64)
+            out, g = call(be, "reinforce_loss_and_grad", p, tokens, mask, pl, reward, cfg, ref_params=pr)
+            kappa = whitening_condition(ref_out, cfg)
+            chain = max(scale_of(ref_out[k]) for k in ("logp", "ref_logp", "kl", "rewards", "returns", "baseline"))
+            for k in OUT_KEYS + ("values", "qvalues"):
+                sc = None
+                if k in ("kl", "rewards", "returns", "baseline", "advantages", "loss_pg", "loss"):
+                    sc = chain * (kappa if k in ("advantages", "loss_pg", "loss") else 1.0)
+                close(out[k], ref_out[k], dt, n, f"reinforce {k}", scale=sc)
+            gs = grad_scale(ref_g) * kappa
+            for k in p:
+                assert g[k].dtype == np.dtype(dt), k
+                close(g[k], ref_g[k], dt, n, f"reinforce grad {k}", scale=gs)
+
+
+@pytest.mark.parametrize("be", params_for("sft_loss_and_grad", "bt_loss_and_grad"))
+@pytest.mark.parametrize("dt", DTYPES, ids=["float64", "float32"])
+def test_sft_and_reward_model_larger_shapes(be, dt):
+    for B, T, V, E, H in _large_shapes(be):
+        p, p64, _, _, rng = _large_problem(B, T, V, E, H, dt, ("head",), seed=B + 2 * T)
+        tokens = rng.integers(3, V, (B, T))
+        mask = (np.arange(T)[None, :] < rng.integers(2, T + 1, B)[:, None]).astype(np.float64)
+        n = n_grad(B, T, E, H, V)
+        ref_out, ref_g = sft.loss_and_grad(p64, tokens, mask)
+        out, g = call(be, "sft_loss_and_grad", p, tokens, mask)
+        close(out["loss"], ref_out["loss"], dt, n, "sft loss")
+        for k in p:
+            close(g[k], ref_g[k], dt, n, f"sft grad {k}", scale=grad_scale(ref_g))
+
+        rm = cast(lstm.init_params(V, E, H, rng, heads=("reward",)), dt)
+        rm64 = cast(rm, np.float64)
+        rej, rmask = np.roll(tokens, 1, axis=0)[:, : T - 2], np.roll(mask, 1, axis=0)[:, : T - 2]
+        rmask[:, 0] = 1
+        ref_out, ref_g = reward_model.bt_loss_and_grad(rm64, tokens, mask, rej, rmask)
+        out, g = call(be, "bt_loss_and_grad", rm, tokens, mask, rej, rmask)
+        n = n_grad(2 * B, T, E, H, 1)
+        rs = max(scale_of(ref_out["reward_chosen"]), scale_of(ref_out["reward_rejected"]))
+        for k in ("reward_chosen", "reward_rejected", "delta", "loss"):
+            close(out[k], ref_out[k], dt, n, f"bt {k}", scale=rs if k == "delta" else None)
+        _, cache = reward_model.forward(rm64, tokens, mask)
+        gs = max(grad_scale(ref_g), grad_scale(reward_model.backward(np.full(B, 1.0 / B), cache)))
+        for k in rm:
+            close(g[k], ref_g[k], dt, n, f"bt grad {k}", scale=gs)

@@ -251,14 +251,11 @@ def test_key_decoding():
     assert [_action(k, "rating") for k in (b"1", b"5", b"6", b"t")] == [("rate", 1), ("rate", 5), None, None]
 
 
-def test_add_subparser_registers_label():
-    import argparse
-
-    from rlhf_ref.label import add_subparser, main_label
-    parser = argparse.ArgumentParser(prog="rlhf-ref")
-    add_subparser(parser.add_subparsers(dest="command"))
+def test_cli_registers_label():
+    from rlhf_ref import cli, label
+    parser = cli.build_parser(["label"])
     args = parser.parse_args(["label", "c.jsonl", "--out", "o.jsonl", "--mode", "rating", "--no-swap", "--seed", "3"])
-    assert (args.func, args.candidates, args.out, args.mode, args.swap, args.seed) == \
-        (main_label, "c.jsonl", "o.jsonl", "rating", False, 3)
+    assert (args._command.load().main, args.candidates, args.out, args.mode, args.swap, args.seed) == \
+        (label.main, "c.jsonl", "o.jsonl", "rating", False, 3)
     with pytest.raises(SystemExit):
         parser.parse_args(["label", "c.jsonl", "--out", "o.jsonl", "--mode", "stars"])

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from rlhf_ref import lstm, reinforce, rollout as ref_rollout
-from rlhf_ref._core import _backend_numba as nbk
+from rlhf_ref._core import _backend_numba as nbk, _blas, _config
 from rlhf_ref.tokenizer import EOS
 
 WHY = nbk.probe()
@@ -56,7 +56,7 @@ def test_probe_reason_when_numba_is_missing():
         import sys
         sys.modules["numba"] = None            # import numba now raises ImportError
         import rlhf_ref
-        from rlhf_ref._core import _backend_numba as nbk
+        from rlhf_ref._core import _backend_numba as nbk, _blas, _config
         why = nbk.probe()
         print(why)
         try:
@@ -84,7 +84,7 @@ def test_probe_reason_when_numba_is_not_installed():
                 if name == "numba" or name.startswith("numba."):
                     raise ModuleNotFoundError(f"No module named {name!r}", name=name)
         sys.meta_path.insert(0, Block())
-        from rlhf_ref._core import _backend_numba as nbk
+        from rlhf_ref._core import _backend_numba as nbk, _blas, _config
         print(nbk.probe())
     """)
     assert out.strip() == "numba not installed"
@@ -98,7 +98,7 @@ def test_probe_reason_when_scipy_is_missing():
                 if name == "scipy" or name.startswith("scipy."):
                     raise ModuleNotFoundError(f"No module named {name!r}", name=name)
         sys.meta_path.insert(0, Block())
-        from rlhf_ref._core import _backend_numba as nbk
+        from rlhf_ref._core import _backend_numba as nbk, _blas, _config
         print(nbk.probe())
     """)
     assert "scipy" in out and "BLAS" in out, out
@@ -167,7 +167,7 @@ def test_table_and_direct_input_projection_agree(dt, monkeypatch):
     cfg = reinforce.ReinforceConfig(entropy_coef=0.1, eps=0.1)
     res = {}
     for mode, ratio in (("table", 0.0), ("direct", 1e9)):
-        monkeypatch.setattr(nbk, "TABLE_MIN_POSITIONS", ratio)
+        monkeypatch.setattr(_config, "NUMBA_TABLE_MIN_POSITIONS", ratio)
         res[mode] = nbk.reinforce_loss_and_grad(p, ro["tokens"], ro["mask"], pl, reward, cfg, ref_logp=ro["logp"] * 0.9)
     tol = 1e-4 if dt == np.float32 else 1e-12
     (o1, g1), (o2, g2) = res["table"], res["direct"]
@@ -236,7 +236,7 @@ _DIGEST = """
     sys.path.insert(0, "tests")
     t0 = time.perf_counter()
     from test_numba_backend import _all_outputs
-    from rlhf_ref._core import _backend_numba as nbk
+    from rlhf_ref._core import _backend_numba as nbk, _blas, _config
     assert nbk.probe() is None
     out = {}
     for dt in (np.float32, np.float64):
@@ -287,9 +287,9 @@ def test_parallel_row_blocks_match_the_serial_kernels(dt, monkeypatch):
     import numba
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("needs 2 Numba threads")
-    monkeypatch.setattr(nbk, "PARALLEL", "off")
+    monkeypatch.setattr(_config, "NUMBA_PARALLEL", "off")
     serial = _all_outputs(dt)
-    monkeypatch.setattr(nbk, "PARALLEL", "on")
+    monkeypatch.setattr(_config, "NUMBA_PARALLEL", "on")
     old = numba.get_num_threads()
     numba.set_num_threads(2)
     try:
@@ -311,21 +311,85 @@ def test_parallel_row_blocks_match_the_serial_kernels(dt, monkeypatch):
 def test_blas_thread_control_is_found_and_restored():
     """The parallel kernels hold SciPy's OpenBLAS (behind np.dot in Numba) to one thread and give
     the count back; where it cannot be found, "auto" keeps the serial kernels."""
-    bt = nbk._blas_threads()
-    if bt is None:
-        assert nbk.PARALLEL != "auto" or nbk._blocks(8) == 1
+    controls = _blas.controls(lp64=True)
+    if not controls:
+        assert _config.NUMBA_PARALLEL != "auto" or nbk._blocks(8) == 1
         pytest.skip("no controllable OpenBLAS here")
-    get, put = bt
-    before = get()
+    before = [get() for get, _ in controls]
     with nbk._one_blas_thread():
-        assert get() == 1
-    assert get() == before
+        assert all(get() == 1 for get, _ in controls)
+    assert [get() for get, _ in controls] == before
+
+
+@needs_numba
+def test_overlapping_holds_from_threads_restore_blas_threads():
+    """Issue 10 item 6: two Python threads hold BLAS to one thread (as the parallel kernels do) and
+    overlap: A enters, B enters, A leaves, B leaves. OpenBLAS's thread count must come back as
+    found; a save/restore per call (B saves A's 1, restores it last) left it at 1."""
+    import threading
+    controls = _blas.controls(lp64=True)
+    if not controls:
+        pytest.skip("no controllable OpenBLAS here")
+    get, put = controls[0]
+    before = [g() for g, _ in controls]
+    put(3)                                            # a count other than 1, to see it restored
+    steps = [threading.Event() for _ in range(4)]     # A in, B in, A out, B out
+    seen = []
+
+    def hold(enter_after, entered, leave_after, left):
+        if enter_after is not None:
+            enter_after.wait(10)
+        with nbk._one_blas_thread():
+            seen.append(get())
+            entered.set()
+            leave_after.wait(10)
+        left.set()
+
+    a = threading.Thread(target=hold, args=(None, steps[0], steps[1], steps[2]))
+    b = threading.Thread(target=hold, args=(steps[0], steps[1], steps[2], steps[3]))
+    try:
+        a.start()
+        b.start()
+        a.join(20)
+        b.join(20)
+        assert all(e.is_set() for e in steps)
+        assert seen == [1, 1]
+        assert get() == 3, f"OpenBLAS left at {get()} threads"
+    finally:
+        for (_, pt), n in zip(controls, before):
+            pt(n)
+
+
+@needs_numba
+def test_holds_of_every_blas_and_of_scipys_nest_per_library():
+    """The cython backend holds every OpenBLAS, the numba backend SciPy's (LP64) only; the counts
+    are kept per library, so a hold of all that ends inside a hold of SciPy's restores NumPy's
+    pool and leaves SciPy's at 1 until its own hold ends."""
+    every, lp64 = _blas.controls(), _blas.controls(lp64=True)
+    if not lp64 or len(every) == len(lp64):
+        pytest.skip("needs SciPy's OpenBLAS and another one (NumPy's) here")
+    before = [get() for get, _ in every]
+    for _, put in every:
+        put(2)
+    try:
+        both, scipy_only = _blas.one_thread(), _blas.one_thread(lp64=True)
+        both.__enter__()
+        scipy_only.__enter__()
+        assert all(get() == 1 for get, _ in every)
+        both.__exit__(None, None, None)
+        assert all(get() == 1 for get, _ in lp64)
+        assert all(get() == 2 for get, put in every if (get, put) not in lp64)
+        scipy_only.__exit__(None, None, None)
+        assert all(get() == 2 for get, _ in every)
+    finally:
+        for (_, put), n in zip(every, before):
+            put(n)
 
 
 @needs_numba
 def test_cache_disabled_by_environment():
     out = _run("""
-        from rlhf_ref._core import _backend_numba as nbk
+        from rlhf_ref._core import _backend_numba as nbk, _blas, _config
         assert nbk.probe() is None
         from rlhf_ref._core import _lstm_nb, _nb_common
         from numba.core.caching import NullCache

@@ -34,7 +34,8 @@ from rlhf_ref.backends import BackendUnavailable
 PKG_DIR = Path(rlhf_ref.__file__).resolve().parent
 ROOT = PKG_DIR.parent                        # the folder that holds the imported rlhf_ref
 HEAVY = ("numba", "llvmlite", "scipy", "torch", "gymnasium", "matplotlib", "Cython")
-EXCLUDED = ("rlhf_ref.envs", "rlhf_ref._core", "rlhf_ref.plot")     # optional parts, by design
+EXCLUDED = ("rlhf_ref.envs", "rlhf_ref.plot")                        # optional parts, by design
+KERNELS = r"rlhf_ref\._core\.(_\w+_(nb|cy|cuda)|_nb_common)$"         # the kernels (numba, scipy), by design
 
 
 def run_py(code, *args, env=None, cwd=None, timeout=300):
@@ -55,12 +56,13 @@ def check(proc):
 # (a) NumPy alone
 
 IMPORT_ALL = """
-    import importlib, json, pkgutil, sys
+    import importlib, json, pkgutil, re, sys
     EXCLUDED = {excluded!r}
+    KERNELS = {kernels!r}
 
     def walk(pkg):
         for m in pkgutil.iter_modules(pkg.__path__, pkg.__name__ + "."):
-            if any(m.name == x or m.name.startswith(x + ".") for x in EXCLUDED):
+            if any(m.name == x or m.name.startswith(x + ".") for x in EXCLUDED) or re.match(KERNELS, m.name):
                 continue
             mod = importlib.import_module(m.name)
             yield m.name
@@ -75,9 +77,10 @@ IMPORT_ALL = """
 
 
 def test_import_needs_numpy_alone():
-    out = check(run_py(IMPORT_ALL.format(excluded=EXCLUDED, heavy=HEAVY)))
+    out = check(run_py(IMPORT_ALL.format(excluded=EXCLUDED, kernels=KERNELS, heavy=HEAVY)))
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    assert {"rlhf_ref.backends", "rlhf_ref.cli", "rlhf_ref._backend_numpy", "rlhf_ref.__main__"} <= set(res["modules"])
+    assert {"rlhf_ref.backends", "rlhf_ref.cli", "rlhf_ref._core._backend_numpy", "rlhf_ref._core._backend_cython",
+            "rlhf_ref._core._host", "rlhf_ref._core._blas", "rlhf_ref.__main__"} <= set(res["modules"])
     assert res["heavy"] == [], (f"importing {len(res['modules'])} rlhf_ref modules imported optional "
                                 f"packages {res['heavy']}; import them inside the functions that need them")
 
@@ -152,7 +155,8 @@ def test_every_command_module_exposes_its_functions():
             if e.name == cmd.module:
                 pytest.fail(f"COMMANDS lists {cmd.name!r} but {cmd.module} does not exist")
             raise
-        assert callable(getattr(mod, cmd.setup)) and callable(getattr(mod, cmd.run)), cmd
+        impl = cmd.load()
+        assert callable(impl.add_arguments) and callable(impl.main), cmd
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,7 +191,7 @@ def test_available_lists_every_backend_with_a_reason():
 
 
 def test_unavailable_backend_raises_with_its_reason(monkeypatch):
-    import rlhf_ref._backend_numpy as np_backend
+    import rlhf_ref._core._backend_numpy as np_backend
     monkeypatch.setattr(np_backend, "probe", lambda: "simulated breakage for the test")
     st = backends.status("numpy")
     assert st == (False, "simulated breakage for the test")
@@ -197,7 +201,7 @@ def test_unavailable_backend_raises_with_its_reason(monkeypatch):
 
 
 def test_probe_that_raises_is_a_reason(monkeypatch):
-    import rlhf_ref._backend_numpy as np_backend
+    import rlhf_ref._core._backend_numpy as np_backend
 
     def boom():
         raise OSError("driver exploded")
@@ -251,7 +255,7 @@ def test_auto_skips_unavailable_and_incomplete_backends(monkeypatch):
     assert backends.get("auto", job="rollout") is fake
     trained = backends.get("auto", job="train")                 # fake lacks training: numba or numpy
     assert trained is not fake and trained.__name__ in (backends.MODULES["numba"], backends.MODULES["numpy"])
-    import rlhf_ref._backend_numpy as np_backend
+    import rlhf_ref._core._backend_numpy as np_backend
     monkeypatch.setattr(np_backend, "probe", lambda: "simulated")
     monkeypatch.setitem(backends.MODULES, "numba", "rlhf_ref._core._backend_does_not_exist")
     with pytest.raises(BackendUnavailable, match="no backend can run job 'train'.*numpy: simulated"):

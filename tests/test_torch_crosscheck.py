@@ -196,7 +196,9 @@ def torch_reinforce(net, ref_net, tokens, mask, pl, R, cfg):
     G = []
     for b in range(B):
         x = (logp[b] - ref_logp[b]).detach()
-        k = {"k1": x, "k2": x ** 2 / 2, "k3": torch.expm1(-x) + x}[cfg.kl]
+        k = {"k1": x, "k2": x ** 2 / 2, "k3": torch.expm1(-x) + x}.get(cfg.kl)
+        if k is None:
+            raise ValueError(f"the torch cross-check has no formula for KL estimator {cfg.kl!r}: write it out here")
         r = -cfg.beta * k
         if lengths[b]:
             r = r.clone()

@@ -1,9 +1,10 @@
 """The ``cython`` backend: public wrappers that validate, allocate and launch the ``_*_cy`` kernels.
 
-Interface: ``docs/internals.md`` (the backend interface). Every function validates its arguments
-with the reference's own checks (``_validate``, ``lstm.check_model``, ``model.prepare``,
-``rollout.check_rollout_args``, ``ReinforceConfig``, ``reward_model._prepare``) before any
-kernel runs, in the reference's order (so a bad input raises the reference's error), computes in
+Interface: ``rlhf_ref.backends.Backend``. Every function validates its arguments with the
+reference's own checks (``rollout.check_rollout_args``, ``model.prepare``, ``reinforce.prepare``,
+``sft.prepare``, ``reward_model.prepare_pairs``) before any kernel runs (so a bad input raises
+the reference's error); the host code shared with the numba backend is ``_host.py`` (codes,
+heads, the BT reward head), ``_blas.py`` (BLAS threads) and ``_config.py`` (tuning). It computes in
 the dtype of ``params`` (float32 or float64) and returns the reference's keys
 (``reinforce_loss_and_grad`` omits the (B, T, V) arrays ``scores`` and ``logq``). Every buffer
 is allocated here with NumPy and filled by the kernels, which run with the GIL released.
@@ -33,8 +34,8 @@ sampling loop) cut the batch into blocks of rows that run through all T steps on
 threads, with no synchronisation per step; the whole-sequence products are split by blocks of
 their output; the per-position policy passes by positions. Every BLAS call inside runs
 single-threaded: while a backend function runs, every OpenBLAS in the process is set to one thread
-and restored afterwards (``_call``; OpenBLAS's own threading of the many small per-step
-products costs a hand-off per call, and under load a time slice per call). Every entry is
+and restored afterwards (``_call``, through ``_blas.one_thread``; OpenBLAS's own threading of the
+many small per-step products costs a hand-off per call, and under load a time slice per call). Every entry is
 computed by one thread in a fixed order, so one seed, one backend and one thread count give
 bit-identical results (tests/test_cython_backend.py). OMP_NUM_THREADS sets the thread count.
 
@@ -55,8 +56,10 @@ import threading
 
 import numpy as np
 
-from .. import model, reinforce, sft
-from .._validate import as_float_array
+from .. import model, reinforce, reward_model, sft
+from . import _blas, _config
+from ._host import c as _c, complete, dtype as _dtype, head_stack, head_grads, reinforce_codes, CODES
+from ._host import stack_pairs, reward_head_backward, reward_head_grads
 
 NAME = "cython"
 EXTENSIONS = ("_lstm_cy", "_train_cy", "_rollout_cy")
@@ -113,79 +116,22 @@ def openmp():
     return _require().lstm.openmp()
 
 
-#: the per-step products of blocks of SMM_MIN_ROWS..SMM_MAX_ROWS rows use the kernels' own small
-#: matrix product (as _common_cy.pxd's use_smm decides), which reads the weights transposed
-SMM_MIN_ROWS, SMM_MAX_ROWS = 4, 64
-#: rows per block below which the recurrences are not split over threads
-MIN_ROWS_PER_THREAD = 4
-#: the per-position policy passes are split from this many score entries (T·B·V) on
-PARALLEL_MIN_ENTRIES = 1 << 17
-
-
 def _nthreads():
     """OpenMP threads to use: 1 without OpenMP, or when OpenBLAS's threads cannot be controlled
     (then BLAS keeps its own threading and the kernels run serially around it)."""
     omp, n = _require().lstm.openmp()
-    if not omp or n < 2 or not _blas_controls():
+    if not omp or n < 2 or not _blas.controls():
         return 1
     return int(n)
 
 
 def _chunks(B, nt):
     """Blocks of rows for a recurrence over B rows."""
-    return max(1, min(nt, B // MIN_ROWS_PER_THREAD))
+    return max(1, min(nt, B // _config.CYTHON_MIN_ROWS_PER_THREAD))
 
 
 def _pass_threads(entries, nt):
-    return nt if entries >= PARALLEL_MIN_ENTRIES else 1
-
-
-_BLAS = None
-
-
-def _blas_controls():
-    """[(get_num_threads, set_num_threads)] of every OpenBLAS loaded in the process (found once)."""
-    global _BLAS
-    if _BLAS is None:
-        _BLAS = _find_openblas()
-    return _BLAS
-
-
-def _find_openblas():
-    import ctypes
-    found, seen = [], set()
-    paths = []
-    try:
-        with open("/proc/self/maps") as f:          # Linux: the shared objects mapped in this process
-            for line in f:
-                parts = line.split()
-                if len(parts) >= 6 and "openblas" in parts[-1].lower() and parts[-1] not in seen:
-                    seen.add(parts[-1])
-                    paths.append(parts[-1])
-    except OSError:
-        pass
-    for path in paths:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for pre, suf in (("scipy_", ""), ("scipy_", "64_"), ("", ""), ("", "64_")):
-            get = getattr(lib, f"{pre}openblas_get_num_threads{suf}", None)
-            put = getattr(lib, f"{pre}openblas_set_num_threads{suf}", None)
-            if get is not None and put is not None:
-                get.restype, get.argtypes = ctypes.c_int, []
-                put.restype, put.argtypes = None, [ctypes.c_int]
-                found.append((get, put))
-                break
-    if not paths:                                     # elsewhere: threadpoolctl, when installed
-        try:
-            from threadpoolctl import ThreadpoolController
-            for c in ThreadpoolController().lib_controllers:
-                if c.internal_api == "openblas":
-                    found.append((c.get_num_threads, c.set_num_threads))
-        except Exception:
-            pass
-    return found
+    return nt if entries >= _config.CYTHON_PARALLEL_MIN_ENTRIES else 1
 
 
 class _Workspace(threading.local):
@@ -219,7 +165,6 @@ class _Workspace(threading.local):
 
 
 _WS = _Workspace()
-_DEFAULT_CFG = None
 
 
 def workspace_nbytes():
@@ -232,43 +177,26 @@ def clear_workspace():
     _WS.bufs.clear()
 
 
-_BLAS_LOCK = threading.Lock()
-_BLAS_SAVED = []            # [(set_num_threads, count before)] while some call runs
-_BLAS_USERS = 0             # calls running now, over all threads
+_ONE_BLAS_THREAD = _blas.one_thread()
 
 
 class _call:
-    """Context of one backend call: every OpenBLAS of the process runs single-threaded inside, and
-    the thread's workspace is pruned when its outermost call ends. The thread counts are saved by
-    the first call to start (over all Python threads) and restored by the last one to end, so
-    concurrent calls cannot leave OpenBLAS at one thread."""
+    """Context of one backend call: every OpenBLAS of the process runs single-threaded inside
+    (``_blas.one_thread``, reference-counted over all Python threads), and the thread's workspace
+    is pruned when its outermost call ends."""
 
     __slots__ = ()
 
     def __enter__(self):
-        global _BLAS_USERS
         ws = _WS
         if ws.depth == 0:
             ws.calls += 1
         ws.depth += 1
-        with _BLAS_LOCK:
-            if _BLAS_USERS == 0:
-                _BLAS_SAVED[:] = [(put, get()) for get, put in _blas_controls()]
-                for put, n in _BLAS_SAVED:
-                    if n != 1:
-                        put(1)
-            _BLAS_USERS += 1
+        _ONE_BLAS_THREAD.__enter__()
         return self
 
     def __exit__(self, *exc):
-        global _BLAS_USERS
-        with _BLAS_LOCK:
-            _BLAS_USERS -= 1
-            if _BLAS_USERS == 0:
-                for put, n in _BLAS_SAVED:
-                    if n != 1:
-                        put(n)
-                _BLAS_SAVED.clear()
+        _ONE_BLAS_THREAD.__exit__(*exc)
         ws = _WS
         ws.depth -= 1
         if ws.depth == 0:
@@ -278,39 +206,8 @@ class _call:
 
 # ----------------------------------------------------------------------------- shared pieces
 
-def _c(a, dt):
-    return np.ascontiguousarray(a, dtype=dt)
-
-
-def _dtype(params):
-    return params["lstm.weight_hh_l0"].dtype
-
-
 def _empty(dt):
     return np.empty((0, 0), dt)
-
-
-def _head_stack(params, names, dt, pad=16):
-    """The heads ``names`` that params has, stacked and padded with zero rows to a multiple of
-    ``pad`` (aligned rows of logits; BLAS runs faster on them): Wc (K, H), bc (K,), and
-    {name: (offset, rows)}."""
-    Ws, bs, off, k = [], [], {}, 0
-    for n in names:
-        if f"{n}.weight" in params:
-            W = params[f"{n}.weight"]
-            Ws.append(W)
-            bs.append(params[f"{n}.bias"])
-            off[n] = (k, W.shape[0])
-            k += W.shape[0]
-    K = -(-k // pad) * pad
-    H = Ws[0].shape[1]
-    Wc, bc = np.zeros((K, H), dt), np.zeros(K, dt)
-    k = 0
-    for W, b in zip(Ws, bs):
-        Wc[k:k + W.shape[0]] = W
-        bc[k:k + W.shape[0]] = b
-        k += W.shape[0]
-    return Wc, bc, off
 
 
 class _Body:
@@ -371,7 +268,7 @@ class _Net(_Body):
         super().__init__(K, params, tokens, mask, dt, nt, steps=max(Tpos - 1, 0))
         self.Tpos = Tpos
         self.ids_pos = np.ascontiguousarray(tokens.T, dtype=np.int64)       # (T, B): the action at each position
-        self.Wc, self.bc, self.off = _head_stack(params, names, dt)
+        self.Wc, self.bc, self.off = head_stack(params, names, dt, pad=_config.CYTHON_HEAD_PAD)
         self.logits = _WS.get("logits", (Tpos * self.B, self.Wc.shape[0]), dt)
         K.lstm.linear(self.HS(), self.Wc, self.bc, self.logits, nt)
 
@@ -396,16 +293,8 @@ class _Net(_Body):
         dWc, dbc = _WS.get("dWc", self.Wc.shape, dt), _WS.get("dbc", self.bc.shape, dt)
         dHS = _WS.get("dHS", (self.Tpos * self.B, self.H), dt)
         self.K.lstm.linear_backward(self.HS(), self.Wc, self.logits, self.B, dWc, dbc, dHS, self.nt)
-        grads = self.backward(dHS=dHS)
-        for n, (k0, k) in self.off.items():
-            grads[f"{n}.weight"] = dWc[k0:k0 + k].copy()
-            grads[f"{n}.bias"] = dbc[k0:k0 + k].copy()
-        return _complete(grads, params, dt)
-
-
-def _complete(grads, params, dt):
-    """Every key of params, in params' order; a head the loss does not reach gets 0."""
-    return {k: (grads[k] if k in grads else np.zeros(v.shape, dt)) for k, v in params.items()}
+        grads = head_grads(self.backward(dHS=dHS), self.off, dWc, dbc)
+        return complete(grads, params, dt)
 
 
 def _stats(K, net, sel, V, alpha, eps, has_q=False, qoff=0):
@@ -459,15 +348,16 @@ def rollout(params, prompt_tokens, prompt_len, u, alpha=1.0, eps=0.0, kind="bolt
             K.lstm.transpose(W, out)
             return out
 
-        smm_rows = any(SMM_MIN_ROWS <= n <= SMM_MAX_ROWS for n in (B // nch, -(-B // nch)))
+        smm_rows = any(_config.CYTHON_SMM_MIN_ROWS <= n <= _config.CYTHON_SMM_MAX_ROWS for n in (B // nch, -(-B // nch)))
         P, W_hh, WT = prep(params, "")
-        Wc, bc, _ = _head_stack(params, ("head", "value") if values else ("head",), dt)
+        pad = _config.CYTHON_HEAD_PAD
+        Wc, bc, _ = head_stack(params, ("head", "value") if values else ("head",), dt, pad)
         WcT = transposed(Wc, "WcT")
         H, G, Kc = W_hh.shape[1], W_hh.shape[0], Wc.shape[0]
         has_ref = ref_params is not None
         if has_ref:
             Pr, W_hhr, WTr = prep(ref_params, "r")
-            Wcr, bcr, _ = _head_stack(ref_params, ("head",), dt)
+            Wcr, bcr, _ = head_stack(ref_params, ("head",), dt, pad)
             WcTr = transposed(Wcr, "WcTr")
             Hr, Kr = W_hhr.shape[1], Wcr.shape[0]
         else:
@@ -475,7 +365,7 @@ def rollout(params, prompt_tokens, prompt_len, u, alpha=1.0, eps=0.0, kind="bolt
             Hr = Kr = 0
         K.rollout.rollout(P, W_hh, WT, Wc, WcT, bc, bool(values), Pr, W_hhr, WTr, Wcr, WcTr, bcr, has_ref,
                           tokens, pl, np.ascontiguousarray(u, dtype=np.float64), int(V), float(alpha), float(eps),
-                          K.rollout.KIND_CODES[kind], int(eos_id), mask, am, logp,
+                          CODES["policy"][kind], int(eos_id), mask, am, logp,
                           ref_logp if has_ref else _empty(np.float64), vals if values else _empty(np.float64),
                           ws.get("h", (B, H), dt), ws.get("c", (B, H), dt), ws.get("cn", (B, H), dt),
                           ws.get("a", (B, G), dt), ws.get("z", (B, Kc), dt), ws.get("hr", (B, Hr), dt),
@@ -508,33 +398,10 @@ def sequence_logprobs(params, tokens, mask, prompt_len, alpha=1.0, eps=0.0):
 
 def reinforce_loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, ref_params=None, ref_logp=None):
     """``rlhf_ref.reinforce.loss_and_grad`` (without term_grads and the (B, T, V) arrays scores/logq)."""
-    from .. import reinforce
-    global _DEFAULT_CFG
-    if cfg is None:
-        if _DEFAULT_CFG is None:
-            _DEFAULT_CFG = reinforce.ReinforceConfig()          # frozen: one instance serves every call
-        cfg = _DEFAULT_CFG
-    if not isinstance(cfg, reinforce.ReinforceConfig):
-        raise TypeError(f"cfg must be a ReinforceConfig, got {type(cfg).__name__}")
-    V, tokens, mask, prompt_len = model.prepare(params, tokens, mask, prompt_len, ("head", cfg.critic))
-    B, T = tokens.shape
-    reward = as_float_array(reward, "reward", ndim=1, shape=(B,)).astype(np.float64)
-    am = model.action_mask(mask, prompt_len)
-    n_row = np.count_nonzero(am > 0, axis=1)
-    N = int(n_row.sum())
-    if N == 0:
-        raise ValueError("the batch has no action (action_mask is all 0): the loss is undefined")
-    if (ref_params is None) == (ref_logp is None):
-        raise ValueError("give exactly one of ref_params (a policy dict) or ref_logp (B, T)")
-    if ref_params is not None:
-        ref_logp = sequence_logprobs(ref_params, tokens, mask, prompt_len, cfg.alpha, cfg.eps)
-    else:
-        ref_logp = as_float_array(ref_logp, "ref_logp", shape=(B, T))
+    cfg, V, tokens, mask, prompt_len, reward, am, ref_logp = reinforce.prepare(
+        params, tokens, mask, prompt_len, reward, cfg, ref_params, ref_logp, logprobs=sequence_logprobs)
+    reward = reward.astype(np.float64)
     ref_logp = np.ascontiguousarray(np.where(am > 0, ref_logp, 0.0), dtype=np.float64)
-    if cfg.baseline == "loo" and np.count_nonzero(n_row) < 2:
-        raise ValueError(f"baseline='loo' needs at least two rows with an action, got {np.count_nonzero(n_row)}")
-    if cfg.whiten == "bessel" and N < 2:
-        raise ValueError(f"whiten='bessel' needs two or more actions, got {N}")
     K = _require()
     with _call():
         return _reinforce(K, params, tokens, mask, am, reward, ref_logp, cfg, V)
@@ -559,11 +426,11 @@ def _reinforce(K, params, tokens, mask, am, reward, ref_logp, cfg, V):
 
     # KL-shaped rewards, returns, baseline, advantages, the losses and their upstream gradients
     kl, rewards, G, bl, adv, w, pred, d_logp, d_ent, d_pred = (np.empty((B, T)) for _ in range(10))
+    kl_code, ret_code, base_code, wh_code, agg_code = reinforce_codes(cfg)
     loss_pg, loss_ent, loss_value = Tr.reinforce_chain(
         logp, ref_logp, am, reward, np.zeros((B, T)) if values is None else _c(values, np.float64), qb,
-        _c(pred_q, np.float64), critic_q, float(cfg.beta), Tr.KL_CODES[cfg.kl], float(cfg.gamma),
-        Tr.RETURN_CODES[cfg.returns], Tr.BASELINE_CODES[cfg.baseline], Tr.WHITEN_CODES[cfg.whiten],
-        bool(cfg.shift_mean), Tr.AGG_CODES[cfg.aggregation], float(cfg.entropy_coef), float(cfg.value_coef), ent,
+        _c(pred_q, np.float64), critic_q, float(cfg.beta), kl_code, float(cfg.gamma), ret_code, base_code, wh_code,
+        bool(cfg.shift_mean), agg_code, float(cfg.entropy_coef), float(cfg.value_coef), ent,
         kl, rewards, G, bl, adv, w, pred, d_logp, d_ent, d_pred)
 
     # pass 3: ∂L/∂logits in place, then the backward pass
@@ -572,8 +439,8 @@ def _reinforce(K, params, tokens, mask, am, reward, ref_logp, cfg, V):
                     _pass_threads(T * B * net.logits.shape[1], net.nt))
     grads = net.backward_all(params)
 
-    out = reinforce.pack_outputs(dt, am, logp, ref_logp, ent, kl, rewards, G, values, qvalues, bl, adv, w,
-                                 loss_pg, loss_ent, loss_value)
+    out = reinforce.pack_outputs(am, logp, ref_logp, ent, kl, rewards, G, values, qvalues, bl, adv, w,
+                                 loss_pg, loss_ent, loss_value, dt=dt)
     return out, grads
 
 
@@ -608,8 +475,7 @@ def _reward_net(K, params, tokens, mask, dt):
 
 def reward_forward(params, tokens, mask):
     """``rlhf_ref.reward_model.forward``'s rewards (B,), read at each row's last real token."""
-    from ..reward_model import _prepare
-    tokens, mask = _prepare(params, tokens, mask, "tokens")
+    tokens, mask = reward_model._prepare(params, tokens, mask, "tokens")
     K = _require()
     dt = _dtype(params)
     if tokens.shape[0] == 0:
@@ -620,38 +486,16 @@ def reward_forward(params, tokens, mask):
 
 def bt_loss_and_grad(params, chosen, chosen_mask, rejected, rejected_mask, margin=None):
     """``rlhf_ref.reward_model.bt_loss_and_grad``: one forward/backward over chosen and rejected stacked."""
-    from ..reward_model import _prepare
-    c_tok, c_mask = _prepare(params, chosen, chosen_mask, "chosen")
-    r_tok, r_mask = _prepare(params, rejected, rejected_mask, "rejected")
+    c_tok, c_mask, r_tok, r_mask, m = reward_model.prepare_pairs(params, chosen, chosen_mask, rejected,
+                                                                 rejected_mask, margin)
     P = c_tok.shape[0]
-    if r_tok.shape[0] != P:
-        raise ValueError(f"chosen and rejected must have the same number of rows, got {P} and {r_tok.shape[0]}")
-    if P == 0:
-        raise ValueError("no preference pairs: the loss is undefined")
-    m = np.zeros(P) if margin is None else as_float_array(margin, "margin", shape=(P,))
     K = _require()
     dt = _dtype(params)
-    T = max(c_tok.shape[1], r_tok.shape[1])
-
-    def pad(a):
-        return np.pad(a, ((0, 0), (0, T - a.shape[1])))
-
-    tokens = np.concatenate([pad(c_tok), pad(r_tok)], 0)
-    mask = np.concatenate([pad(c_mask), pad(r_mask)], 0)
+    tokens, mask = stack_pairs(c_tok, c_mask, r_tok, r_mask)
     with _call():
         body, h_last, r = _reward_net(K, params, tokens, mask, dt)
         r_c, r_r = r[:P], r[P:]
-        delta = r_c - r_r - m
-        loss = np.logaddexp(0.0, -delta).mean()
-        # ∂L/∂Δ = −σ(−Δ)/P, with σ(−Δ) = exp(−logaddexp(0, Δ)) for stability
-        d_delta = -np.exp(-np.logaddexp(0.0, delta)) / P
-        dr = np.concatenate([d_delta, -d_delta])
-        w_r = params["reward.weight"][0].astype(np.float64)
-        grads = body.backward(dh_final=(dr[:, None] * w_r[None, :]).astype(dt))
-    hl = h_last.astype(np.float64)
-    grads["reward.weight"] = ((d_delta @ hl[:P]) + ((-d_delta) @ hl[P:]))[None, :].astype(dt)
-    grads["reward.bias"] = np.array([d_delta.sum() + (-d_delta).sum()], dt)
-    grads = _complete(grads, params, dt)
-    out = {"reward_chosen": r_c, "reward_rejected": r_r, "delta": delta,
-           "loss": loss, "accuracy": float(np.mean(r_c > r_r))}
-    return out, grads
+        delta, loss, d_delta = reward_model.bt_head(r_c, r_r, m)
+        grads = body.backward(dh_final=reward_head_backward(d_delta, params, dt))
+    grads = complete(reward_head_grads(grads, d_delta, h_last, dt), params, dt)
+    return reward_model.bt_outputs(r_c, r_r, delta, loss), grads

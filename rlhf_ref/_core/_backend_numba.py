@@ -1,8 +1,9 @@
 """The ``numba`` backend: public wrappers that validate, allocate and launch the ``_*_nb`` kernels.
 
-Interface: ``docs/internals.md`` (the backend interface). Every function validates its arguments
-with the reference's own checks (``_validate``, ``lstm.check_model``, ``model.prepare``,
-``rollout.check_rollout_args``, ``ReinforceConfig``; the same messages) before any kernel runs,
+Interface: ``rlhf_ref.backends.Backend``. Every function validates its arguments with the
+reference's own checks (``rollout.check_rollout_args``, ``model.prepare``, ``reinforce.prepare``,
+``sft.prepare``, ``reward_model.prepare_pairs``; the same messages) before any kernel runs; the
+host code shared with the cython backend is ``_host.py``, ``_blas.py`` and ``_config.py``. It
 computes in the dtype of ``params`` (float32 or float64) and returns the reference's keys.
 Dtypes of the results: ``rollout`` returns the reference's float64 (B, T) arrays and
 ``sequence_logprobs`` the reference's dtype (params' dtype, float64 for ε > 0); the training
@@ -23,7 +24,9 @@ Threads: the recurrences (rollout, LSTM forward, BPTT) run row blocks on Numba's
 there are two or more (``numba.get_num_threads()``), holding SciPy's OpenBLAS to one thread
 meanwhile; the whole-sequence GEMMs (heads, weight gradients) use OpenBLAS's own threads.
 The row split depends on the thread count only, so a fixed thread count gives bit-identical
-results (tested across processes). ``PARALLEL`` / ``RLHF_REF_NUMBA_PARALLEL`` = auto | on | off.
+results (tested across processes). ``_config.NUMBA_PARALLEL`` / ``RLHF_REF_NUMBA_PARALLEL`` = auto |
+on | off. The BLAS thread control is ``_blas.py`` (shared with the cython backend; reference-counted,
+so concurrent calls from Python threads leave OpenBLAS's thread count as they found it).
 
 Compile cost (this 2-core machine, loaded by other jobs, so upper bounds): the first call in a
 process with an empty cache compiles for about 6 s (``rollout``, float32) and 17 s
@@ -35,22 +38,15 @@ file), ``import`` + ``probe()`` takes 0.7 s and each first call 0.02–0.25 s.
 
 from __future__ import annotations
 
-import os
-from contextlib import contextmanager
-
 import numpy as np
 
-from .. import model, reinforce, sft
-from .._validate import as_float_array
+from .. import model, reinforce, reward_model, sft
+from . import _blas, _config
+from ._host import c as _c, complete, dtype as _dtype, head_stack, head_grads, reinforce_codes, CODES
+from ._host import stack_pairs, reward_head_backward, reward_head_grads
 
 NAME = "numba"
 _K = None            # the loaded kernel modules (a namespace), after _load()
-TABLE_MIN_POSITIONS = 1.0   # the input projection goes through the (V, 4H) table when B·T ≥ this × V
-#: "auto": the recurrences (rollout, LSTM forward and backward) run row blocks on Numba's threads
-#: when there are ≥ 2 of them and the BLAS thread count can be held to 1 meanwhile; "on" also
-#: without that control; "off": one block (BLAS threads each product). Env RLHF_REF_NUMBA_PARALLEL.
-PARALLEL = os.environ.get("RLHF_REF_NUMBA_PARALLEL", "auto")
-_BLAS = None        # (get, set) of the thread count of the BLAS behind np.dot in Numba; False: none found
 
 
 def probe():
@@ -97,103 +93,31 @@ def _require():
 
 # ----------------------------------------------------------------------------- threads
 
-def _find_blas_threads():
-    """The get/set thread-count functions of SciPy's OpenBLAS (what ``np.dot`` in Numba calls).
-
-    Found among the loaded libraries (/proc/self/maps): SciPy's wheels name them
-    ``scipy_openblas_{get,set}_num_threads``, a system OpenBLAS ``openblas_{get,set}_num_threads``.
-    NumPy's own OpenBLAS (ILP64, symbols suffixed ``64_``) is not the one and is not matched.
-    None elsewhere (another OS, MKL, ...): the parallel kernels then stay off under "auto".
-    """
-    import ctypes
-    import scipy.linalg.cython_blas  # noqa: F401  (loads SciPy's BLAS)
-    paths = []
-    try:
-        with open("/proc/self/maps") as fh:
-            for line in fh:
-                parts = line.split()
-                if len(parts) >= 6 and "blas" in os.path.basename(parts[-1]).lower():
-                    paths.append(parts[-1])
-    except OSError:
-        return None
-    for path in dict.fromkeys(paths):
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for prefix in ("scipy_openblas", "openblas"):
-            get = getattr(lib, f"{prefix}_get_num_threads", None)
-            put = getattr(lib, f"{prefix}_set_num_threads", None)
-            if get is not None and put is not None:
-                get.restype, get.argtypes = ctypes.c_int, []
-                put.restype, put.argtypes = None, [ctypes.c_int]
-                return get, put
-    return None
-
-
-def _blas_threads():
-    global _BLAS
-    if _BLAS is None:
-        try:
-            _BLAS = _find_blas_threads() or False
-        except Exception:
-            _BLAS = False
-    return _BLAS or None
-
-
 def _blocks(B):
     """Row blocks for the recurrences: 1 (the serial kernels) or one per Numba thread (≤ B)."""
-    if PARALLEL == "off" or B < 2:
+    parallel = _config.NUMBA_PARALLEL
+    if parallel == "off" or B < 2:
         return 1
     import numba
     n = numba.get_num_threads()
-    if n < 2 or (PARALLEL == "auto" and _blas_threads() is None):
+    if n < 2 or (parallel == "auto" and not _blas.controls(lp64=True)):
         return 1
     return min(n, B)
 
 
-@contextmanager
 def _one_blas_thread():
-    """Hold SciPy's OpenBLAS to one thread while Numba's threads each call it (process-wide)."""
-    bt = _blas_threads()
-    if bt is None:
-        yield
-        return
-    get, put = bt
-    old = get()
-    put(1)
-    try:
-        yield
-    finally:
-        put(old)
+    """Hold SciPy's OpenBLAS (what np.dot in Numba calls) to one thread while Numba's threads each
+    call it (reference-counted over Python threads, _blas.py)."""
+    return _blas.one_thread(lp64=True)
 
 
 # ----------------------------------------------------------------------------- shared pieces
-
-def _c(a, dt):
-    return np.ascontiguousarray(a, dtype=dt)
-
 
 def _t(K, W):
     """Wᵀ, C-contiguous (a kernel: NumPy's strided copy is 2–9× slower here)."""
     Wt = np.empty((W.shape[1], W.shape[0]), W.dtype)
     K.lstm.transpose(W, Wt)
     return Wt
-
-
-def _head_stack(params, names, dt):
-    """Stack the heads ``names`` (those present) into Wc (K, H), bc (K,); returns Wc, bc, offsets."""
-    Ws, bs, off, k = [], [], {}, 0
-    for n in names:
-        if f"{n}.weight" in params:
-            W = params[f"{n}.weight"]
-            Ws.append(W)
-            bs.append(params[f"{n}.bias"])
-            off[n] = (k, W.shape[0])
-            k += W.shape[0]
-    if len(Ws) == 1:
-        return _c(Ws[0], dt), _c(bs[0], dt), off
-    return _c(np.concatenate(Ws, 0), dt), _c(np.concatenate(bs, 0), dt), off
 
 
 class _Body:
@@ -212,7 +136,7 @@ class _Body:
         self.B, self.T, self.H, self.G, self.V = B, T, H, G, V
         self.lengths = mask.sum(axis=1).astype(np.int64)
         self.ids = np.ascontiguousarray(np.where(mask > 0, tokens, 0), dtype=np.int64)   # padded ids never read
-        self.use_table = B * T >= TABLE_MIN_POSITIONS * V
+        self.use_table = B * T >= _config.NUMBA_TABLE_MIN_POSITIONS * V
         if self.use_table:
             self.P = np.empty((V, G), dt)
             K.lstm.input_table(self.E, self.W_ih, b_ih, b_hh, self.P)
@@ -274,7 +198,7 @@ class _Net(_Body):
 
     def __init__(self, K, params, tokens, mask, dt, names):
         super().__init__(K, params, tokens, mask, dt)
-        self.Wc, self.bc, self.off = _head_stack(params, names, dt)
+        self.Wc, self.bc, self.off = head_stack(params, names, dt)
         self.logits = np.empty((self.T * self.B, self.Wc.shape[0]), dt)
         K.model.heads_forward(self.HS(), self.Wc, self.bc, self.lengths, self.logits)
 
@@ -284,21 +208,8 @@ class _Net(_Body):
         dWc = np.empty_like(self.Wc)
         dbc = np.empty_like(self.bc)
         K.model.heads_backward(self.HS(), self.logits, dWc, dbc)
-        grads = self.backward(dlogits=self.logits, Wc=self.Wc)
-        for n, (k0, k) in self.off.items():
-            grads[f"{n}.weight"] = dWc[k0:k0 + k].copy() if len(self.off) > 1 else dWc
-            grads[f"{n}.bias"] = dbc[k0:k0 + k].copy() if len(self.off) > 1 else dbc
-        return _complete(grads, params)
-
-
-def _complete(grads, params):
-    """Every key of params, in params' order; heads the loss does not reach get 0."""
-    return {k: (grads[k] if k in grads else np.zeros_like(v, dtype=grads["lstm.weight_hh_l0"].dtype))
-            for k, v in params.items()}
-
-
-def _dtype(params):
-    return params["lstm.weight_hh_l0"].dtype
+        grads = head_grads(self.backward(dlogits=self.logits, Wc=self.Wc), self.off, dWc, dbc)
+        return complete(grads, params, dt)
 
 
 # ----------------------------------------------------------------------------- rollout
@@ -321,10 +232,11 @@ def rollout(params, prompt_tokens, prompt_len, u, alpha=1.0, eps=0.0, kind="bolt
         G, H = W_hh.shape
         P = np.empty((E.shape[0], G), dt)
         K.lstm.input_table(E, W_ih, _c(p["lstm.bias_ih_l0"], dt), _c(p["lstm.bias_hh_l0"], dt), P)
-        Wc, bc, _ = _head_stack(p, heads, dt)
+        Wc, bc, _ = head_stack(p, heads, dt)
         k = Wc.shape[0]
-        Wcat = np.zeros((H, -(-(G + k) // 16) * 16), dt)   # width a multiple of 16: OpenBLAS's B = 1
-        K.lstm.transpose(W_hh, Wcat[:, :G])                 # product is then ~30% faster (measured)
+        pad = _config.NUMBA_ROLLOUT_WIDTH_PAD                  # OpenBLAS's B = 1 product is then faster
+        Wcat = np.zeros((H, -(-(G + k) // pad) * pad), dt)
+        K.lstm.transpose(W_hh, Wcat[:, :G])
         K.lstm.transpose(Wc, Wcat[:, G:G + k])
         return P, Wcat, bc
 
@@ -339,7 +251,7 @@ def rollout(params, prompt_tokens, prompt_len, u, alpha=1.0, eps=0.0, kind="bolt
     mask, am, logp, ref_logp, vals = (np.zeros((B, T)) for _ in range(5))
     args = (P, Wcat, bc, bool(values), Pr, Wcatr, bcr, has_ref,
             tokens, pl, np.ascontiguousarray(u, dtype=np.float64), int(V), float(alpha), float(eps),
-            K.policy.KIND_CODES[kind], int(eos_id), mask, am, logp, ref_logp, vals)
+            CODES["policy"][kind], int(eos_id), mask, am, logp, ref_logp, vals)
     nblk = _blocks(B)
     if nblk > 1:
         with _one_blas_thread():
@@ -381,31 +293,13 @@ def sequence_logprobs(params, tokens, mask, prompt_len, alpha=1.0, eps=0.0):
 
 def reinforce_loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, ref_params=None, ref_logp=None):
     """``rlhf_ref.reinforce.loss_and_grad`` (without term_grads and the (B, T, V) arrays scores/logq)."""
-    from .. import reinforce
-    cfg = reinforce.ReinforceConfig() if cfg is None else cfg
-    if not isinstance(cfg, reinforce.ReinforceConfig):
-        raise TypeError(f"cfg must be a ReinforceConfig, got {type(cfg).__name__}")
-    V, tokens, mask, prompt_len = model.prepare(params, tokens, mask, prompt_len, ("head", cfg.critic))
+    cfg, V, tokens, mask, prompt_len, reward, am, ref_logp = reinforce.prepare(
+        params, tokens, mask, prompt_len, reward, cfg, ref_params, ref_logp, logprobs=sequence_logprobs)
     B, T = tokens.shape
-    reward = as_float_array(reward, "reward", ndim=1, shape=(B,)).astype(np.float64)
-    am = model.action_mask(mask, prompt_len)
-    n_row = np.count_nonzero(am > 0, axis=1)
-    N = int(n_row.sum())
-    if N == 0:
-        raise ValueError("the batch has no action (action_mask is all 0): the loss is undefined")
-    if (ref_params is None) == (ref_logp is None):
-        raise ValueError("give exactly one of ref_params (a policy dict) or ref_logp (B, T)")
-    if ref_logp is not None:
-        ref_logp = np.where(am > 0, as_float_array(ref_logp, "ref_logp", shape=(B, T)), 0.0)
-    if cfg.baseline == "loo" and np.count_nonzero(n_row) < 2:
-        raise ValueError(f"baseline='loo' needs at least two rows with an action, got {np.count_nonzero(n_row)}")
-    if cfg.whiten == "bessel" and N < 2:
-        raise ValueError(f"whiten='bessel' needs two or more actions, got {N}")
-    if ref_params is not None:
-        ref_logp = sequence_logprobs(ref_params, tokens, mask, prompt_len, cfg.alpha, cfg.eps).astype(np.float64)
+    reward = reward.astype(np.float64)
+    ref_logp = ref_logp.astype(np.float64)
     K = _require()
     dt = _dtype(params)
-    R = K.returns
 
     # forward: body and every head present; pass 1 at the actions
     net = _Net(K, params, tokens, mask, dt, ("head", "value", "qvalue"))
@@ -427,11 +321,11 @@ def reinforce_loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, 
 
     # KL-shaped rewards, returns, baseline, advantages, the losses and their upstream gradients
     kl, rewards, G, bl, adv, w, pred, d_logp, d_ent, d_pred = (np.empty((B, T)) for _ in range(10))
+    kl_code, ret_code, base_code, wh_code, agg_code = reinforce_codes(cfg)
     loss_pg, loss_ent, loss_value = K.train.reinforce_chain(
         logp, ref_logp, am, reward, values, qb, pred_q, has_q,
-        float(cfg.beta), R.KL_CODES[cfg.kl], float(cfg.gamma), R.RETURN_CODES[cfg.returns],
-        R.BASELINE_CODES[cfg.baseline], R.WHITEN_CODES[cfg.whiten], bool(cfg.shift_mean),
-        R.AGG_CODES[cfg.aggregation], float(cfg.entropy_coef), float(cfg.value_coef), ent,
+        float(cfg.beta), kl_code, float(cfg.gamma), ret_code, base_code, wh_code, bool(cfg.shift_mean),
+        agg_code, float(cfg.entropy_coef), float(cfg.value_coef), ent,
         kl, rewards, G, bl, adv, w, pred, d_logp, d_ent, d_pred)
 
     # pass 2: ∂L/∂logits in place, then the backward pass
@@ -440,8 +334,8 @@ def reinforce_loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, 
                          d_pred, pred_col, has_q)
     grads = net.backward_all(params)
 
-    out = reinforce.pack_outputs(dt, am, logp, ref_logp, ent, kl, rewards, G, values if "value" in net.off else None, qvalues, bl, adv, w,
-                                 loss_pg, loss_ent, loss_value)
+    out = reinforce.pack_outputs(am, logp, ref_logp, ent, kl, rewards, G, values if "value" in net.off else None,
+                                 qvalues, bl, adv, w, loss_pg, loss_ent, loss_value, dt=dt)
     return out, grads
 
 
@@ -465,11 +359,6 @@ def sft_loss_and_grad(params, tokens, mask):
 
 # ----------------------------------------------------------------------------- reward model
 
-def _reward_prepare(params, tokens, mask, name):
-    from ..reward_model import _prepare
-    return _prepare(params, tokens, mask, name)
-
-
 def _reward_net(K, params, tokens, mask, dt):
     body = _Body(K, params, tokens, mask, dt)
     h_last = body.hs[body.T]                                 # carried over padding: each row's final state
@@ -480,44 +369,22 @@ def _reward_net(K, params, tokens, mask, dt):
 
 def reward_forward(params, tokens, mask):
     """``rlhf_ref.reward_model.forward``'s rewards (B,), read at each row's last real token."""
-    tokens, mask = _reward_prepare(params, tokens, mask, "tokens")
+    tokens, mask = reward_model._prepare(params, tokens, mask, "tokens")
     K = _require()
     return _reward_net(K, params, tokens, mask, _dtype(params))[2]
 
 
 def bt_loss_and_grad(params, chosen, chosen_mask, rejected, rejected_mask, margin=None):
     """``rlhf_ref.reward_model.bt_loss_and_grad``: one forward/backward over chosen and rejected stacked."""
-    c_tok, c_mask = _reward_prepare(params, chosen, chosen_mask, "chosen")
-    r_tok, r_mask = _reward_prepare(params, rejected, rejected_mask, "rejected")
+    c_tok, c_mask, r_tok, r_mask, m = reward_model.prepare_pairs(params, chosen, chosen_mask, rejected,
+                                                                 rejected_mask, margin)
     P = c_tok.shape[0]
-    if r_tok.shape[0] != P:
-        raise ValueError(f"chosen and rejected must have the same number of rows, got {P} and {r_tok.shape[0]}")
-    if P == 0:
-        raise ValueError("no preference pairs: the loss is undefined")
-    m = np.zeros(P) if margin is None else as_float_array(margin, "margin", shape=(P,))
     K = _require()
     dt = _dtype(params)
-    T = max(c_tok.shape[1], r_tok.shape[1])
-
-    def pad(a):
-        return np.pad(a, ((0, 0), (0, T - a.shape[1])))
-
-    tokens = np.concatenate([pad(c_tok), pad(r_tok)], 0)
-    mask = np.concatenate([pad(c_mask), pad(r_mask)], 0)
+    tokens, mask = stack_pairs(c_tok, c_mask, r_tok, r_mask)
     body, h_last, r = _reward_net(K, params, tokens, mask, dt)
     r_c, r_r = r[:P].astype(np.float64), r[P:].astype(np.float64)
-    delta = r_c - r_r - m
-    loss = np.logaddexp(0.0, -delta).mean()
-    # ∂L/∂Δ = −σ(−Δ)/P, with σ(−Δ) = exp(−logaddexp(0, Δ)) for stability
-    d_delta = -np.exp(-np.logaddexp(0.0, delta)) / P
-    dr = np.concatenate([d_delta, -d_delta])
-    w_r = params["reward.weight"][0].astype(np.float64)
-    grads = body.backward(dh_final=(dr[:, None] * w_r[None, :]).astype(dt))
-    hl = h_last.astype(np.float64)
-    grads["reward.weight"] = ((d_delta @ hl[:P]) + ((-d_delta) @ hl[P:]))[None, :].astype(dt)
-    grads["reward.bias"] = np.array([d_delta.sum() + (-d_delta).sum()], dt)
-    grads = _complete(grads, params)
-    out = {"reward_chosen": r_c.astype(dt), "reward_rejected": r_r.astype(dt), "delta": delta.astype(dt),
-           "loss": loss, "accuracy": float(np.mean(r_c > r_r))}
-    return out, grads
-
+    delta, loss, d_delta = reward_model.bt_head(r_c, r_r, m)
+    grads = body.backward(dh_final=reward_head_backward(d_delta, params, dt))
+    grads = complete(reward_head_grads(grads, d_delta, h_last, dt), params, dt)
+    return reward_model.bt_outputs(r_c.astype(dt), r_r.astype(dt), delta.astype(dt), loss), grads

@@ -24,8 +24,7 @@ import numpy as np
 
 from ._nb_common import ELEMENTWISE, cst, kernel, vexp
 
-BOLTZMANN, EPS_GREEDY, GREEDY = 0, 1, 2
-KIND_CODES = {"boltzmann": BOLTZMANN, "eps_greedy": EPS_GREEDY, "greedy": GREEDY}
+BOLTZMANN, EPS_GREEDY, GREEDY = 0, 1, 2        # the codes of conventions.POLICY (checked by a test)
 
 
 @kernel

@@ -6,8 +6,9 @@ formulas and loops (see its module docstring). They cost O(B·T) and would be ne
 for Python: the reference's reward-to-go loop is T NumPy calls, ~0.2 ms at T = 64, a third of
 a whole training step at B = 1; here the whole chain is one kernel call.
 
-Codes: kl k1/k2/k3 = 0/1/2; returns rtg/total = 0/1; baseline value/qvalue/mean/loo/none =
-0/1/2/3/4; whiten off/population/bessel = 0/1/2; aggregation token_mean/seq_mean/seq_sum = 0/1/2.
+Codes: a value's index in its row of ``rlhf_ref/conventions.py`` (``_host.reinforce_codes``): kl
+k1/k2/k3 = 0/1/2; returns rtg/total = 0/1; baseline value/qvalue/mean/loo/none = 0/1/2/3/4; whiten
+off/population/bessel = 0/1/2; aggregation token_mean/seq_mean/seq_sum = 0/1/2.
 The callers check the error cases (no action, ``loo`` with < 2 rows, whitening with too few
 actions) before the kernel runs, with the reference's messages.
 """
@@ -20,11 +21,6 @@ import numpy as np
 
 from ._nb_common import kernel
 
-KL_CODES = {"k1": 0, "k2": 1, "k3": 2}
-RETURN_CODES = {"rtg": 0, "total": 1}
-BASELINE_CODES = {"value": 0, "qvalue": 1, "mean": 2, "loo": 3, "none": 4}
-WHITEN_CODES = {"off": 0, "population": 1, "bessel": 2}
-AGG_CODES = {"token_mean": 0, "seq_mean": 1, "seq_sum": 2}
 WHITEN_EPS = 1e-8
 
 

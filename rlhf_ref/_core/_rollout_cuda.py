@@ -57,8 +57,8 @@ float64 even for float32 parameters (NumPy promotes there: ``np.log1p(−ε)`` i
 scalar), and the classic ε-greedy/greedy log-probs are the reference's float64 logs rounded to
 the parameter dtype (computed once on the host).
 
-Launch sizes come from one place, ``launch_config`` reading the module-level ``config``
-(``CudaConfig``; where a field is 0, the environment variables ``RLHF_REF_CUDA_TPB`` threads per
+Launch sizes come from one place, ``launch_config`` reading ``_config.CUDA`` (a ``CudaConfig``,
+with the other backends' tuning parameters in ``_config.py``; where a field is 0, the environment variables ``RLHF_REF_CUDA_TPB`` threads per
 block [128], ``RLHF_REF_CUDA_ROWS`` rows per block [B / (4 · SMs), clamped to 1..8] and
 ``RLHF_REF_CUDA_MAX_BLOCKS`` grid cap [none: one block per tile]). Tests set tiny values so
 several blocks and the grid-stride loop run under the simulator.
@@ -74,40 +74,31 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
-
 import numpy as np
 from numba import cuda
 
 from .. import model, policy
 from ..rollout import check_rollout_args
 from ..tokenizer import EOS, PAD
+from . import _config
+from ._config import CudaConfig  # noqa: F401  (the launch sizes' type, here for the tests and users)
+from ._host import CODES, head_stack
 
-# policy kinds inside the kernel
-_BOLTZMANN, _GREEDY = 0, 1
+# the policy kind inside the kernel: its code in conventions.POLICY (_host.CODES; checked by a test);
+# every other kind is the one-hot/ε-greedy branch
+_BOLTZMANN = 0
 
 
 # ---------------------------------------------------------------------------------------------
 # launch configuration: the one place launch sizes come from
 
-@dataclass
-class CudaConfig:
-    """Launch sizes. 0 means "decide from the batch and the device"; env vars override when set."""
-    tpb: int = 0            # threads per block (RLHF_REF_CUDA_TPB); default 128
-    rows: int = 0           # rows per block (RLHF_REF_CUDA_ROWS); default: about 4 blocks per SM, ≤ 8 rows
-    max_blocks: int = 0     # cap on the grid; the kernel strides over the remaining tiles (RLHF_REF_CUDA_MAX_BLOCKS)
-
-
-config = CudaConfig()
-
-
 def _setting(name, env):
-    v = getattr(config, name)
+    v = getattr(_config.CUDA, name)
     if not v:
         s = os.environ.get(env, "")
         v = int(s) if s.strip() else 0
     if v < 0:
-        raise ValueError(f"{env} / config.{name} must be a positive integer, got {v}")
+        raise ValueError(f"{env} / _config.CUDA.{name} must be a positive integer, got {v}")
     return v
 
 
@@ -421,10 +412,8 @@ def _mix_consts(eps, V):
 
 def _model_arrays(p, with_value):
     """Device copies of one model, weights transposed so neighbouring threads read neighbours."""
-    head_w, head_b = p["head.weight"], p["head.bias"]
-    if with_value:
-        head_w = np.concatenate([head_w, p["value.weight"]], axis=0)     # (V + 1, H): value is column V
-        head_b = np.concatenate([head_b, p["value.bias"]])
+    # the heads stacked (V + 1, H) with values: value is column V
+    head_w, head_b, _ = head_stack(p, ("head", "value") if with_value else ("head",), p["head.weight"].dtype)
     return tuple(cuda.to_device(np.ascontiguousarray(a)) for a in (
         p["embedding.weight"],                 # (V, E)
         p["lstm.weight_ih_l0"].T,              # (E, 4H)
@@ -441,7 +430,7 @@ def _launch(params, tokens, pl, seqlen, u, alpha, eps, kind, eos_id, ref_params,
     H = params["lstm.weight_hh_l0"].shape[1]
     dt = params["head.weight"].dtype
     use_mix = kind == "boltzmann" and eps > 0.0
-    kind_id = _BOLTZMANN if kind == "boltzmann" else _GREEDY
+    kind_id = CODES["policy"][kind]
     nv = V + 1 if values else V
     model_d = _model_arrays(params, values)
     cst = cuda.to_device(_consts(dt, alpha, eps, kind, V))

@@ -28,7 +28,7 @@ from ._common_cy cimport gemm, smm, use_smm
 from ._lstm_cy cimport cell
 from ._policy_cy cimport sample_row, logprob_row
 
-KIND_CODES = {"boltzmann": 0, "eps_greedy": 1, "greedy": 2}
+# the policy kind arrives as its code in conventions.POLICY (BOLTZMANN, EPS_GREEDY, GREEDY of _policy_cy.pxd)
 
 
 cdef inline void need(bint ok, str what) except *:

@@ -31,12 +31,8 @@ from libc.string cimport memset
 
 from ._policy_cy cimport RowStats, stats_row, grad_row
 
-# codes shared with _backend_cython
-KL_CODES = {"k1": 0, "k2": 1, "k3": 2}
-RETURN_CODES = {"rtg": 0, "total": 1}
-BASELINE_CODES = {"value": 0, "qvalue": 1, "mean": 2, "loo": 3, "none": 4}
-WHITEN_CODES = {"off": 0, "population": 1, "bessel": 2}
-AGG_CODES = {"token_mean": 0, "seq_mean": 1, "seq_sum": 2}
+# The conventions arrive as integer codes: a value's index in its row of rlhf_ref/conventions.py
+# (_host.reinforce_codes); this file holds no names.
 
 
 cdef inline void need(bint ok, str what) except *:

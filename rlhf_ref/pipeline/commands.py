@@ -15,6 +15,9 @@ there. Any field of a stage's config can be set with ``--set name=value`` (repea
 fields and their meaning: ``PretrainConfig``, ``RewardConfig``, ``RLConfig``).
 ``--checkpoint`` takes a checkpoint (``.npz``, ``.json`` or the stem) or a run folder (its newest
 RL checkpoint, else its pretraining one).
+
+``sample``, ``train_pretrain``, ``train_rm`` and ``train_rl`` are the commands of ``cli.COMMANDS``
+(each holds its ``add_arguments`` and ``main``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import dataclasses
 import json
 import os
 import sys
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -50,7 +54,9 @@ def _user_errors():
 
 
 def apply_sets(cfg, sets):
-    """A copy of the dataclass ``cfg`` with ``name=value`` assignments (typed by the field)."""
+    """A copy of the dataclass ``cfg`` with ``name=value`` assignments, typed by the table of
+    conventions (conventions.py) for its switches, else by the field's current value."""
+    from ..conventions import TABLE
     names = {f.name: f for f in dataclasses.fields(cfg)}
     changes = {}
     for s in sets or ():
@@ -58,7 +64,7 @@ def apply_sets(cfg, sets):
         name = name.strip().replace("-", "_")
         if not eq or name not in names:
             raise CommandError(f"--set {s!r}: expected name=value with name one of {', '.join(sorted(names))}")
-        kind = type(getattr(cfg, name))
+        kind = TABLE[name].type if name in TABLE else type(getattr(cfg, name))
         try:
             if kind is bool:
                 if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
@@ -305,3 +311,15 @@ def rl_main(args):
         return 0
     except _user_errors() as e:
         return _fail("train-rl", e)
+
+
+class _Command(NamedTuple):
+    """A command of cli.COMMANDS: ``add_arguments(parser)`` and ``main(args) -> int``."""
+    add_arguments: Callable
+    main: Callable
+
+
+sample = _Command(sample_arguments, sample_main)
+train_pretrain = _Command(pretrain_arguments, pretrain_main)
+train_rm = _Command(rm_arguments, rm_main)
+train_rl = _Command(rl_arguments, rl_main)

@@ -33,25 +33,17 @@ from ..metrics import MetricsLogger, Progress
 from . import common
 
 
-@dataclass
-class RLConfig:
-    """REINFORCE fine-tuning (the RL stage)."""
+@dataclass(frozen=True)
+class RLConfig(ReinforceConfig):
+    """REINFORCE fine-tuning (the RL stage): the objective's conventions are ``ReinforceConfig``'s
+    fields (inherited, so every switch of the table in conventions.py reaches ``--set``), plus
+    the stage's own settings below."""
+    beta: float = 0.2            #: KL coefficient β (per-token penalty −β·k_t; rewards are standardised)
     steps: int = 300             #: iterations (one rollout batch and one update each)
     batch_size: int = 64         #: prompts (episodes) per iteration
     lr: float = 1e-3             #: Adam learning rate
     max_grad_norm: float = 1.0   #: global-norm clipping threshold
     max_new: int = 40            #: response length limit (tokens after the prompt); truncated rows get no bootstrap
-    alpha: float = 1.0           #: inverse temperature α of the Boltzmann policy (sampling and loss)
-    eps: float = 0.0             #: ε of the trainable ε-mixture
-    gamma: float = 1.0           #: discount γ
-    beta: float = 0.2            #: KL coefficient β (per-token penalty −β·k_t; rewards are standardised)
-    kl: str = "k1"               #: KL estimator in the reward: k1, k2, k3
-    returns: str = "rtg"         #: rtg (reward-to-go) or total
-    baseline: str = "value"      #: value, mean, loo, none (qvalue needs a qvalue head)
-    whiten: str = "off"          #: advantage whitening: off, population, bessel
-    aggregation: str = "token_mean"  #: token_mean, seq_mean, seq_sum
-    entropy_coef: float = 0.0    #: entropy bonus c_H
-    value_coef: float = 0.5      #: value-loss coefficient c_V
     reward_norm: bool = True     #: standardise the reward model's output by its mean/std on π_ref samples
     norm_samples: int = 256      #: π_ref samples used for those statistics
     dtype: str = "float32"       #: parameter dtype
@@ -59,9 +51,8 @@ class RLConfig:
     seed: int = 0                #: seeds prompts and sampling
 
     def reinforce_config(self):
-        """The objective's conventions as a ``ReinforceConfig``."""
-        names = {f.name for f in fields(ReinforceConfig)}
-        return ReinforceConfig(**{k: getattr(self, k) for k in names if hasattr(self, k)})
+        """The objective's conventions as a ``ReinforceConfig`` (the stage's own fields dropped)."""
+        return ReinforceConfig(**{f.name: getattr(self, f.name) for f in fields(ReinforceConfig)})
 
 
 def fingerprint(params):

@@ -36,7 +36,7 @@ def probe():
 
 def reward_forward(params, tokens, mask):
     """(B,) rewards read at each row's last real token: ``rlhf_ref.reward_model.forward`` minus its cache."""
-    from . import reward_model
+    from .. import reward_model
     return reward_model.forward(params, tokens, mask)[0]
 
 
