@@ -630,7 +630,7 @@ def main(args) -> int:
     try:
         if mb is not None:
             if not (mb > 0 and np.isfinite(mb)):
-                raise ValueError(f"--max-file-mb must be a positive number, got {mb}")
+                raise ValueError(f"--max-file-mb: must be a positive number, got {mb}")
             safe_read.set_limits(max_file_bytes=max(1, int(mb * (1 << 20))), max_array_bytes=max(1, int(mb * (1 << 20))))
         man = write_vectors(args.out, args.cases, log=None if args.quiet else print)
     except (KeyError, ValueError, OSError) as e:

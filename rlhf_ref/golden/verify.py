@@ -398,7 +398,7 @@ def apply_max_file_mb(mb):
     if mb is None:
         return
     if not (mb > 0 and np.isfinite(mb)):
-        raise ValueError(f"--max-file-mb must be a positive number, got {mb}")
+        raise ValueError(f"--max-file-mb: must be a positive number, got {mb}")
     n = max(1, int(mb * (1 << 20)))
     safe_read.set_limits(max_file_bytes=n, max_array_bytes=n)
 
