@@ -35,7 +35,7 @@ class Ctx:
         self._variants = {}
         self.impl = {}            #: the implementation's arrays (normalised as they are compared)
         self.checked = []         #: quantities compared and matched so far
-        self.got, self.note = None, {}
+        self.got, self.note, self.tied = None, {}, []
         if "tokens" in arrays:
             m = arrays["mask"] > 0
             self.mask = m

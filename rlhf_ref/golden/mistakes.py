@@ -1041,22 +1041,32 @@ def candidates(ctx, q, got):
     return [(d, m) for d, _, m in out]
 
 
+def closest(ctx, q, got):
+    """The value mistake closest to ``got`` within HINT_SLACK tolerances, or None. Others within one
+    tolerance of ``got`` as well (indistinguishable on this case) are listed in ``ctx.tied``."""
+    ctx.got, ctx.note, ctx.tied = got, {}, []
+    found = [(d, m) for d, m in candidates(ctx, q, got) if d <= HINT_SLACK]
+    if not found:
+        return None
+    d0, m = found[0]
+    ctx.tied = [o.name for d, o in found[1:] if d <= max(1.0, d0)]
+    ctx.got, ctx.note = got, {}
+    m.compute(ctx, q)                       # recompute: its notes (e.g. the gradient factor) for the text
+    return m
+
+
 def diagnose(ctx, q, got):
     """The named mistake that explains the implementation's ``got`` for quantity ``q`` (None when
     none does): pre-checks, then the closest value within HINT_SLACK tolerances, then patterns."""
-    ctx.got = got
-    ctx.note = {}
+    ctx.got, ctx.note, ctx.tied = got, {}, []
     pre, post = MISTAKES[:2], [m for m in MISTAKES[2:] if m.kind == "pattern"]
     for m in pre:
         if m.applies_to(q) and m.compute(ctx, q):
             return m
-    for d, m in candidates(ctx, q, got):
-        if d <= HINT_SLACK:
-            ctx.note = {}
-            m.compute(ctx, q)              # recompute: its notes (e.g. the gradient factor) for the text
-            return m
-        break
-    ctx.note = {}
+    m = closest(ctx, q, got)
+    if m is not None:
+        return m
+    ctx.got, ctx.note, ctx.tied = got, {}, []
     for m in post:
         if not m.applies_to(q):
             continue

@@ -138,7 +138,7 @@ class Report:
     @property
     def n_compared(self):
         """Quantities compared, matching or not (a finding that is not a note is one compared quantity)."""
-        return self.n_checked + sum(1 for c in self.cases for f in c.findings if f.kind != "note")
+        return self.n_checked + len({(c.case, f.quantity) for c in self.cases for f in c.findings if f.kind != "note"})
 
     @property
     def exit_code(self):
@@ -224,9 +224,24 @@ def _hint(ctx, n, got):
     mistake explains it."""
     try:
         m = mk.diagnose(ctx, n, got)
-        return {"hint": "", "mistake": ""} if m is None else {"hint": mk.hint_text(ctx, m, n), "mistake": m.name}
+        if m is None:
+            return {"hint": "", "mistake": ""}
+        hint = mk.hint_text(ctx, m, n)
+        if ctx.tied:
+            hint += f" (as close: {', '.join(ctx.tied)}; see rlhf-ref verify --list-mistakes)"
+        return {"hint": hint, "mistake": m.name}
     except Exception as ex:          # a hint is a courtesy: never let it hide the finding
         return {"hint": f"(no hint: looking for one failed with {type(ex).__name__}: {ex})", "mistake": ""}
+
+
+def _masking_hint(ctx, n, got):
+    """A named mistake whose values, off-mask entries included, are the implementation's (e.g. R
+    given to a row without an action); none when the off-mask values are just not zeroed."""
+    try:
+        m = mk.closest(ctx, n, np.asarray(got, np.float64))
+        return {"hint": "", "mistake": ""} if m is None else {"hint": mk.hint_text(ctx, m, n), "mistake": m.name}
+    except Exception:                # a hint is a courtesy: never let it hide the finding
+        return {"hint": "", "mistake": ""}
 
 
 def verify_case(entry, golden, outputs, layout=None, strict_mask=True):
@@ -291,7 +306,7 @@ def verify_case(entry, golden, outputs, layout=None, strict_mask=True):
                         name, section, "masking" if strict_mask else "note", n,
                         f"nonzero at {len(pos)} position(s) off {what} ({kinds}); e.g. {_idx(first)} = "
                         f"{_fmt(np.asarray(got)[first])}. Entries off the mask must be exactly 0 (DESIGN.md §2)",
-                        index=first))
+                        index=first, **_masking_hint(ctx, n, got)))
                     got = np.where(off, want, got)
             # compare
             if want.dtype.kind in "iub":
