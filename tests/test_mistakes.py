@@ -468,7 +468,8 @@ PLANTS = {
         np.log1p(np.exp(p["reward_chosen"] - p["reward_rejected"])))}),
     "bt_sum": ("base", "bt_loss", lambda p: {"bt_loss": np.sum(np.log1p(np.exp(p["reward_rejected"] -
                                                                                  p["reward_chosen"])))}),
-    "entropy_detached": ("entropy_coef", "grad/loss_ent/", lambda p: {k: 0 * v for k, v in p.grads("loss_ent").items()}),
+    "entropy_detached": ("entropy_coef", "grad/loss_ent/", lambda p: {
+        k: 0 * v for k, v in p.grads("loss_ent").items()}),
     "loss_detached": ("base", "grad/loss_pg/", lambda p: {k: 0 * v for k, v in p.grads("loss_pg").items()}),
     "gradient_sign": ("base", "grad/loss_pg/", lambda p: {k: -v for k, v in p.grads("loss_pg").items()}),
     "gradient_scaled": ("value_coef_1", "grad/loss_value/", lambda p: {k: 2 * v for k, v in

@@ -448,7 +448,7 @@ def _grad_scaled(ctx, q):
     if den == 0 or any(got[k].shape != gold[k].shape for k in keys):
         return None
     c = sum(float(np.sum(got[k] * gold[k])) for k in keys) / den
-    if abs(c - 1) < 1e-6 or abs(c + 1) < 1e-6 or not np.isfinite(c):
+    if abs(c - 1) < 1e-6 or abs(c + 1) < 1e-6 or abs(c) < 1e-6 or not np.isfinite(c):
         return None
     ctx.note["grad_factor"] = f"{c:.6g}"
     ctx.note["grad_factor_why"] = ": the ½ of L_value is missing" if ( q.split("/")[1] == "loss_value"
@@ -557,7 +557,9 @@ def _float32_output(ctx, q):
 
 
 def _opposite_sign(ctx, q):
-    return -ctx.g64(q)
+    if q.startswith("grad/") or ctx.g[q].dtype.kind != "f":
+        return None
+    return distance(ctx, q, ctx.got, -ctx.g64(q)) <= HINT_SLACK
 
 
 def _bad_rows(ctx, q):
@@ -965,8 +967,7 @@ MISTAKES = (
        "statistics, R and β·k are constants; the entropy is not), or a wrong backward pass through this parameter",
        "pattern"),
     # --- generic patterns (no value candidate matched)
-    _M("opposite_sign", (ANY,), lambda ctx, q: -ctx.g64(q) if not q.startswith("grad/") else None,
-       "{q} has the opposite sign"),
+    _M("opposite_sign", (ANY,), _opposite_sign, "{q} has the opposite sign", "pattern"),
     _M("padding_leak", (ANY,), _padding_leak, "only rows with padding differ (rows {rows}): padding leaks into {q} "
        "(a mask is missing somewhere upstream)", "pattern"),
     _M("last_action_only", (ANY,), _last_action_only,

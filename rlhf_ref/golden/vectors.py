@@ -44,8 +44,9 @@ import numpy as np
 from .. import lstm, model, policy, reinforce, reward_model, rollout as _rollout, safe_read, sft
 from .. import returns as ret
 from ..tokenizer import BOS, EOS, PAD
-from .cases import (ALL_ON, ALL_SECTIONS, B, CASES, E, GATE_ORDER, H, MANIFEST, P, SCHEMA, SCHEMA_VERSION, T,  # noqa: F401
-                    U_MARGIN, V, CaseSpec, _c, _seed, case_names, case_table_markdown, config_of, get_spec)
+from .cases import (  # noqa: F401 (re-exported: rlhf_ref.vectors is this module)
+    ALL_ON, ALL_SECTIONS, B, CASES, E, GATE_ORDER, H, MANIFEST, P, SCHEMA, SCHEMA_VERSION, T, U_MARGIN, V, CaseSpec, _c,
+    _seed, case_names, case_table_markdown, config_of, get_spec)
 
 # ------------------------------------------------------------------------------------ the inputs
 
@@ -631,7 +632,8 @@ def main(args) -> int:
         if mb is not None:
             if not (mb > 0 and np.isfinite(mb)):
                 raise ValueError(f"--max-file-mb: must be a positive number, got {mb}")
-            safe_read.set_limits(max_file_bytes=max(1, int(mb * (1 << 20))), max_array_bytes=max(1, int(mb * (1 << 20))))
+            n = max(1, int(mb * (1 << 20)))
+            safe_read.set_limits(max_file_bytes=n, max_array_bytes=n)
         man = write_vectors(args.out, args.cases, log=None if args.quiet else print)
     except (KeyError, ValueError, OSError) as e:
         msg = e.args[0] if isinstance(e, KeyError) else str(e)

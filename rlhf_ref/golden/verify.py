@@ -1,7 +1,8 @@
 """Check another implementation against the golden vectors: the first quantity that differs, where,
 by how much, and what usually causes that pattern.
 
-    rlhf-ref verify CASES OUTPUTS [--layout shifted] [--case NAME] [-v]
+    rlhf-ref verify CASES OUTPUTS [--layout shifted] [--case NAME] [--max-file-mb MB] [-v]
+    rlhf-ref verify --list-mistakes
 
 CASES is a folder written by ``rlhf-ref vectors``; OUTPUTS a folder with one ``<case>.npz`` per
 case holding the implementation's outputs under the golden names (docs/golden-vectors.md). From
@@ -14,9 +15,9 @@ there (what follows depends on it). For that quantity the verifier recomputes th
 from the golden values just upstream of it (which matched) — k1/k3 with the ratio reversed,
 returns shifted by one step, whitening with the other variance or another eps placement, α
 missing from the log-probs, the LSTM gate blocks in another order, a missing stop-gradient, ... —
-and names the one that matches. Separately, values that should be exactly 0 off a mask but are
-not are a *masking* finding; the comparison then goes on with the on-mask values.
-
+each a named entry of rlhf_ref.golden.mistakes, and names the closest one. Separately, values that
+should be exactly 0 off a mask but are not are a *masking* finding; the comparison then goes on
+with the on-mask values.
 
 The package: rlhf_ref.golden.cases (the case table), .vectors (inputs, compute, files, reading),
 .compare (a case's context: tolerances, tie-aware comparison), .mistakes (the catalogue of named
