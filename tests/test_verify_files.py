@@ -175,6 +175,15 @@ def _hostile(tmp_path):
         (g / "base.npz").write_bytes(data)
         _write_manifest(g, dict(m, cases=[dict(m["cases"][0], sha256=hashlib.sha256(data).hexdigest())]))
     golden_variant("case file truncated, hash updated", truncated_with_hash)
+
+    def token_out_of_range(g, m):
+        arrays = dict(np.load(g / "base.npz"))
+        arrays["tokens"] = arrays["tokens"].copy()
+        arrays["tokens"][0, 1] = 99
+        data = gv.npz_bytes(arrays)
+        (g / "base.npz").write_bytes(data)
+        _write_manifest(g, dict(m, cases=[dict(m["cases"][0], sha256=hashlib.sha256(data).hexdigest())]))
+    golden_variant("token id out of range, hash updated", token_out_of_range)
     # hostile outputs
     runs.append(("outputs -> /dev/zero", ["verify", str(good), "/dev/zero"]))
     os.symlink("/dev/zero", tmp_path / "outs_link")

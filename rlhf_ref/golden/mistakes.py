@@ -774,10 +774,12 @@ MISTAKES = (
        "masking: the reward is read after the padding (the LSTM ran over the padding ids to position T−1); read it "
        "at each row's last real token"),
     # --- the KL estimate
-    _M("kl_k1_ratio_reversed", ("kl",), lambda ctx, q: -_x(ctx),
+    _M("kl_k1_ratio_reversed", ("kl",), lambda ctx, q: cv.kl_per_token(ctx.g64("ref_logp"), ctx.g64("logp"), ctx.am,
+                                                                       "k1"),
        "KL matches k1 with the ratio reversed: logπ_ref − logπ (a sign flip); k1 = x with x = logπ(a_t|s_t) − "
        "logπ_ref(a_t|s_t)"),
-    _M("kl_k3_ratio_reversed", ("kl",), lambda ctx, q: on(ctx, np.expm1(_x(ctx)) - _x(ctx)),
+    _M("kl_k3_ratio_reversed", ("kl",), lambda ctx, q: cv.kl_per_token(ctx.g64("ref_logp"), ctx.g64("logp"), ctx.am,
+                                                                       "k3"),
        "KL matches k3 with the ratio reversed: expm1(x) − x with x = logπ − logπ_ref (trlX's logged KL, rlhf-book "
        "approx_kl3; its expectation under π is χ² − KL, not KL); k3 = expm1(−x) + x, i.e. r − 1 − log r with "
        "r = π_ref/π"),
@@ -794,12 +796,14 @@ MISTAKES = (
     _M("R_at_first_action", ("rewards",), lambda ctx, q: _with_R(
         ctx, on(ctx, -ctx.cfg["beta"] * ctx.g64("kl")), [(b, int(np.argmax(ctx.am[b]))) for b, _ in _last(ctx)]),
        "R is added at each row's first action; it belongs to the last action"),
-    _M("R_missing", ("rewards",), lambda ctx, q: on(ctx, -ctx.cfg["beta"] * ctx.g64("kl")),
+    _M("R_missing", ("rewards",), lambda ctx, q: cv.shaped_rewards(ctx.g64("kl"), 0 * ctx.g64("reward"), ctx.am,
+                                                                    ctx.cfg["beta"]),
        "R is missing from the rewards (only −β·k_t)"),
-    _M("kl_penalty_sign", ("rewards",), lambda ctx, q: _with_R(ctx, on(ctx, ctx.cfg["beta"] * ctx.g64("kl")),
-                                                                _last(ctx)),
+    _M("kl_penalty_sign", ("rewards",), lambda ctx, q: cv.shaped_rewards(-ctx.g64("kl"), ctx.g64("reward"), ctx.am,
+                                                                          ctx.cfg["beta"]),
        "the KL penalty has the wrong sign: +β·k_t (it is r_t = −β·k_t)"),
-    _M("kl_penalty_without_beta", ("rewards",), lambda ctx, q: _with_R(ctx, on(ctx, -ctx.g64("kl")), _last(ctx)),
+    _M("kl_penalty_without_beta", ("rewards",), lambda ctx, q: cv.shaped_rewards(ctx.g64("kl"), ctx.g64("reward"),
+                                                                                  ctx.am, 1.0),
        "the KL penalty is not multiplied by β"),
     _M("kl_penalty_per_sequence", ("rewards",), _rewards_seq_kl,
        "the KL penalty is applied once per sequence (−β·Σ_t k_t at the last action, RLOO-style); here it is −β·k_t "

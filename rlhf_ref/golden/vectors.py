@@ -586,8 +586,35 @@ def load_case(manifest, entry, check_hash=True):
         got = safe_read.load_npz(data, path, what="golden case", expected=expected_shapes(entry))
     except safe_read.FileReadError as e:
         raise GoldenError(str(e)) from None
+    _check_ranges(path, entry, got)
     names = list(entry["inputs"]) + list(entry["outputs"])
     return {n: got[n] for n in names}
+
+
+_IDS = ("tokens", "rollout/prompt_tokens", "rollout/tokens", "chosen", "rejected")
+_MASKS = ("mask", "action_mask", "rollout/mask", "rollout/action_mask", "chosen_mask", "rejected_mask")
+
+
+def _check_ranges(path, entry, arrays):
+    """Token ids in [0, V), masks 0/1, prompt lengths in [0, T]: the verifier indexes with them."""
+    V_ = entry["dims"]["V"]
+    for n, a in arrays.items():
+        if n in _IDS:
+            bad = (a < 0) | (a >= V_)
+            what = f"token ids in [0, {V_})"
+        elif n in _MASKS:
+            bad = (a != 0) & (a != 1)
+            what = "0 or 1"
+        elif n in ("prompt_len", "rollout/prompt_len"):
+            d = entry["dims"]
+            Tn = d.get("T_rollout", d["T"]) if n.startswith("rollout/") else d["T"]
+            bad = (a < 0) | (a > Tn)
+            what = f"lengths in [0, {Tn}]"
+        else:
+            continue
+        if np.any(bad):
+            ix = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise GoldenError(f"{path}: golden case array {n!r} holds {a[ix]} at {list(ix)}; expected {what}")
 
 
 def inputs_of(entry, arrays):

@@ -436,7 +436,7 @@ def main(args) -> int:
         apply_max_file_mb(getattr(args, "max_file_mb", None))
         rep = verify(args.cases, args.outputs, layout=args.layout, names=args.names,
                      strict_mask=not args.lenient_mask)
-    except (gv.GoldenError, safe_read.FileReadError, KeyError, OSError, ValueError, TypeError) as e:
+    except (gv.GoldenError, safe_read.FileReadError, KeyError, OSError, ValueError) as e:
         msg = e.args[0] if isinstance(e, KeyError) else str(e)
         if isinstance(e, OSError) and getattr(e, "filename", None):
             msg = f"{e.filename}: {e.strerror or e}"
