@@ -60,7 +60,8 @@ class Mistake:
 
 class _Generic(dict):
     def __missing__(self, key):
-        return {"alpha": "α", "eps": "ε", "gamma": "γ", "beta": "β"}.get(key, "<" + key + ">")
+        return {"q": "the quantity", "who": "the policy",
+                "loss": "the loss", "eos_id": "2"}.get(key, "…")
 
 
 # ============================================================================ helpers
