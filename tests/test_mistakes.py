@@ -624,6 +624,13 @@ def test_precision_hints_only_for_rounding_sized_gaps_of_the_quantity_itself(gol
     assert "precision" not in f.hint and "float32" not in f.hint
 
 
+def test_a_systematic_scale_is_not_called_rounding(golden):
+    e, a = golden["base"]
+    out = dict(gv.outputs_of(e, a), values=a["values"] * 1.001)
+    f = vf.verify_case(e, a, out).first("rl")
+    assert f.quantity == "values" and f.mistake not in ("float32_somewhere", "reduced_precision"), f.format()
+
+
 def test_outputs_compared_and_all_failed_is_not_nothing_checked(golden):
     e, a = golden["base"]
     rep = vf.verify(GOLDEN, {"base": {"scores": a["scores"] + 1.0}}, names=["base"])

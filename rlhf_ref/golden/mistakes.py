@@ -606,6 +606,10 @@ def _rounding_sized(ctx, q):
     if scale == 0 or bad.sum() < 2:
         return None
     rel = float(np.max(np.abs(ctx.got - want), initial=0.0)) / scale
+    nz = bad & (want != 0)
+    r = (ctx.got[nz] - want[nz]) / want[nz]
+    if r.size >= 2 and abs(r.mean()) > 3 * r.std():
+        return None                  # one systematic factor (a scale or an offset), not rounding
     ctx.note["rel"] = f"{rel:.1e}"
     ctx.note["n_bad"] = str(int(bad.sum()))
     return rel

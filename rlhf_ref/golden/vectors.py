@@ -44,6 +44,7 @@ import numpy as np
 from .. import lstm, model, policy, reinforce, reward_model, rollout as _rollout, safe_read, sft
 from .. import returns as ret
 from ..tokenizer import BOS, EOS, PAD
+from . import conventions as cv
 from .cases import (  # noqa: F401 (re-exported: rlhf_ref.vectors is this module)
     ALL_ON, ALL_SECTIONS, B, CASES, E, GATE_ORDER, H, MANIFEST, P, SCHEMA, SCHEMA_VERSION, T, U_MARGIN, V, CaseSpec, _c,
     _seed, case_names, case_table_markdown, config_of, get_spec)
@@ -482,8 +483,8 @@ def _check_entry(mpath, i, e):
     cfg = e["config"]
     _need(cfg.get("dtype") in ("float32", "float64"), mpath, f"{where}: config.dtype must be 'float32' or 'float64'")
     checks = {"alpha": "num", "eps": "num", "gamma": "num", "beta": "num", "entropy_coef": "num", "value_coef": "num",
-              "kl": ret.KL_ESTIMATORS, "returns": ret.RETURNS, "baseline": ret.BASELINES, "whiten": ret.WHITEN,
-              "aggregation": reinforce.AGGREGATIONS, "critic": ("value", "qvalue"), "shift_mean": "bool",
+              "kl": cv.KL_ESTIMATORS, "returns": cv.RETURNS, "baseline": cv.BASELINES, "whiten": cv.WHITEN,
+              "aggregation": cv.AGGREGATIONS, "critic": ("value", "qvalue"), "shift_mean": "bool",
               "eos_id": "int"}
     for k, want in checks.items():
         v = cfg.get(k)
