@@ -218,23 +218,27 @@ def test_cli_verify_through_rlhf_ref_command(golden, tmp_path):
 
 
 def test_every_hint_candidate_runs(golden):
-    """Each candidate explanation, planted as the implementation's value (upstream golden), is
-    reported at that quantity, without an exception (three cases that exercise every branch)."""
+    """Each value mistake of the catalogue, planted as the implementation's value (upstream golden),
+    is reported at that quantity, without an exception (three cases that exercise every branch)."""
+    from rlhf_ref.golden import compare, mistakes as mk
     for name in ("all_on", "padding_rows_seq_mean_loo", "qvalue_eps"):
         e, a = golden[name]
         gold = gv.outputs_of(e, a)
-        ctx = vf._Ctx(e, a)
         for n in ("kl", "rewards", "returns", "baseline", "advantages", "weights", "loss_pg", "loss_ent",
                   "loss_value", "loss", "entropy"):
-            for desc, thunk in vf._hints_for(ctx, n, "rl"):
-                cand = thunk()
+            ctx = compare.Ctx(e, a)
+            ctx.impl = gold
+            for m in mk.MISTAKES:
+                if m.kind != "value" or not m.applies_to(n) or m.quantity == (mk.ANY,):
+                    continue
+                cand = m.compute(ctx, n)
                 if cand is None:
                     continue
                 out = dict(gold)
                 out[n] = np.asarray(cand).astype(a[n].dtype)
                 f = vf.verify_case(e, a, out).first("rl")
-                assert f is None or f.quantity == n, (name, n, desc, f.quantity)
-                assert f is None or f.hint, (name, n, desc)
+                assert f is None or f.quantity == n, (name, n, m.name, f.quantity)
+                assert f is None or f.hint, (name, n, m.name)
 
 
 # ============================================================================ the PyTorch example
