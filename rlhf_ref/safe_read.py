@@ -185,7 +185,7 @@ def read_text(path, *, what="file", max_bytes=None):
 
 # ----------------------------------------------------------------------------- JSON
 def _no_constant(c):
-    raise ValueError(f"non-standard JSON constant {c}")
+    raise ValueError(f"{c} is not valid JSON (a non-standard constant)")
 
 
 def _depth(obj, limit):
