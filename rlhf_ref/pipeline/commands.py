@@ -42,10 +42,9 @@ def _fail(cmd, e):
 
 def _user_errors():
     """Exceptions that are a user's mistake (bad file, bad value, unavailable backend), not a bug."""
-    from ..io import CheckpointError
     from ..backends import BackendUnavailable
-    from ..preferences import PreferenceFileError
-    return (CommandError, CheckpointError, BackendUnavailable, PreferenceFileError, ValueError,
+    from ..safe_read import FileReadError     # CheckpointError, PreferenceFileError too
+    return (CommandError, FileReadError, BackendUnavailable, ValueError,
             FileNotFoundError, IsADirectoryError, PermissionError)
 
 
@@ -224,9 +223,8 @@ def rl_arguments(p):
 
 
 def _read_lines(path, what):
-    with open(path, encoding="utf-8") as f:
-        lines = [ln.rstrip("\n") for ln in f]
-    lines = [ln for ln in lines if ln.strip()]
+    from ..safe_read import read_text
+    lines = [ln for ln in read_text(path, what=f"{what} file").split("\n") if ln.strip()]
     if not lines:
         raise CommandError(f"{what} file {path} has no lines")
     return lines
