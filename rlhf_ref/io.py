@@ -383,19 +383,15 @@ def load_checkpoint(path, *, schema=SCHEMA):
     if not isinstance(specs, dict) or not isinstance(digest, str):
         raise CheckpointError(json_path, "checkpoint manifest lacks its 'arrays' table or 'sha256' digest")
     expected = _array_specs(specs, json_path)
-    # --- the npz it names, inside its folder, and the hash of its bytes
-    folder = os.path.dirname(json_path) or "."
+    # --- the npz next to the manifest, and the hash of its bytes. The manifest's "npz" entry must be
+    # a plain file name (no folder, no '..', not absolute); the arrays read are always <stem>.npz in
+    # the manifest's folder (a checkpoint copied under another name keeps working), read through
+    # safe_read (a regular file: a symlink to another checkpoint or out of the folder is refused).
     name = meta.get("npz")
-    try:
-        npz_path = safe_read.resolve_inside(folder, name, what="checkpoint arrays")
-    except FileReadError as e:
-        if e.what.endswith("not found"):
-            raise CheckpointError(e.path, f"checkpoint arrays not found (manifest {json_path} refers to "
-                                          f"them)") from None
-        raise CheckpointError(json_path, f"'npz' entry: {e.what}") from None
-    if os.path.basename(npz_path) != os.path.basename(checkpoint_paths(path)[0]):
-        raise CheckpointError(json_path, f"'npz' entry {name!r:.80} names another checkpoint's arrays; a "
-                                         f"checkpoint's arrays are {os.path.basename(checkpoint_paths(path)[0])!r}")
+    if not isinstance(name, str) or not name or "\x00" in name or "/" in name or "\\" in name \
+            or name in (".", "..") or (len(name) >= 2 and name[1] == ":"):
+        raise CheckpointError(json_path, f"'npz' entry {name!r:.80} must be the plain file name of the "
+                                         f"checkpoint's arrays, in the manifest's folder")
     data = _read_checkpoint_file(npz_path, "arrays")
     found = hashlib.sha256(data).hexdigest()
     if found != digest:
