@@ -77,7 +77,7 @@ def load_policy(path):
     """(params, vocab, description) of a policy checkpoint or of a run folder's newest one."""
     from ..io import CheckpointError
     path = os.fspath(path)
-    if os.path.isdir(path):
+    if os.path.isdir(path) and not path.endswith((".npz", ".json")):
         for stage in STAGES:
             for stem in common.stage_checkpoints(path, stage):
                 ck = common.load_stage(stem, stage)
@@ -265,7 +265,7 @@ def rm_main(args):
             ref, vocab, _ = _stage_result(args.out, "pretrain", "policy")
         records = load_preferences(args.preferences)
         if len(records) < 2:
-            raise CommandError(f"{args.preferences} holds {len(records)} usable preference(s) (ties are dropped); need at least 2")
+            raise CommandError(f"{args.preferences}: holds {len(records)} usable preference(s) (ties are dropped); need at least 2")
         train, held = split_pairs(records, cfg.heldout_frac, common.make_rng(cfg.seed, "pair-split"))
         _, info = train_reward_model(train, held, vocab, cfg, ref_params=ref, backend=args.backend, run_dir=args.out,
                                      progress=args.progress)

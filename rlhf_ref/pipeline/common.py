@@ -243,7 +243,7 @@ def _check_groups(groups, opt_state, stage, npz):
                 raise CheckpointError(npz, f"array '{g}/{k}' is missing or not {nd}-D (it holds "
                                            f"{'nothing' if k not in params else params[k].shape})")
         try:
-            lstm.check_model(params, required_heads=_HEADS[g], name=f"'{g}/'")
+            lstm.check_model(params, required_heads=_HEADS[g], name=g)
         except (ValueError, TypeError) as e:
             raise CheckpointError(npz, f"the {g} model's arrays cannot be used: {e}") from None
     if opt_state is not None:
