@@ -258,7 +258,9 @@ def _swapped(seed, cid):
 
 def _open_append(path):
     """The output file opened for appending: a regular file, never through a symlink (O_NOFOLLOW),
-    never blocking on a FIFO (O_NONBLOCK)."""
+    never blocking on a FIFO (O_NONBLOCK). Temporaries of an undo killed mid-rewrite are removed."""
+    from .io import clean_stale_temps
+    clean_stale_temps(os.path.dirname(os.path.abspath(path)), names={os.path.basename(path)})
     existed = os.path.lexists(path)
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) \
         | getattr(os, "O_CLOEXEC", 0)
