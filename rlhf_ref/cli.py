@@ -52,6 +52,16 @@ COMMANDS = (
 )
 
 
+# The commands that read files users name: each gets --max-file-mb (rlhf_ref.safe_read's limits).
+FILE_COMMANDS = ("demo", "label", "sample", "train-pretrain", "train-rm", "train-rl")
+
+
+def _add_file_limit(p):
+    p.add_argument("--max-file-mb", type=float, default=None, metavar="MB",
+                   help="largest file read, in MiB (default 2048; arrays of one checkpoint may declare twice "
+                        "that); raise it for larger checkpoints or preference files")
+
+
 def _command_in(argv):
     """The subcommand named on the command line (the first non-option word), or None."""
     for a in argv:
@@ -83,6 +93,8 @@ def build_parser(argv=()):
                                    f"({cmd.module} is missing)\n")
                 raise
             impl.add_arguments(p)
+            if cmd.name in FILE_COMMANDS:
+                _add_file_limit(p)
     return parser
 
 
@@ -91,5 +103,16 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
     cmd = args._command
-    code = cmd.load().main(args)
+    from . import safe_read
+    mb = getattr(args, "max_file_mb", None)
+    if mb is not None:
+        if not mb > 0 or mb > 1 << 30:
+            sys.stderr.write(f"rlhf-ref {cmd.name}: error: --max-file-mb must be a positive number of MiB, got {mb}\n")
+            return 2
+        safe_read.set_limits(max_file_bytes=int(mb * (1 << 20)), max_array_bytes=2 * int(mb * (1 << 20)))
+    try:
+        code = cmd.load().main(args)
+    except safe_read.FileReadError as e:   # also CheckpointError, PreferenceFileError: '<file>[:<line>]: <what>'
+        sys.stderr.write(f"rlhf-ref {cmd.name}: error: {e}\n")
+        return 2
     return 0 if code is None else int(code)

@@ -107,6 +107,8 @@ def run_demo(out=None, seed=0, backend="auto", dtype="float32", quick=False, pro
     if out is None:
         out = os.path.join("runs", time.strftime("demo-%Y%m%d-%H%M%S") + ("-quick" if quick else ""))
     os.makedirs(out, exist_ok=True)
+    if resume:      # what a kill during an atomic write left behind
+        io.clean_stale_temps(out, names={"preferences.jsonl", "samples.jsonl", "summary.json"})
     seconds = {}
 
     say(f"rlhf-ref demo{' (quick)' if quick else ''}: seed {seed}, backend {bname} ({dtype}), run folder {out}")
@@ -153,7 +155,7 @@ def run_demo(out=None, seed=0, backend="auto", dtype="float32", quick=False, pro
     t = time.perf_counter()
     pref_path = os.path.join(out, "preferences.jsonl")
     records = None
-    if resume and os.path.exists(pref_path):
+    if resume and os.path.lexists(pref_path):
         records = [p.to_dict() for p in load_preferences(pref_path)]
         if len(records) != rc.n_pairs:
             records = None

@@ -27,7 +27,8 @@ refused before anything is written. ``load_checkpoint`` reads with ``allow_pickl
 checks, in order: the manifest exists and is a JSON object of this schema and version, the npz
 exists and its sha256 matches (a crash between the two writes shows up here), it opens as a
 zip of ``.npy`` members without pickles, and names, shapes and dtypes match the manifest.
-Every failure is a ``CheckpointError`` (a ``ValueError``) naming the file.
+Every failure is a ``CheckpointError`` (a ``safe_read.FileReadError``, a ``ValueError``) whose
+message is ``<file>: <what is wrong>``; every file is read through ``rlhf_ref.safe_read``.
 """
 
 from __future__ import annotations
@@ -39,13 +40,17 @@ import io as _io
 import json
 import math
 import os
+import re
 import stat
 import tempfile
 import zipfile
 
 import numpy as np
 
-__all__ = ["atomic_open", "atomic_write_bytes", "atomic_write_text", "CheckpointError",
+from . import safe_read
+from .safe_read import FileReadError
+
+__all__ = ["atomic_open", "clean_stale_temps", "atomic_write_bytes", "atomic_write_text", "CheckpointError",
            "save_checkpoint", "load_checkpoint", "checkpoint_paths", "generator_state",
            "generator_from_state", "to_jsonable", "SCHEMA", "SCHEMA_VERSION"]
 
@@ -112,6 +117,35 @@ def atomic_open(path, mode="wb", encoding="utf-8"):
             os.unlink(tmp)
         raise
     _fsync_dir(folder)
+
+
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp$")
+
+
+def clean_stale_temps(folder, names=None, prefix=None):
+    """Remove the temporary files ``atomic_open`` leaves when killed (``.<name>.XXXXXXXX.tmp``)
+    from ``folder``: all of them, or those of the file names in ``names``, or of the names that
+    start with ``prefix``. Only regular files are
+    removed (never a link or a folder). Call it when resuming, not while another process writes
+    into ``folder``. Returns the paths removed."""
+    removed = []
+    try:
+        entries = os.listdir(folder)
+    except FileNotFoundError:
+        return removed
+    for fn in entries:
+        m = _TEMP_NAME.match(fn)
+        if m is None or (names is not None and m.group("name") not in names) \
+                or (prefix is not None and not m.group("name").startswith(prefix)):
+            continue
+        p = os.path.join(folder, fn)
+        try:
+            if stat.S_ISREG(os.lstat(p).st_mode):
+                os.unlink(p)
+                removed.append(p)
+        except FileNotFoundError:
+            pass
+    return removed
 
 
 def atomic_write_bytes(path, data):
@@ -181,8 +215,18 @@ def generator_from_state(state):
 
 
 # ----------------------------------------------------------------------------- checkpoints
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be written or read: the message names the file and the cause."""
+class CheckpointError(FileReadError):
+    """A checkpoint that cannot be written or read: ``<file>: <the cause>``.
+
+    ``CheckpointError(path, what)``; ``CheckpointError(message)`` (one argument) keeps the
+    message as given."""
+
+    def __init__(self, path, what=None, line=None):
+        if what is None:
+            ValueError.__init__(self, path)
+            self.path, self.what, self.line = None, path, None
+        else:
+            super().__init__(path, what, line)
 
 
 def checkpoint_paths(path):
@@ -269,86 +313,94 @@ def _version():
         return "unknown"
 
 
-def _reject_constant(c):
-    raise ValueError(f"non-standard JSON constant {c}")
+def _read_checkpoint_file(path, what):
+    """The bytes of one checkpoint file through ``safe_read`` (regular file, within the limits).
+    A missing file is a CheckpointError (a resume may skip it); a file refused for what it is (a
+    symlink, a FIFO, a folder, too large) stays a plain FileReadError, which a resume does not skip."""
+    if not os.path.lexists(path):
+        raise CheckpointError(path, f"checkpoint {what} not found")
+    return safe_read.read_bytes(path, what=f"checkpoint {what}")
+
+
+def _array_specs(specs, json_path):
+    """The manifest's ``arrays`` table as {name: (shape list, dtype str)}, every entry checked."""
+    out = {}
+    for name, spec in specs.items():
+        if not isinstance(spec, dict):
+            raise CheckpointError(json_path, f"arrays[{name!r:.80}] must be an object with 'shape' and 'dtype'")
+        shape, dtype = spec.get("shape"), spec.get("dtype")
+        if not isinstance(shape, list) or len(shape) > 32 or \
+                any(isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < 2 ** 62 for n in shape):
+            raise CheckpointError(json_path, f"arrays[{name!r:.80}] has shape {shape!r:.80}; expected a list of at "
+                                             f"most 32 non-negative integers")
+        if not isinstance(dtype, str) or not 0 < len(dtype) <= 32:
+            raise CheckpointError(json_path, f"arrays[{name!r:.80}] has dtype {dtype!r:.80}; expected a NumPy "
+                                             f"dtype string such as '<f4'")
+        out[name] = (shape, dtype)
+    return out
 
 
 def load_checkpoint(path, *, schema=SCHEMA):
     """Read a checkpoint written by ``save_checkpoint``: ``(arrays dict, manifest dict)``.
 
-    Never unpickles. Raises ``CheckpointError`` naming the file for: a missing or unreadable
-    manifest, another schema or schema version, a missing npz, a sha256 mismatch, a truncated or
-    corrupt npz, an object (pickled) array, and names/shapes/dtypes that differ from the manifest.
+    Every file is read through ``rlhf_ref.safe_read``: regular files only (no symlink, FIFO,
+    device or folder), within ``safe_read.limits()``; the npz named by the manifest's ``"npz"``
+    entry must be a plain name inside the manifest's folder; every array's ``.npy`` header is
+    checked against the manifest's table before any array data is read. Never unpickles.
+
+    Raises ``CheckpointError`` (a ``safe_read.FileReadError``, a ``ValueError``; message
+    ``<file>: <what>``) for a missing or damaged checkpoint: a missing or unreadable manifest,
+    another schema or schema version, a missing npz, a sha256 mismatch, a truncated or corrupt
+    npz, an object (pickled) array, names/shapes/dtypes that differ from the manifest. A file
+    refused for what it is (symlink, FIFO, over a size limit) raises ``FileReadError``.
     """
     npz_path, json_path = checkpoint_paths(path)
     # --- the manifest
-    try:
-        with open(json_path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
+    if not os.path.lexists(json_path):
         hint = " (the .npz exists: the save was probably interrupted before its manifest was written)" \
-            if os.path.exists(npz_path) else ""
-        raise CheckpointError(f"checkpoint manifest {json_path!r} not found{hint}") from None
-    except OSError as e:
-        raise CheckpointError(f"cannot read checkpoint manifest {json_path!r}: {e}") from None
+            if os.path.lexists(npz_path) else ""
+        raise CheckpointError(json_path, f"checkpoint manifest not found{hint}")
+    raw = safe_read.read_bytes(json_path, what="checkpoint manifest")
     try:
-        meta = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"checkpoint manifest {json_path!r} is not valid JSON: {e}") from None
+        meta = safe_read.loads_json(raw, json_path, what="checkpoint manifest",
+                                    object_pairs_hook=safe_read.no_duplicate_keys)
+    except FileReadError as e:
+        raise CheckpointError(json_path, e.what) from None
     if not isinstance(meta, dict):
-        raise CheckpointError(f"checkpoint manifest {json_path!r} must hold a JSON object, got {type(meta).__name__}")
+        raise CheckpointError(json_path, f"checkpoint manifest must hold a JSON object, got {type(meta).__name__}")
     if meta.get("schema") != schema:
-        raise CheckpointError(f"checkpoint manifest {json_path!r} has schema {meta.get('schema')!r}; "
-                              f"expected {schema!r}")
+        raise CheckpointError(json_path, f"checkpoint manifest has schema {meta.get('schema')!r:.80}; "
+                                         f"expected {schema!r}")
     ver = meta.get("schema_version")
     if isinstance(ver, bool) or not isinstance(ver, int):
-        raise CheckpointError(f"checkpoint manifest {json_path!r} has schema_version {ver!r}; expected an "
-                              f"integer (supported: {SCHEMA_VERSION})")
+        raise CheckpointError(json_path, f"checkpoint manifest has schema_version {ver!r:.80}; expected an "
+                                         f"integer (supported: {SCHEMA_VERSION})")
     if ver != SCHEMA_VERSION:
-        raise CheckpointError(f"checkpoint manifest {json_path!r} has schema_version {ver}, but this rlhf_ref "
-                              f"({_version()}) supports schema_version {SCHEMA_VERSION} only")
+        raise CheckpointError(json_path, f"checkpoint manifest has schema_version {ver}, but this rlhf_ref "
+                                         f"({_version()}) supports schema_version {SCHEMA_VERSION} only")
     specs = meta.get("arrays")
     digest = meta.get("sha256")
     if not isinstance(specs, dict) or not isinstance(digest, str):
-        raise CheckpointError(f"checkpoint manifest {json_path!r} lacks its 'arrays' table or 'sha256' digest")
-    # --- the npz bytes and their hash
-    try:
-        with open(npz_path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint arrays {npz_path!r} not found (manifest {json_path!r} "
-                              f"refers to it)") from None
-    except OSError as e:
-        raise CheckpointError(f"cannot read checkpoint arrays {npz_path!r}: {e}") from None
+        raise CheckpointError(json_path, "checkpoint manifest lacks its 'arrays' table or 'sha256' digest")
+    expected = _array_specs(specs, json_path)
+    # --- the npz next to the manifest, and the hash of its bytes. The manifest's "npz" entry must be
+    # a plain file name (no folder, no '..', not absolute); the arrays read are always <stem>.npz in
+    # the manifest's folder (a checkpoint copied under another name keeps working), read through
+    # safe_read (a regular file: a symlink to another checkpoint or out of the folder is refused).
+    name = meta.get("npz")
+    if not isinstance(name, str) or not name or "\x00" in name or "/" in name or "\\" in name \
+            or name in (".", "..") or (len(name) >= 2 and name[1] == ":"):
+        raise CheckpointError(json_path, f"'npz' entry {name!r:.80} must be the plain file name of the "
+                                         f"checkpoint's arrays, in the manifest's folder")
+    data = _read_checkpoint_file(npz_path, "arrays")
     found = hashlib.sha256(data).hexdigest()
     if found != digest:
-        raise CheckpointError(f"checkpoint arrays {npz_path!r} do not match manifest {json_path!r}: sha256 "
-                              f"{found[:16]}… found, {digest[:16]}… expected (the file was changed, truncated, "
-                              f"or the save was interrupted between the two files)")
-    # --- parse without pickle
-    arrays = {}
+        raise CheckpointError(npz_path, f"checkpoint arrays do not match manifest {json_path}: sha256 "
+                                        f"{found[:16]}… found, {digest[:16]:.16}… expected (the file was changed, "
+                                        f"truncated, or the save was interrupted between the two files)")
+    # --- parse without pickle, every header checked against the manifest before any data is read
     try:
-        with np.load(_io.BytesIO(data), allow_pickle=False) as z:
-            for name in z.files:
-                arrays[name] = z[name]
-    except ValueError as e:
-        if "pickle" in str(e).lower() or "object" in str(e).lower():
-            raise CheckpointError(f"checkpoint arrays {npz_path!r} contain a pickled object array; "
-                                  f"rlhf_ref never loads pickles ({e})") from None
-        raise CheckpointError(f"checkpoint arrays {npz_path!r} are corrupt: {e}") from None
-    except (zipfile.BadZipFile, EOFError, OSError, KeyError) as e:
-        raise CheckpointError(f"checkpoint arrays {npz_path!r} are truncated or not an npz archive: "
-                              f"{type(e).__name__}: {e}") from None
-    # --- names, shapes, dtypes
-    want, got = set(specs), set(arrays)
-    if want != got:
-        raise CheckpointError(f"checkpoint arrays {npz_path!r} hold {sorted(got)}, manifest lists {sorted(want)} "
-                              f"(missing {sorted(want - got)}, unexpected {sorted(got - want)})")
-    for name, spec in specs.items():
-        a = arrays[name]
-        if not isinstance(spec, dict):
-            raise CheckpointError(f"checkpoint manifest {json_path!r}: arrays[{name!r}] must be an object")
-        if list(a.shape) != spec.get("shape") or a.dtype.str != spec.get("dtype"):
-            raise CheckpointError(f"checkpoint arrays {npz_path!r}: {name!r} has shape {list(a.shape)} dtype "
-                                  f"{a.dtype.str}, manifest says shape {spec.get('shape')} dtype {spec.get('dtype')}")
+        arrays = safe_read.load_npz(data, npz_path, what="checkpoint", expected=expected)
+    except FileReadError as e:
+        raise CheckpointError(npz_path, e.what) from None
     return arrays, meta

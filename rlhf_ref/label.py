@@ -53,6 +53,7 @@ import json
 import os
 import select
 import signal
+import stat
 import sys
 import time
 import zlib
@@ -154,17 +155,25 @@ def write_candidates(path, candidates):
 
 
 def load_candidates(path):
-    """Candidates from a JSON Lines file; errors name the file and line (blank lines ignored)."""
+    """Candidates from a JSON Lines file; errors name the file and line (blank lines ignored).
+
+    Read through ``rlhf_ref.safe_read``: a regular file within the size limit; a line nested too
+    deeply, with a duplicate key or a lone surrogate (text no terminal or file can hold) is refused."""
+    from .safe_read import FileReadError, loads_json, no_duplicate_keys, read_bytes
     name = os.fspath(path)
     out, seen = [], {}
-    with open(path, "rb") as f:
-        lines = f.read().split(b"\n")
-    for i, raw in enumerate(lines, start=1):
+    try:
+        data = read_bytes(name, what="candidates file")
+    except FileReadError as e:
+        raise PreferenceFileError(name, None, e.what) from None
+    for i, raw in enumerate(data.split(b"\n"), start=1):
         if not raw.strip():
             continue
         try:
-            c = _candidate_from_dict(json.loads(raw.decode("utf-8")))
-        except (ValueError, UnicodeDecodeError) as e:
+            c = _candidate_from_dict(loads_json(raw, name, i, what="line", object_pairs_hook=no_duplicate_keys))
+        except FileReadError as e:
+            raise PreferenceFileError(name, i, f"not a valid candidate: {e.what}") from None
+        except (ValueError, TypeError) as e:
             raise PreferenceFileError(name, i, f"not a valid candidate: {e}") from None
         if c.id in seen:
             raise PreferenceFileError(name, i, f"id {c.id!r} already used on line {seen[c.id]}")
@@ -248,8 +257,22 @@ def _swapped(seed, cid):
 
 
 def _open_append(path):
-    existed = os.path.exists(path)
-    fh = open(path, "ab", buffering=0)
+    """The output file opened for appending: a regular file, never through a symlink (O_NOFOLLOW),
+    never blocking on a FIFO (O_NONBLOCK). Temporaries of an undo killed mid-rewrite are removed."""
+    from .io import clean_stale_temps
+    clean_stale_temps(os.path.dirname(os.path.abspath(path)), names={os.path.basename(path)})
+    existed = os.path.lexists(path)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) \
+        | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as e:
+        raise PreferenceFileError(path, None, f"cannot open the output file for appending: {e.strerror or e} "
+                                              f"(it must be a regular file, not a symbolic link)") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise PreferenceFileError(path, None, "the output file is not a regular file")
+    fh = os.fdopen(fd, "ab", buffering=0)
     if not existed:
         os.fsync(fh.fileno())
         from .io import _fsync_dir
@@ -259,8 +282,8 @@ def _open_append(path):
 
 def _drop_last_line(path):
     """Rewrite ``path`` atomically without its last non-blank line; returns that line (str)."""
-    with open(path, "rb") as f:
-        lines = f.read().split(b"\n")
+    from .safe_read import read_bytes
+    lines = read_bytes(path, what="output file").split(b"\n")
     while lines and not lines[-1].strip():
         lines.pop()
     if not lines:
@@ -319,7 +342,7 @@ def run_labeler(pairs_source, out_path, mode="pair", *, swap=True, seed=0, stdin
     out_path = os.fspath(out_path)
     id_key = "pair_id" if mode == "pair" else "item_id"
     existing = []
-    if os.path.exists(out_path):
+    if os.path.lexists(out_path):
         existing = load_preferences(out_path, ties="keep") if mode == "pair" else load_ratings(out_path)
     done = {r.meta.get(id_key) for r in existing}
     pending = [it for it in items if it[0] not in done]
@@ -464,8 +487,8 @@ def run_labeler(pairs_source, out_path, mode="pair", *, swap=True, seed=0, stdin
 
 def _undo(path, id_key, by_id):
     """Remove the file's last judgement if it is an item of this session: (item id or None, message)."""
-    with open(path, "rb") as f:
-        lines = [ln for ln in f.read().split(b"\n") if ln.strip()]
+    from .safe_read import read_bytes
+    lines = [ln for ln in read_bytes(path, what="output file").split(b"\n") if ln.strip()]
     if not lines:
         return None, "nothing to undo"
     try:
@@ -502,10 +525,10 @@ def main(args):
     try:
         run_labeler(args.candidates, args.out, args.mode, swap=args.swap, seed=args.seed)
     except NoTerminalError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"rlhf-ref label: error: {e}", file=sys.stderr)
         return 2
-    except (PreferenceFileError, ValueError, FileNotFoundError, IsADirectoryError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (PreferenceFileError, ValueError, OSError) as e:
+        print(f"rlhf-ref label: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted: every judgement made so far is saved", file=sys.stderr)

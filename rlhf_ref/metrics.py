@@ -7,8 +7,8 @@ name and the iteration ``step`` (counted from 1); the other fields are the stage
 ``null`` (strict JSON has no NaN).
 
 When a stage resumes from a checkpoint taken after step k, ``MetricsLogger(path, resume_step=k)``
-drops the rows after step k first, so the file of a resumed run holds the same steps as that
-of an uninterrupted one.
+drops the rows after step k first (writing a new file and renaming it, never truncating in
+place), so the file of a resumed run holds the same steps as that of an uninterrupted one.
 
 Progress: ``Progress`` shows a tqdm bar on a terminal when tqdm is installed, a one-line
 ``\\r`` bar on a terminal without it, and — when the stream is not a terminal (a log file, a
@@ -54,20 +54,32 @@ class MetricsLogger:
 
     path         the .jsonl file (its folder is created)
     resume_step  None: start a fresh file; k: keep the rows with step <= k, drop the rest
+
+    The file survives a kill at any instant: rows are only ever appended; a fresh start or a
+    resume that drops rows writes the kept rows to a new file and renames it over the old one
+    (``rlhf_ref.io.atomic_open``), never truncating in place. On resume a torn last line (a kill
+    in the middle of a write: no newline at its end) is dropped, and stale temporaries of a
+    killed rewrite are removed.
     """
 
     def __init__(self, path, resume_step=None):
+        from .io import atomic_open, clean_stale_temps
         self.path = os.fspath(path)
         folder = os.path.dirname(self.path)
         if folder:
             os.makedirs(folder, exist_ok=True)
-        kept = []
-        if resume_step is not None and os.path.exists(self.path):
-            kept = [r for r in read_metrics(self.path) if int(r.get("step", 0)) <= int(resume_step)]
-        # rewrite (fresh, or the kept prefix), then append
-        with open(self.path, "w", encoding="utf-8") as f:
-            for r in kept:
-                f.write(json.dumps(r, allow_nan=False) + "\n")
+        clean_stale_temps(folder or ".", names={os.path.basename(self.path)})
+        keep = None                                    # None: the file stays as it is
+        if resume_step is None:
+            keep = []
+        elif os.path.lexists(self.path):
+            lines, torn = _metric_lines(self.path)
+            kept = [raw for raw, row in lines if row["step"] <= int(resume_step)]
+            if torn or len(kept) != len(lines):
+                keep = kept
+        if keep is not None:
+            with atomic_open(self.path, "wb") as f:      # write new, rename: the old file is whole until then
+                f.write(b"".join(raw + b"\n" for raw in keep))
         self._f = open(self.path, "a", encoding="utf-8")
 
     def log(self, row):
@@ -88,24 +100,35 @@ class MetricsLogger:
         self.close()
 
 
+def _metric_lines(path):
+    """([(raw line bytes, row dict)], torn) of a metrics file read through ``safe_read``; ``torn``
+    is True when the last line has no newline (a write cut by a kill) — that line is left out.
+    Any other bad line raises ``FileReadError`` naming the file and line."""
+    from .safe_read import FileReadError, loads_json, read_bytes
+    data = read_bytes(path, what="metrics file")
+    lines = data.split(b"\n")
+    torn = lines[-1] != b""
+    lines.pop()                     # after the last newline: b"" or the torn line
+    out = []
+    for lineno, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        row = loads_json(raw, path, lineno, what="metrics row")
+        if not isinstance(row, dict):
+            raise FileReadError(path, f"expected a JSON object, got {type(row).__name__}", line=lineno)
+        if "step" not in row or "stage" not in row:
+            raise FileReadError(path, "a metrics row needs 'stage' and 'step'", line=lineno)
+        if isinstance(row["step"], bool) or not isinstance(row["step"], int):
+            raise FileReadError(path, f"'step' must be an integer, got {row['step']!r:.60}", line=lineno)
+        out.append((raw, row))
+    return out, torn
+
+
 def read_metrics(path):
-    """Read a metrics JSON Lines file into a list of dicts; a bad line raises naming file and line."""
-    path = os.fspath(path)
-    rows = []
-    with open(path, "r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
-            if "step" not in row or "stage" not in row:
-                raise ValueError(f"{path}, line {lineno}: a metrics row needs 'stage' and 'step'")
-            rows.append(row)
-    return rows
+    """Read a metrics JSON Lines file into a list of dicts; a bad line raises ``FileReadError``
+    (a ValueError) naming file and line. A torn last line (no newline: the writer was killed
+    mid-row) is left out."""
+    return [row for _, row in _metric_lines(os.fspath(path))[0]]
 
 
 def _isatty(stream):

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .io import atomic_write_text
+from .safe_read import FileReadError
 from .tokenizer import Vocab, pad_batch
 
 __all__ = ["Preference", "Rating", "PreferenceFileError", "load_preferences", "save_preferences",
@@ -55,12 +56,13 @@ PREFERENCE_FIELDS = ("prompt", "chosen", "rejected", "margin")
 RATING_FIELDS = ("prompt", "response", "rating")
 
 
-class PreferenceFileError(ValueError):
-    """A malformed preference or rating file; the message is ``<file>:<line>: <what was wrong>``."""
+class PreferenceFileError(FileReadError):
+    """A malformed preference or rating file; the message is ``<file>:<line>: <what was wrong>``
+    (``<file>: <what>`` when ``lineno`` is None: the file itself is refused)."""
 
     def __init__(self, path, lineno, reason):
-        self.path, self.lineno, self.reason = path, lineno, reason
-        super().__init__(f"{path}:{lineno}: {reason}")
+        self.lineno, self.reason = lineno, reason
+        super().__init__(path, reason, line=lineno)
 
 
 def _check_meta(meta, reserved, where):
@@ -79,6 +81,16 @@ def _is_number(x):
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
 
 
+def _finite_number(x):
+    """True for an int or float that is a finite float64 (a 401-digit integer is not)."""
+    if not _is_number(x):
+        return False
+    try:
+        return math.isfinite(float(x))
+    except OverflowError:
+        return False
+
+
 @dataclass
 class Preference:
     """One judgement: ``prompt + chosen`` is preferred to ``prompt + rejected``."""
@@ -95,7 +107,7 @@ class Preference:
             if not isinstance(v, str):
                 raise TypeError(f"Preference.{name} must be a string, got {type(v).__name__} {v!r:.60}")
         if self.margin is not None:
-            if not _is_number(self.margin) or not math.isfinite(float(self.margin)):
+            if not _finite_number(self.margin):
                 raise ValueError(f"Preference.margin must be a finite number or None, got {self.margin!r}")
             self.margin = float(self.margin)
         _check_meta(self.meta, PREFERENCE_FIELDS, "Preference")
@@ -148,7 +160,7 @@ def preference_from_dict(d):
         if not isinstance(d[k], str):
             raise ValueError(f"field {k!r} must be a string, got {_json_type(d[k])} {d[k]!r:.60}")
     margin = d.get("margin")
-    if margin is not None and (not _is_number(margin) or not math.isfinite(float(margin))):
+    if margin is not None and not _finite_number(margin):
         raise ValueError(f"field 'margin' must be a finite number or null, got {_json_type(margin)} {margin!r:.60}")
     if "tie" in d and not isinstance(d["tie"], bool):
         raise ValueError(f"field 'tie' must be true or false, got {_json_type(d['tie'])} {d['tie']!r:.60}")
@@ -178,26 +190,20 @@ def _json_type(v):
             float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
 
 
-def _no_constants(c):
-    raise ValueError(f"{c} is not valid JSON")
-
-
-def _no_duplicates(pairs):
-    d = {}
-    for k, v in pairs:
-        if k in d:
-            raise ValueError(f"duplicate key {k!r}")
-        d[k] = v
-    return d
-
-
 def _read_jsonl(path, convert):
-    """Parse every non-blank line of ``path`` with ``convert``; errors name file and line."""
+    """Parse every non-blank line of ``path`` with ``convert``; errors name file and line.
+
+    The file is read through ``rlhf_ref.safe_read`` (a regular file within the size limit: a
+    symlink, a FIFO, a device or a folder is refused, as is a line nested too deeply or holding
+    a lone surrogate)."""
+    from .safe_read import FileReadError, loads_json, no_duplicate_keys, read_bytes
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     name = os.fspath(path)
-    with open(path, "rb") as f:
-        data = f.read()
+    try:
+        data = read_bytes(name, what="file")
+    except FileReadError as e:
+        raise PreferenceFileError(name, None, e.what) from None
     lines = data.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()                      # the newline that ends the last line
@@ -212,12 +218,13 @@ def _read_jsonl(path, convert):
         if not text.strip():
             continue
         try:
-            obj = json.loads(text, parse_constant=_no_constants, object_pairs_hook=_no_duplicates)
-        except ValueError as e:
-            raise PreferenceFileError(name, i, f"not valid JSON: {e}{cut}") from None
+            obj = loads_json(text, name, i, what="line", object_pairs_hook=no_duplicate_keys)
+        except FileReadError as e:
+            what = e.what[len("line is "):] if e.what.startswith("line is ") else e.what
+            raise PreferenceFileError(name, i, f"{what}{cut}") from None
         try:
             out.append(convert(obj))
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, OverflowError) as e:
             raise PreferenceFileError(name, i, str(e)) from None
     return out
 

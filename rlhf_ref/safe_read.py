@@ -31,13 +31,14 @@ import dataclasses
 import io as _io
 import json
 import os
+import re
 import stat
 import zipfile
 
 import numpy as np
 
 __all__ = ["FileReadError", "Limits", "limits", "set_limits", "limits_override", "resolve_inside",
-           "read_bytes", "read_text", "loads_json", "load_npz"]
+           "read_bytes", "read_text", "loads_json", "no_duplicate_keys", "load_npz"]
 
 
 class FileReadError(ValueError):
@@ -184,7 +185,7 @@ def read_text(path, *, what="file", max_bytes=None):
 
 # ----------------------------------------------------------------------------- JSON
 def _no_constant(c):
-    raise ValueError(f"non-standard JSON constant {c}")
+    raise ValueError(f"{c} is not valid JSON (a non-standard constant)")
 
 
 def _depth(obj, limit):
@@ -200,9 +201,42 @@ def _depth(obj, limit):
     return True
 
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _lone_surrogate(obj):
+    """The first string (key or value) of ``obj`` that holds a lone surrogate, or None."""
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, str):
+            try:
+                o.encode("utf-8")
+            except UnicodeEncodeError:
+                return o
+        elif isinstance(o, dict):
+            stack.extend(o.keys())
+            stack.extend(o.values())
+        elif isinstance(o, list):
+            stack.extend(o)
+    return None
+
+
+def no_duplicate_keys(pairs):
+    """An ``object_pairs_hook`` that refuses a key given twice in one object."""
+    d = {}
+    for k, v in pairs:
+        if k in d:
+            raise ValueError(f"duplicate key {k!r:.80}")
+        d[k] = v
+    return d
+
+
 def loads_json(text, path=None, line=None, *, what="document", object_pairs_hook=None):
     """``json.loads`` for files users give: NaN/Infinity refused, nesting bounded by
-    ``limits().max_json_depth``; every failure a FileReadError naming ``path`` and ``line``."""
+    ``limits().max_json_depth``, strings with a lone surrogate (``"\\ud800"``: not Unicode text,
+    cannot be written back as UTF-8) refused; every failure a FileReadError naming ``path`` and
+    ``line``."""
     if isinstance(text, (bytes, bytearray)):
         try:
             text = bytes(text).decode("utf-8")
@@ -237,6 +271,11 @@ def loads_json(text, path=None, line=None, *, what="document", object_pairs_hook
         raise FileReadError(path, f"{what} is not valid JSON: {e}", line=line) from None
     if not _depth(obj, limit):       # pragma: no cover - the pre-check already caught it
         raise FileReadError(path, f"{what} nests deeper than {limit} levels", line=line)
+    if _SURROGATE_ESCAPE.search(text):
+        bad = _lone_surrogate(obj)
+        if bad is not None:
+            raise FileReadError(path, f"{what} holds a string with a lone surrogate ({ascii(bad):.60}): "
+                                      f"not Unicode text", line=line)
     return obj
 
 

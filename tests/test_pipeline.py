@@ -278,8 +278,39 @@ def test_metrics_logger_resume_and_strict_reader(tmp_path):
     assert [r["step"] for r in read_metrics(path)] == [1, 2, 3]
     with open(path, "a") as f:
         f.write("{not json\n")
-    with pytest.raises(ValueError, match=r"m\.jsonl, line 4: not valid JSON"):
+    with pytest.raises(ValueError, match=r"m\.jsonl:4: metrics row is not valid JSON"):
         read_metrics(path)
+
+
+def test_metrics_resume_drops_a_torn_line_and_never_truncates_in_place(tmp_path, monkeypatch):
+    path = tmp_path / "m.jsonl"
+    with MetricsLogger(path) as log:
+        for s in range(1, 5):
+            log.log({"stage": "x", "step": s})
+    with open(path, "a") as f:
+        f.write('{"stage": "x", "st')                                  # a kill mid-row
+    assert [r["step"] for r in read_metrics(path)] == [1, 2, 3, 4]     # the torn row is left out
+    (tmp_path / ".m.jsonl.abcd1234.tmp").write_text("left by a kill")
+    inode = os.stat(path).st_ino
+    with MetricsLogger(path, resume_step=4) as log:                    # nothing after step 4: only the torn line goes
+        log.log({"stage": "x", "step": 5})
+    assert [r["step"] for r in read_metrics(path)] == [1, 2, 3, 4, 5]
+    assert os.stat(path).st_ino != inode                               # a new file renamed over the old one
+    assert sorted(os.listdir(tmp_path)) == ["m.jsonl"]                 # the stale temporary is gone
+    inode = os.stat(path).st_ino
+    MetricsLogger(path, resume_step=5).close()                         # nothing to drop: the file is kept as it is
+    assert os.stat(path).st_ino == inode
+    import rlhf_ref.io as rio
+    real = rio.os.replace
+
+    def killed(*a):
+        raise KeyboardInterrupt("killed before the rename")
+
+    monkeypatch.setattr(rio.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        MetricsLogger(path, resume_step=2)
+    monkeypatch.setattr(rio.os, "replace", real)
+    assert [r["step"] for r in read_metrics(path)] == [1, 2, 3, 4, 5]  # the old file is whole
 
 
 def test_progress_plain_lines_when_not_a_tty(capsys):

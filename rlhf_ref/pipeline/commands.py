@@ -46,10 +46,9 @@ def _fail(cmd, e):
 
 def _user_errors():
     """Exceptions that are a user's mistake (bad file, bad value, unavailable backend), not a bug."""
-    from ..io import CheckpointError
     from ..backends import BackendUnavailable
-    from ..preferences import PreferenceFileError
-    return (CommandError, CheckpointError, BackendUnavailable, PreferenceFileError, ValueError,
+    from ..safe_read import FileReadError     # CheckpointError, PreferenceFileError too
+    return (CommandError, FileReadError, BackendUnavailable, ValueError,
             FileNotFoundError, IsADirectoryError, PermissionError)
 
 
@@ -84,7 +83,7 @@ def load_policy(path):
     """(params, vocab, description) of a policy checkpoint or of a run folder's newest one."""
     from ..io import CheckpointError
     path = os.fspath(path)
-    if os.path.isdir(path):
+    if os.path.isdir(path) and not path.endswith((".npz", ".json")):
         for stage in STAGES:
             for stem in common.stage_checkpoints(path, stage):
                 ck = common.load_stage(stem, stage)
@@ -230,9 +229,8 @@ def rl_arguments(p):
 
 
 def _read_lines(path, what):
-    with open(path, encoding="utf-8") as f:
-        lines = [ln.rstrip("\n") for ln in f]
-    lines = [ln for ln in lines if ln.strip()]
+    from ..safe_read import read_text
+    lines = [ln for ln in read_text(path, what=f"{what} file").split("\n") if ln.strip()]
     if not lines:
         raise CommandError(f"{what} file {path} has no lines")
     return lines
@@ -273,7 +271,7 @@ def rm_main(args):
             ref, vocab, _ = _stage_result(args.out, "pretrain", "policy")
         records = load_preferences(args.preferences)
         if len(records) < 2:
-            raise CommandError(f"{args.preferences} holds {len(records)} usable preference(s) (ties are dropped); need at least 2")
+            raise CommandError(f"{args.preferences}: holds {len(records)} usable preference(s) (ties are dropped); need at least 2")
         train, held = split_pairs(records, cfg.heldout_frac, common.make_rng(cfg.seed, "pair-split"))
         _, info = train_reward_model(train, held, vocab, cfg, ref_params=ref, backend=args.backend, run_dir=args.out,
                                      progress=args.progress)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import stat
 
 import numpy as np
 
@@ -213,18 +214,75 @@ def save_stage(path, *, stage, step, done, cfg, vocab, groups, rng=None, opt_sta
     return path
 
 
+# the parameter group each stage trains (its Adam state has that group's keys) and the heads each
+# group's model must have
+_TRAINED = {"pretrain": "policy", "rl": "policy", "reward": "rm"}
+_HEADS = {"policy": ("head",), "rm": ("reward",)}
+
+
+def _check_groups(groups, opt_state, stage, npz):
+    """Every array of a checkpoint is one the model can use: float32/float64, the shapes of one
+    LSTM with its heads, Adam moments shaped like the parameters they belong to. An error names
+    the file and the array."""
+    from .. import lstm
+    from ..io import CheckpointError
+    for g, params in groups.items():
+        dtypes = set()
+        for k, a in params.items():
+            if a.dtype not in (np.float32, np.float64):
+                raise CheckpointError(npz, f"array '{g}/{k}' has dtype {a.dtype}; a model's parameters are "
+                                           f"float32 or float64")
+            dtypes.add(a.dtype)
+        if len(dtypes) > 1:
+            raise CheckpointError(npz, f"the arrays of '{g}/' mix dtypes {sorted(str(d) for d in dtypes)}; "
+                                       f"one model has one float dtype")
+        if g not in _HEADS:
+            continue
+        for k, nd in (("embedding.weight", 2), ("lstm.weight_hh_l0", 2)):
+            if k not in params or params[k].ndim != nd:
+                raise CheckpointError(npz, f"array '{g}/{k}' is missing or not {nd}-D (it holds "
+                                           f"{'nothing' if k not in params else params[k].shape})")
+        try:
+            lstm.check_model(params, required_heads=_HEADS[g], name=g)
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(npz, f"the {g} model's arrays cannot be used: {e}") from None
+    if opt_state is not None:
+        g = _TRAINED.get(stage)
+        params = groups.get(g, {})
+        for mv in ("m", "v"):
+            if set(opt_state[mv]) != set(params):
+                raise CheckpointError(npz, f"the Adam '{mv}' arrays (adam_{mv}/...) are not those of '{g}/'")
+            for k, a in opt_state[mv].items():
+                if a.shape != params[k].shape or a.dtype != params[k].dtype:
+                    raise CheckpointError(npz, f"array 'adam_{mv}/{k}' has shape {a.shape} dtype {a.dtype}; "
+                                               f"'{g}/{k}' has {params[k].shape} {params[k].dtype}")
+
+
+def _count(v, what, where, hi=2 ** 53):
+    from ..io import CheckpointError
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= hi:
+        raise CheckpointError(where, f"manifest {what} must be an integer from 0 to {hi}, got {v!r:.80}")
+    return v
+
+
 def load_stage(path, stage=None):
     """Read a stage checkpoint; returns a dict with 'groups', 'opt_state', 'rng', 'step', 'done',
     'config', 'vocab', 'extra', 'stage'. Errors (missing file, truncated, wrong schema version, a
-    pickle inside) are ``rlhf_ref.io.CheckpointError`` naming the file."""
+    pickle inside, arrays the model cannot use) are ``rlhf_ref.io.CheckpointError`` naming the
+    file; a file refused for what it is (a symlink, a FIFO, over a size limit) is a
+    ``rlhf_ref.safe_read.FileReadError``."""
     from .. import io
+    npz, json_path = io.checkpoint_paths(path)
     arrays, manifest = io.load_checkpoint(path)
     st = manifest.get("state")
-    if not isinstance(st, dict) or "stage" not in st or "step" not in st or "config" not in manifest:
-        raise io.CheckpointError(f"{path}: not an rlhf_ref pipeline checkpoint (its manifest has no "
-                                 f"'state' with 'stage' and 'step', or no 'config')")
+    if not isinstance(st, dict) or "stage" not in st or "step" not in st or not isinstance(manifest.get("config"), dict):
+        raise io.CheckpointError(json_path, "not an rlhf_ref pipeline checkpoint (its manifest has no "
+                                            "'state' with 'stage' and 'step', or no 'config' object)")
+    if not isinstance(st["stage"], str):
+        raise io.CheckpointError(json_path, f"manifest state.stage must be a string, got {st['stage']!r:.80}")
     if stage is not None and st["stage"] != stage:
-        raise io.CheckpointError(f"{path}: a {st['stage']!r} checkpoint, expected a {stage!r} one")
+        raise io.CheckpointError(json_path, f"a {st['stage']!r:.80} checkpoint, expected a {stage!r} one")
+    step = _count(st["step"], "state.step", json_path)
     groups = {}
     for name, a in arrays.items():
         g, _, k = name.partition("/")
@@ -232,17 +290,26 @@ def load_stage(path, stage=None):
             groups.setdefault(g, {})[k] = a
     opt_state = None
     if "adam_t" in st:
-        opt_state = {"t": int(st["adam_t"]),
+        opt_state = {"t": _count(st["adam_t"], "state.adam_t", json_path),
                      "m": {n.partition("/")[2]: a for n, a in arrays.items() if n.startswith("adam_m/")},
                      "v": {n.partition("/")[2]: a for n, a in arrays.items() if n.startswith("adam_v/")}}
+    _check_groups(groups, opt_state, st["stage"], npz)
     try:
         vocab = Vocab.from_json(manifest.get("vocab"))
-    except (ValueError, TypeError) as e:
-        raise io.CheckpointError(f"{path}: bad vocabulary in the manifest: {e}") from None
-    return {"groups": groups, "opt_state": opt_state,
-            "rng": io.generator_from_state(st["rng_state"]) if "rng_state" in st else None,
-            "step": int(st["step"]), "done": bool(st.get("done", False)), "config": manifest["config"],
-            "vocab": vocab, "extra": st.get("extra") or {}, "stage": st["stage"], "path": os.fspath(path)}
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise io.CheckpointError(json_path, f"bad vocabulary in the manifest: {e}") from None
+    rng = None
+    if "rng_state" in st:
+        try:
+            rng = io.generator_from_state(st["rng_state"])
+        except (ValueError, TypeError, KeyError, OverflowError) as e:
+            raise io.CheckpointError(json_path, f"bad state.rng_state in the manifest: {e}") from None
+    extra = st.get("extra") or {}
+    if not isinstance(extra, dict):
+        raise io.CheckpointError(json_path, f"manifest state.extra must be an object, got {extra!r:.80}")
+    return {"groups": groups, "opt_state": opt_state, "rng": rng,
+            "step": step, "done": bool(st.get("done", False)), "config": manifest["config"],
+            "vocab": vocab, "extra": extra, "stage": st["stage"], "path": os.fspath(path)}
 
 
 def checkpoint_stem(run_dir, stage, step):
@@ -264,6 +331,29 @@ def stage_checkpoints(run_dir, stage):
     return [p for _, p in sorted(found, reverse=True)]
 
 
+def clean_checkpoint_folder(run_dir, stage):
+    """Remove what a kill during a save leaves in ``<run_dir>/checkpoints``: ``atomic_open``'s
+    temporaries of this stage's files and this stage's ``.npz`` without a manifest (the save
+    writes the npz first). Regular files only. Returns the paths removed."""
+    from .. import io
+    folder = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(folder):
+        return []
+    removed = io.clean_stale_temps(folder, prefix=stage + "-")
+    for name in os.listdir(folder):
+        stem, ext = os.path.splitext(name)
+        head, _, num = stem.rpartition("-")
+        p = os.path.join(folder, name)
+        if ext == ".npz" and head == stage and num.isdigit() and not os.path.lexists(os.path.join(folder, stem + ".json")):
+            try:
+                if stat.S_ISREG(os.lstat(p).st_mode):
+                    os.unlink(p)
+                    removed.append(p)
+            except FileNotFoundError:
+                pass
+    return removed
+
+
 def find_resume(run_dir, stage, cfg, log=print):
     """The newest readable checkpoint of ``stage`` in ``run_dir`` (None if there is none).
 
@@ -274,6 +364,7 @@ def find_resume(run_dir, stage, cfg, log=print):
     from .. import io
     if not run_dir:
         return None
+    clean_checkpoint_folder(run_dir, stage)
     for stem in stage_checkpoints(run_dir, stage):
         try:
             ck = load_stage(stem, stage)
