@@ -104,12 +104,11 @@ def main(argv=None) -> int:
     args = build_parser(argv).parse_args(argv)
     cmd = args._command
     from . import safe_read
-    mb = getattr(args, "max_file_mb", None)
-    if mb is not None:
-        if not mb > 0 or mb > 1 << 30:
-            sys.stderr.write(f"rlhf-ref {cmd.name}: error: --max-file-mb must be a positive number of MiB, got {mb}\n")
-            return 2
-        safe_read.set_limits(max_file_bytes=int(mb * (1 << 20)), max_array_bytes=2 * int(mb * (1 << 20)))
+    try:
+        safe_read.set_max_file_mb(getattr(args, "max_file_mb", None))
+    except ValueError as e:
+        sys.stderr.write(f"rlhf-ref {cmd.name}: error: {e}\n")
+        return 2
     try:
         code = cmd.load().main(args)
     except safe_read.FileReadError as e:   # also CheckpointError, PreferenceFileError: '<file>[:<line>]: <what>'

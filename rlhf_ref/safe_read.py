@@ -91,6 +91,18 @@ def limits_override(**kw):
         set_limits(**dataclasses.asdict(old))
 
 
+def set_max_file_mb(mb):
+    """``--max-file-mb MB`` of the commands that read files: files up to MB MiB, and up to 2·MB MiB of
+    declared array data in one .npz. None keeps the limits in force."""
+    if mb is None:
+        return
+    if isinstance(mb, bool) or not isinstance(mb, (int, float, np.integer, np.floating)) \
+            or not (0 < mb <= 1 << 30):
+        raise ValueError(f"--max-file-mb must be a positive number of MiB (at most {1 << 30}), got {mb!r}")
+    n = max(1, int(mb * (1 << 20)))
+    set_limits(max_file_bytes=n, max_array_bytes=2 * n)
+
+
 def _size(n):
     return f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{n} bytes"
 

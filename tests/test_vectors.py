@@ -291,20 +291,9 @@ def test_cli_vectors_writes_and_lists(tmp_path, capsys):
 
 
 def test_cli_vectors_through_rlhf_ref_command(tmp_path):
-    """`rlhf-ref vectors` when the command table has the entry (else the module's own parser)."""
-    import argparse
-    try:
-        from rlhf_ref import cli
-        registered = any(c.name == "vectors" for c in getattr(cli, "COMMANDS", ()))
-    except Exception:
-        registered = False
-    if registered:
-        assert cli.main(["vectors", "--out", str(tmp_path), "--case", "base", "-q"]) == 0
-    else:
-        sub = argparse.ArgumentParser().add_subparsers()
-        p = gv.add_subparser(sub)
-        args = p.parse_args(["--out", str(tmp_path), "--case", "base", "-q"])
-        assert args.func(args) == 0
+    """`rlhf-ref vectors` through the command table."""
+    from rlhf_ref import cli
+    assert cli.main(["vectors", "--out", str(tmp_path), "--case", "base", "-q"]) == 0
     assert os.path.exists(tmp_path / "base.npz")
 
 

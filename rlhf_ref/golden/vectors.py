@@ -640,14 +640,6 @@ def add_arguments(parser):
     return parser
 
 
-def add_subparser(subparsers):
-    """Register ``vectors`` on an argparse subparsers object (for a command table without one)."""
-    p = subparsers.add_parser("vectors", help="write the golden vectors (cases + manifest)")
-    add_arguments(p)
-    p.set_defaults(func=main)
-    return p
-
-
 def main(args) -> int:
     """``rlhf-ref vectors``: returns the exit status."""
     if args.list:
@@ -657,11 +649,7 @@ def main(args) -> int:
     mb = getattr(args, "max_file_mb", None)
     old = safe_read.limits()
     try:
-        if mb is not None:
-            if not (mb > 0 and np.isfinite(mb)):
-                raise ValueError(f"--max-file-mb: must be a positive number, got {mb}")
-            n = max(1, int(mb * (1 << 20)))
-            safe_read.set_limits(max_file_bytes=n, max_array_bytes=n)
+        safe_read.set_max_file_mb(mb)
         man = write_vectors(args.out, args.cases, log=None if args.quiet else print)
     except (KeyError, ValueError, OSError) as e:
         msg = e.args[0] if isinstance(e, KeyError) else str(e)

@@ -401,22 +401,7 @@ def add_arguments(parser):
     return parser
 
 
-def add_subparser(subparsers):
-    """Register ``verify`` on an argparse subparsers object (for a command table without one)."""
-    p = subparsers.add_parser("verify", help="compare an implementation's outputs with the golden vectors")
-    add_arguments(p)
-    p.set_defaults(func=main)
-    return p
-
-
-def apply_max_file_mb(mb):
-    """``--max-file-mb``: the size limits of rlhf_ref.safe_read for this run (None: the defaults)."""
-    if mb is None:
-        return
-    if not (mb > 0 and np.isfinite(mb)):
-        raise ValueError(f"--max-file-mb: must be a positive number, got {mb}")
-    n = max(1, int(mb * (1 << 20)))
-    safe_read.set_limits(max_file_bytes=n, max_array_bytes=n)
+apply_max_file_mb = safe_read.set_max_file_mb
 
 
 def _error(msg):
