@@ -45,7 +45,8 @@ def _user_errors():
     from ..io import CheckpointError
     from ..backends import BackendUnavailable
     from ..preferences import PreferenceFileError
-    return (CommandError, CheckpointError, BackendUnavailable, PreferenceFileError, ValueError,
+    from .distributed import RayUnavailable
+    return (CommandError, CheckpointError, BackendUnavailable, PreferenceFileError, RayUnavailable, ValueError,
             FileNotFoundError, IsADirectoryError, PermissionError)
 
 
@@ -220,6 +221,10 @@ def rl_arguments(p):
     p.add_argument("--policy", default=None, help="π_ref checkpoint (default: the run folder's finished pretraining)")
     p.add_argument("--reward-model", default=None, help="reward-model checkpoint (default: the run folder's)")
     p.add_argument("--prompts", default=None, help="a UTF-8 file of prompts, one per line (default: the corpus's training prompts)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="run on N Ray workers, same numbers to rounding (pip install 'rlhf-ref[ray]'; default 0: this process)")
+    p.add_argument("--address", default=None,
+                   help="with --workers: join the Ray cluster at ADDR (default: start a local one, shut down at the end)")
     return p
 
 
@@ -282,6 +287,8 @@ def rl_main(args):
         from .rl import RLConfig, reinforce_finetune
         from ..data import corpus
         cfg = apply_sets(RLConfig(seed=args.seed, dtype=args.dtype), args.set)
+        if args.workers < 0 or (args.address and args.workers < 1):
+            raise CommandError(f"--workers must be >= 0 (and >= 1 with --address), got {args.workers}")
         if args.policy:
             ref, vocab, _ = load_policy(args.policy)
         else:
@@ -300,8 +307,8 @@ def rl_main(args):
             ref = dict(ref, **{"value.weight": np.zeros((1, H), ref["head.weight"].dtype),
                                "value.bias": np.zeros((1,), ref["head.weight"].dtype)})
         _, info = reinforce_finetune(ref, vocab, prompts, rm, cfg, backend=args.backend, run_dir=args.out,
-                                     progress=args.progress)
-        print(f"RL fine-tuning done; sample with: rlhf-ref sample --checkpoint {args.out}")
+                                     progress=args.progress, workers=args.workers, address=args.address)
+        print(f"RL fine-tuning done ({info['executor']}, {info['workers']} Ray workers); sample with: rlhf-ref sample --checkpoint {args.out}")
         return 0
     except _user_errors() as e:
         return _fail("train-rl", e)

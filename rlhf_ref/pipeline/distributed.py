@@ -64,7 +64,7 @@ from .._validate import as_float_array
 from . import common
 
 __all__ = ["shard_sizes", "shard_forward", "global_statistics", "shard_backward", "sum_in_order",
-           "two_phase_loss_and_grad", "ShardWorker", "RayExecutor", "require_ray"]
+           "two_phase_loss_and_grad", "ShardWorker", "RayExecutor", "RayUnavailable", "require_ray"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,12 +220,16 @@ class ShardWorker:
 # ---------------------------------------------------------------------------------------------
 # the executor the RL stage calls once per iteration
 
+class RayUnavailable(ImportError):
+    """Ray is not installed, or the cluster cannot be joined (a user error, not a bug)."""
+
+
 def require_ray():
-    """``import ray``, or an ImportError that says how to install it."""
+    """``import ray``, or a ``RayUnavailable`` (an ImportError) that says how to install it."""
     try:
         import ray
     except ImportError as e:
-        raise ImportError(f"--workers needs Ray: pip install 'rlhf-ref[ray]' ({e})") from None
+        raise RayUnavailable(f"--workers needs Ray: pip install 'rlhf-ref[ray]' ({e})") from None
     return ray
 
 
@@ -257,7 +261,10 @@ class RayExecutor:
         self.timeout, self.max_restarts, self.sizes, self.log = float(timeout), int(max_restarts), sizes, log
         self._owns_cluster = False
         if address:
-            ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+            try:
+                ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+            except (ConnectionError, ValueError, RuntimeError) as e:
+                raise RayUnavailable(f"cannot join the Ray cluster at address {address!r}: {e}") from None
             self._owns_cluster = "joined"
         elif not ray.is_initialized():
             ray.init(num_cpus=num_cpus or max(self.workers, os.cpu_count() or 1), include_dashboard=False,
