@@ -274,7 +274,7 @@ class RayExecutor:
         self._actor_cls = ray.remote(num_cpus=0, max_restarts=0)(ShardWorker)
         self.actors = [self._new_actor() for _ in range(self.workers)]
         self._setup_args = None
-        self.timing = {}
+        self.timing, self.history = {}, []     # seconds of the last iteration's parts; every iteration's
         self.on_submit = None          # tests: called as on_submit(executor, phase) after each submission
 
     # -- actors
@@ -312,6 +312,12 @@ class RayExecutor:
         self._get([a.setup.remote(*self._setup_args) for a in self.actors])
 
     def close(self):
+        """Stop the actors; shut down the cluster this executor started (or disconnect from a joined one)."""
+        for a in self.actors:
+            try:
+                self.ray.kill(a)
+            except Exception:       # already dead
+                pass
         self.actors = []
         self._setup_args = None
         if self._owns_cluster:
@@ -371,6 +377,7 @@ class RayExecutor:
             t["learner"] = time.perf_counter() - t1
             t["total"] = time.perf_counter() - t0
             self.timing = t
+            self.history.append(t)
             return ro, R, raw, out, grads
         out = global_statistics(cat["action_mask"], cat["tl_logp"], cat["ref_logp"], cat["values"],
                                 cat["entropy"], R, rcfg)
@@ -388,6 +395,7 @@ class RayExecutor:
         t["learner"] += time.perf_counter() - t3
         t["total"] = time.perf_counter() - t0
         self.timing = t
+        self.history.append(t)
         return ro, R, raw, out, grads
 
 
