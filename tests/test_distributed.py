@@ -259,6 +259,19 @@ def test_float64_equals_one_process_on_1_2_3_workers(conv, executors, ref_params
         assert all(r["workers"] == n and r["executor"] == "ray" for r in raw)
 
 
+def test_training_step_on_the_learner_equals_one_process(executors, ref_params, rm_params):
+    """train_step="learner": rollouts and rewards on the workers, the learner's backend step."""
+    ex = executors[3]
+    cfg = _cfg(whiten="bessel", baseline="mean", entropy_coef=0.01)
+    want, _ = _run(ref_params, rm_params, cfg)
+    ex.train_step = "learner"
+    try:
+        got, _ = _run(ref_params, rm_params, cfg, executor=ex)
+    finally:
+        ex.train_step = "workers"
+    _close(got, want, 1e-9)
+
+
 def test_reward_model_scored_on_the_workers(executors, ref_params, rm_params):
     cfg = _cfg(norm_samples=8, whiten="bessel", baseline="loo")
     want, winfo = _run(ref_params, rm_params, cfg)
