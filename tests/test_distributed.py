@@ -272,6 +272,26 @@ def test_training_step_on_the_learner_equals_one_process(executors, ref_params, 
     _close(got, want, 1e-9)
 
 
+def test_compiled_backend_workers_equal_its_single_process_run(cluster, ref_params, rm_params):
+    """Workers holding the Cython backend (rollout, reward) against one process running Cython's fused
+    training step: the same numbers to rounding in float64."""
+    st = backends.status("cython")
+    if not st.available:
+        if "cython" in os.environ.get("RLHF_REF_REQUIRE_BACKENDS", ""):
+            pytest.fail(f"cython is required here but unavailable: {st.reason}")
+        pytest.skip(f"the cython backend is not built here: {st.reason}")
+    cfg = _cfg(whiten="population", baseline="loo", entropy_coef=0.01, norm_samples=8)
+    want, _ = reinforce_finetune(ref_params, VOCAB, PROMPTS, rm_params, cfg, backend="cython", progress="off",
+                                 log=lambda *a: None)
+    ex = dist.RayExecutor(2, backend="cython", timeout=120)
+    try:
+        got, _ = reinforce_finetune(ref_params, VOCAB, PROMPTS, rm_params, cfg, backend="cython", progress="off",
+                                    log=lambda *a: None, executor=ex)
+    finally:
+        ex.close()
+    _close(got, want, 1e-9)
+
+
 def test_reward_model_scored_on_the_workers(executors, ref_params, rm_params):
     cfg = _cfg(norm_samples=8, whiten="bessel", baseline="loo")
     want, winfo = _run(ref_params, rm_params, cfg)
