@@ -165,7 +165,8 @@ def main(argv=None):
     finally:
         ray.shutdown()
     load1 = os.getloadavg()
-    results.update(latency=lat, put=puts, param_bytes=pbytes, ray_init=t_init, load_before=load0, load_after=load1,
+    T = max(len(vocab.encode(p)) for p in prompts) + args.max_new
+    results.update(T=T, latency=lat, put=puts, param_bytes=pbytes, ray_init=t_init, load_before=load0, load_after=load1,
                    backend=be_name, steps=args.steps, max_new=args.max_new, H=args.hidden, E=args.embed,
                    V=len(vocab), num_cpus=args.num_cpus)
     if args.json:
@@ -215,6 +216,10 @@ def render(res):
         f"after: {', '.join(f'{x:.2f}' for x in res['load_after'])} — the machine was shared with other "
         f"developers' jobs, so absolute times are noisy; each figure is a median over {res['steps'] - 1} "
         f"iterations after a warm-up.\n")
+    if res["load_before"][0] > (os.cpu_count() or 1) - 1:
+        say(f"**Caveat:** the 1-minute load average ({res['load_before'][0]:.1f}) was above what this machine's "
+            f"{os.cpu_count()} cores leave free for a second worker, so 2 workers did not get 2 idle cores: "
+            f"the 2-worker figures understate what 2 free cores give.\n")
     say(f"Model: the demo's RL stage, float32, V = {res['V']}, E = {res['E']}, H = {res['H']}, "
         f"max_new = {res['max_new']}, the reward model scoring every response; parameters "
         f"{res['param_bytes'] / 1e3:.0f} kB (what one broadcast moves). One process: the `{res['backend']}` backend "
@@ -280,10 +285,10 @@ def render(res):
         f"learner (gathering, global statistics, decoding, the gradient sum). Bytes per iteration: the broadcast "
         f"sends P = {res['param_bytes'] / 1e3:.0f} kB to each worker (one `ray.put`; on one node the workers read "
         f"it from shared memory, across nodes each node pulls one copy); phase 1 returns ~8 per-token arrays, "
-        f"8·8·B·T bytes in all (T = prompt + max_new ≈ {res['max_new'] + 40}); phase 2 sends 3·8·B·T bytes out "
+        f"8·8·B·T bytes in all (T = longest prompt + max_new = {res['T']}); phase 2 sends 3·8·B·T bytes out "
         f"and N·P gradient bytes back, summed on the learner in shard order (N·P/4 additions).\n")
     P = res["param_bytes"]
-    T = res["max_new"] + 40
+    T = res["T"]
     bw = 1.25e9            # 10 Gbit/s per link, learner's NIC
     add = 1.0e9            # float32 additions per second on the learner (a memory-bound add)
     say("Prediction, assuming one worker per core on 8-core nodes, a 10 Gbit/s link into the learner "

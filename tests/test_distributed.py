@@ -292,6 +292,14 @@ def test_compiled_backend_workers_equal_its_single_process_run(cluster, ref_para
     _close(got, want, 1e-9)
 
 
+def test_more_workers_than_rows(executors, ref_params):
+    """B = 1 on 2 workers: worker 1 gets no row (no rollout, no gradient) and the run is unchanged."""
+    cfg = dataclasses.replace(_cfg(), batch_size=1)
+    want, _ = _run(ref_params, _reward, cfg)
+    got, _ = _run(ref_params, _reward, cfg, executor=executors[2])
+    _close(got, want, 1e-9)
+
+
 def test_reward_model_scored_on_the_workers(executors, ref_params, rm_params):
     cfg = _cfg(norm_samples=8, whiten="bessel", baseline="loo")
     want, winfo = _run(ref_params, rm_params, cfg)
