@@ -225,6 +225,9 @@ def rl_arguments(p):
                    help="run on N Ray workers, same numbers to rounding (pip install 'rlhf-ref[ray]'; default 0: this process)")
     p.add_argument("--address", default=None,
                    help="with --workers: join the Ray cluster at ADDR (default: start a local one, shut down at the end)")
+    p.add_argument("--train-step", default="workers", choices=("workers", "learner"),
+                   help="with --workers: the gradient on the workers (two phases, default) or on this process "
+                        "(only the rollouts distributed; faster on a few workers)")
     return p
 
 
@@ -307,7 +310,8 @@ def rl_main(args):
             ref = dict(ref, **{"value.weight": np.zeros((1, H), ref["head.weight"].dtype),
                                "value.bias": np.zeros((1,), ref["head.weight"].dtype)})
         _, info = reinforce_finetune(ref, vocab, prompts, rm, cfg, backend=args.backend, run_dir=args.out,
-                                     progress=args.progress, workers=args.workers, address=args.address)
+                                     progress=args.progress, workers=args.workers, address=args.address,
+                                     train_step=args.train_step)
         print(f"RL fine-tuning done ({info['executor']}, {info['workers']} Ray workers); sample with: rlhf-ref sample --checkpoint {args.out}")
         return 0
     except _user_errors() as e:

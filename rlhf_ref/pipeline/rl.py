@@ -92,14 +92,15 @@ class RewardModelReward:
 
 def reinforce_finetune(ref_params, vocab, prompts, reward, cfg=None, *, true_reward=None, backend="auto",
                        run_dir=None, resume=True, progress="auto", log=print, init_params=None,
-                       workers=0, address=None, executor=None):
+                       workers=0, address=None, train_step="workers", executor=None):
     """Fine-tune a copy of π_ref (``ref_params``, with its value head) on ``prompts``.
 
     reward       reward-model parameters (a dict with 'reward.weight') or a callable
                  reward(prompts, responses) -> (B,) — a human's scores, a rule, anything
     true_reward  optional callable(prompts, responses) -> (B,), logged only (never trained on)
     workers      0: this process; N ≥ 1: N Ray workers (``pipeline.distributed``: the same
-                 numbers to rounding), on a local cluster or, with ``address``, an existing one
+                 numbers to rounding), on a local cluster or, with ``address``, an existing one;
+                 train_step "workers" (two phases) or "learner" (only the rollouts distributed)
     executor     a ``distributed.RayExecutor`` to use instead (kept open afterwards)
     Returns (params, info).
     """
@@ -157,7 +158,7 @@ def reinforce_finetune(ref_params, vocab, prompts, reward, cfg=None, *, true_rew
     own_executor = executor is None and int(workers) > 0
     if own_executor:
         from .distributed import RayExecutor
-        executor = RayExecutor(int(workers), address, backend=common.backend_name(be), log=log)
+        executor = RayExecutor(int(workers), address, backend=common.backend_name(be), train_step=train_step, log=log)
     if executor is not None:
         try:
             executor.setup(ref, rm, vocab, rcfg)
