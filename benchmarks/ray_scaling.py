@@ -116,7 +116,6 @@ def main(argv=None):
     wlist = [int(x) for x in args.workers.split(",")]
 
     import ray
-    from dataclasses import replace
     from rlhf_ref.pipeline.distributed import RayExecutor
     from rlhf_ref.pipeline.rl import RLConfig
     from rlhf_ref.pipeline import common

@@ -353,7 +353,8 @@ def main(args):
         sys.stderr.write(f"rlhf-ref demo: error: --threads must be >= 0, got {args.threads}\n")
         return 2
     if args.workers < 0 or (args.address and not args.workers):
-        sys.stderr.write(f"rlhf-ref demo: error: --workers must be >= 0 (and >= 1 with --address), got {args.workers}\n")
+        sys.stderr.write(f"rlhf-ref demo: error: --workers must be >= 0 (and >= 1 with --address), "
+                         f"got {args.workers}\n")
         return 2
     if args.threads:
         limit_blas_threads(args.threads)

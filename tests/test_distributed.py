@@ -22,7 +22,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -389,7 +388,8 @@ def test_train_rl_cli_joins_a_cluster(cluster, ref_params, rm_params, tmp_path):
     sets = ["--set", "steps=2", "--set", "batch_size=4", "--set", "max_new=5", "--set", "norm_samples=4"]
     r = subprocess.run([sys.executable, "-m", "rlhf_ref", "train-rl", "--out", run, "--backend", "numpy",
                         "--dtype", "float64", "--progress", "off", "--workers", "2", "--address", addr, "--train-step", "learner", *sets],
-                       cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=300)
+                       cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     rows = read_metrics(os.path.join(run, "metrics", "rl.jsonl"))
     assert [(x["executor"], x["workers"]) for x in rows] == [("ray", 2), ("ray", 2)]

@@ -222,9 +222,11 @@ def rl_arguments(p):
     p.add_argument("--reward-model", default=None, help="reward-model checkpoint (default: the run folder's)")
     p.add_argument("--prompts", default=None, help="a UTF-8 file of prompts, one per line (default: the corpus's training prompts)")
     p.add_argument("--workers", type=int, default=0,
-                   help="run on N Ray workers, same numbers to rounding (pip install 'rlhf-ref[ray]'; default 0: this process)")
+                   help="run on N Ray workers, same numbers to rounding (pip install 'rlhf-ref[ray]'; "
+                        "default 0: this process)")
     p.add_argument("--address", default=None,
-                   help="with --workers: join the Ray cluster at ADDR (default: start a local one, shut down at the end)")
+                   help="with --workers: join the Ray cluster at ADDR (default: start a local one, "
+                        "shut down at the end)")
     p.add_argument("--train-step", default="workers", choices=("workers", "learner"),
                    help="with --workers: the gradient on the workers (two phases, default) or on this process "
                         "(only the rollouts distributed; faster on a few workers)")
@@ -312,7 +314,8 @@ def rl_main(args):
         _, info = reinforce_finetune(ref, vocab, prompts, rm, cfg, backend=args.backend, run_dir=args.out,
                                      progress=args.progress, workers=args.workers, address=args.address,
                                      train_step=args.train_step)
-        print(f"RL fine-tuning done ({info['executor']}, {info['workers']} Ray workers); sample with: rlhf-ref sample --checkpoint {args.out}")
+        print(f"RL fine-tuning done ({info['executor']}, {info['workers']} Ray workers); "
+              f"sample with: rlhf-ref sample --checkpoint {args.out}")
         return 0
     except _user_errors() as e:
         return _fail("train-rl", e)
