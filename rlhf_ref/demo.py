@@ -87,10 +87,12 @@ def _fmt(x, nd=3):
 
 
 def run_demo(out=None, seed=0, backend="auto", dtype="float32", quick=False, progress="auto", stream=None,
-             resume=True, configs=None):
+             resume=True, configs=None, workers=0, address=None):
     """Run the demo; returns the summary dict (also written to ``<out>/summary.json``).
 
     configs  optional (PretrainConfig, RewardConfig, RLConfig) replacing ``stage_configs``'s
+    workers  N ≥ 1: the RL stage on N Ray workers (``pipeline.distributed``), on a local cluster or
+             the one at ``address``
     """
     from . import io
     from .annotator import SimulatedAnnotator
@@ -204,7 +206,8 @@ def run_demo(out=None, seed=0, backend="auto", dtype="float32", quick=False, pro
     say(f"\n[4/5] REINFORCE fine-tuning: {lc.steps} iterations of {lc.batch_size} responses "
         f"(β={lc.beta}, γ={lc.gamma}, {lc.baseline} baseline, lr={lc.lr}); reward = the reward model")
     policy, linfo = reinforce_finetune(ref, vocab, list(split.train), rm, lc, true_reward=true_reward, backend=be,
-                                       run_dir=out, resume=resume, progress=progress, log=say)
+                                       run_dir=out, resume=resume, progress=progress, log=say, workers=workers,
+                                       address=address)
     seconds["rl"] = time.perf_counter() - t
 
     # 5. evaluation on the held-out prompts
@@ -259,6 +262,8 @@ def run_demo(out=None, seed=0, backend="auto", dtype="float32", quick=False, pro
         "seconds": total,
         "stage_seconds": seconds,
         "backend": bname,
+        "executor": linfo.get("executor", "local"),
+        "workers": linfo.get("workers", 0),
         "dtype": dtype,
         "seed": seed,
         "quick": quick,
@@ -337,6 +342,10 @@ def add_arguments(parser):
                         help="BLAS threads (default 1: the matrices are small; 0 leaves the BLAS default)")
     parser.add_argument("--progress", default="auto", choices=("auto", "tqdm", "bar", "lines", "off"),
                         help="progress display (default: a bar on a terminal, a few lines otherwise)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="run the RL stage on N Ray workers (pip install 'rlhf-ref[ray]'; default 0: this process)")
+    parser.add_argument("--address", default=None,
+                        help="with --workers: join the Ray cluster at ADDR (default: start a local one)")
     return parser
 
 
@@ -345,12 +354,16 @@ def main(args):
     if args.threads < 0:
         sys.stderr.write(f"rlhf-ref demo: error: --threads must be >= 0, got {args.threads}\n")
         return 2
+    if args.workers < 0 or (args.address and not args.workers):
+        sys.stderr.write(f"rlhf-ref demo: error: --workers must be >= 0 (and >= 1 with --address), "
+                         f"got {args.workers}\n")
+        return 2
     if args.threads:
         limit_blas_threads(args.threads)
     from .pipeline.commands import _user_errors
     try:
         run_demo(out=args.out, seed=args.seed, backend=args.backend, dtype=args.dtype, quick=args.quick,
-                 progress=args.progress, resume=args.resume)
+                 progress=args.progress, resume=args.resume, workers=args.workers, address=args.address)
     except _user_errors() as e:
         sys.stderr.write(f"rlhf-ref demo: error: {e}\n")
         return 2

@@ -48,6 +48,9 @@ RLHF_REF_REQUIRE_EXT=1 "${PIP[@]}" install -e ".[all,test]"
 step "install torch==2.13.0 (test-only: PyTorch cross-checks)"
 "${PIP[@]}" install torch==2.13.0
 
+step "install the ray extra (not in all: ~240 MB; tests/test_distributed.py runs on a local Ray cluster)"
+"${PIP[@]}" install "ray>=2.40"
+
 step "rlhf-ref info"
 "$VENV/bin/rlhf-ref" info
 
@@ -62,6 +65,7 @@ fi
 export RLHF_REF_REQUIRE_BACKENDS
 export HYPOTHESIS_PROFILE=ci
 export RLHF_REF_REQUIRE_TORCH=1     # torch was installed above: its cross-checks must run
+export RLHF_REF_REQUIRE_RAY=1       # and ray: its tests must run, never skip
 SLOW=()
 if [ "${RLHF_REF_RUNSLOW:-1}" != 0 ]; then SLOW=(--runslow); fi
 

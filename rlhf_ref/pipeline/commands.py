@@ -48,7 +48,8 @@ def _user_errors():
     """Exceptions that are a user's mistake (bad file, bad value, unavailable backend), not a bug."""
     from ..backends import BackendUnavailable
     from ..safe_read import FileReadError     # CheckpointError, PreferenceFileError too
-    return (CommandError, FileReadError, BackendUnavailable, ValueError,
+    from .distributed import RayUnavailable
+    return (CommandError, FileReadError, BackendUnavailable, RayUnavailable, ValueError,
             FileNotFoundError, IsADirectoryError, PermissionError)
 
 
@@ -225,6 +226,15 @@ def rl_arguments(p):
     p.add_argument("--policy", default=None, help="π_ref checkpoint (default: the run folder's finished pretraining)")
     p.add_argument("--reward-model", default=None, help="reward-model checkpoint (default: the run folder's)")
     p.add_argument("--prompts", default=None, help="a UTF-8 file of prompts, one per line (default: the corpus's training prompts)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="run on N Ray workers, same numbers to rounding (pip install 'rlhf-ref[ray]'; "
+                        "default 0: this process)")
+    p.add_argument("--address", default=None,
+                   help="with --workers: join the Ray cluster at ADDR (default: start a local one, "
+                        "shut down at the end)")
+    p.add_argument("--train-step", default="workers", choices=("workers", "learner"),
+                   help="with --workers: the gradient on the workers (two phases, default) or on this process "
+                        "(only the rollouts distributed; faster on a few workers)")
     return p
 
 
@@ -286,6 +296,8 @@ def rl_main(args):
         from .rl import RLConfig, reinforce_finetune
         from ..data import corpus
         cfg = apply_sets(RLConfig(seed=args.seed, dtype=args.dtype), args.set)
+        if args.workers < 0 or (args.address and args.workers < 1):
+            raise CommandError(f"--workers must be >= 0 (and >= 1 with --address), got {args.workers}")
         if args.policy:
             ref, vocab, _ = load_policy(args.policy)
         else:
@@ -304,8 +316,10 @@ def rl_main(args):
             ref = dict(ref, **{"value.weight": np.zeros((1, H), ref["head.weight"].dtype),
                                "value.bias": np.zeros((1,), ref["head.weight"].dtype)})
         _, info = reinforce_finetune(ref, vocab, prompts, rm, cfg, backend=args.backend, run_dir=args.out,
-                                     progress=args.progress)
-        print(f"RL fine-tuning done; sample with: rlhf-ref sample --checkpoint {args.out}")
+                                     progress=args.progress, workers=args.workers, address=args.address,
+                                     train_step=args.train_step)
+        print(f"RL fine-tuning done ({info['executor']}, {info['workers']} Ray workers); "
+              f"sample with: rlhf-ref sample --checkpoint {args.out}")
         return 0
     except _user_errors() as e:
         return _fail("train-rl", e)

@@ -82,12 +82,17 @@ class RewardModelReward:
 
 
 def reinforce_finetune(ref_params, vocab, prompts, reward, cfg=None, *, true_reward=None, backend="auto",
-                       run_dir=None, resume=True, progress="auto", log=print, init_params=None):
+                       run_dir=None, resume=True, progress="auto", log=print, init_params=None,
+                       workers=0, address=None, train_step="workers", executor=None):
     """Fine-tune a copy of π_ref (``ref_params``, with its value head) on ``prompts``.
 
     reward       reward-model parameters (a dict with 'reward.weight') or a callable
                  reward(prompts, responses) -> (B,) — a human's scores, a rule, anything
     true_reward  optional callable(prompts, responses) -> (B,), logged only (never trained on)
+    workers      0: this process; N ≥ 1: N Ray workers (``pipeline.distributed``: the same
+                 numbers to rounding), on a local cluster or, with ``address``, an existing one;
+                 train_step "workers" (two phases) or "learner" (only the rollouts distributed)
+    executor     a ``distributed.RayExecutor`` to use instead (kept open afterwards)
     Returns (params, info).
     """
     cfg = RLConfig() if cfg is None else cfg
@@ -141,24 +146,46 @@ def reinforce_finetune(ref_params, vocab, prompts, reward, cfg=None, *, true_rew
                 mean, std = float(r.mean()), float(r.std() + 1e-6)
             reward_fn.mean, reward_fn.std = mean, std
             info.update(reward_mean=mean, reward_std=std)
+    own_executor = executor is None and int(workers) > 0
+    if own_executor:
+        from .distributed import RayExecutor
+        executor = RayExecutor(int(workers), address, backend=common.backend_name(be), train_step=train_step, log=log)
+    if executor is not None:
+        try:
+            executor.setup(ref, rm, vocab, rcfg)
+        except BaseException:
+            if own_executor:
+                executor.close()
+            raise
+    info.update(executor="ray" if executor is not None else "local",
+                workers=executor.workers if executor is not None else 0)
     logger = MetricsLogger(os.path.join(run_dir, "metrics", "rl.jsonl"), resume_step=start) if run_dir else None
+
+    def score(ro):
+        """(R, raw) of a rollout: the standardised reward-model score, or the reward callable's."""
+        if rm is not None:
+            raw = ro["rm_raw"] if "rm_raw" in ro else reward_fn.raw(ro["prompts"], ro["responses"])
+            R = (raw - reward_fn.mean) / reward_fn.std
+        else:
+            R = raw = np.asarray(reward_fn(ro["prompts"], ro["responses"]), dtype=np.float64)
+        if R.shape != (cfg.batch_size,) or not np.all(np.isfinite(R)):
+            raise ValueError(f"the reward must return {cfg.batch_size} finite numbers, got shape {R.shape}")
+        return R, raw
 
     bar = Progress(cfg.steps, "RL (REINFORCE)", initial=start, mode=progress)
     try:
         for step in range(start + 1, cfg.steps + 1):
             t0 = time.perf_counter()
             idx = rng.integers(0, len(prompts), cfg.batch_size)
-            ro = common.generate(be, params, vocab, [prompts[i] for i in idx], rng, cfg.max_new,
-                                 cfg.alpha, cfg.eps, ref_params=ref)
-            if rm is not None:
-                raw = reward_fn.raw(ro["prompts"], ro["responses"])
-                R = (raw - reward_fn.mean) / reward_fn.std
-            else:
-                R = raw = np.asarray(reward_fn(ro["prompts"], ro["responses"]), dtype=np.float64)
-            if R.shape != (cfg.batch_size,) or not np.all(np.isfinite(R)):
-                raise ValueError(f"the reward must return {cfg.batch_size} finite numbers, got shape {R.shape}")
-            out, grads = be.reinforce_loss_and_grad(params, ro["tokens"], ro["mask"], ro["prompt_len"], R,
-                                                    cfg=rcfg, ref_logp=ro["ref_logp"])
+            if executor is None:
+                ro = common.generate(be, params, vocab, [prompts[i] for i in idx], rng, cfg.max_new,
+                                     cfg.alpha, cfg.eps, ref_params=ref)
+                R, raw = score(ro)
+                out, grads = be.reinforce_loss_and_grad(params, ro["tokens"], ro["mask"], ro["prompt_len"], R,
+                                                        cfg=rcfg, ref_logp=ro["ref_logp"])
+            else:       # the same draws from rng, the rollout and the gradient on the workers
+                ro, R, raw, out, grads = executor.iteration(params, [prompts[i] for i in idx], vocab, rng,
+                                                            cfg.max_new, rcfg, score, learner_backend=be)
             grads, gnorm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
             optim.adam_step(params, grads, state, lr=cfg.lr)
             am = out["action_mask"] > 0
@@ -171,7 +198,8 @@ def reinforce_finetune(ref_params, vocab, prompts, reward, cfg=None, *, true_rew
                    "kl_per_sequence": float(np.sum(np.where(am, ro["logp"] - ro["ref_logp"], 0.0))) / cfg.batch_size,
                    "entropy": float(np.sum(np.where(am, out["entropy"], 0.0)) / max(n_act, 1)),
                    "response_len": n_act / cfg.batch_size, "eos_rate": float(np.mean(ro["eos"])),
-                   "grad_norm": gnorm, "tokens_per_s": n_act / max(dt, 1e-9)}
+                   "grad_norm": gnorm, "tokens_per_s": n_act / max(dt, 1e-9),
+                   "executor": info["executor"], "workers": info["workers"]}
             if true_reward is not None:
                 row["true_reward"] = float(np.mean(true_reward(ro["prompts"], ro["responses"])))
             if logger:
@@ -186,4 +214,6 @@ def reinforce_finetune(ref_params, vocab, prompts, reward, cfg=None, *, true_rew
         bar.close()
         if logger:
             logger.close()
+        if own_executor:
+            executor.close()
     return params, info
