@@ -98,7 +98,7 @@ def set_max_file_mb(mb):
         return
     if isinstance(mb, bool) or not isinstance(mb, (int, float, np.integer, np.floating)) \
             or not (0 < mb <= 1 << 30):
-        raise ValueError(f"--max-file-mb must be a positive number of MiB (at most {1 << 30}), got {mb!r}")
+        raise ValueError(f"--max-file-mb: must be a positive number of MiB (at most {1 << 30}), got {mb!r}")
     n = max(1, int(mb * (1 << 20)))
     set_limits(max_file_bytes=n, max_array_bytes=2 * n)
 
