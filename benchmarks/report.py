@@ -230,7 +230,8 @@ def _la(la):
 
 def write_report(runs, path, command):
     head = ["# rlhf_ref benchmark results", "",
-            f"Written by `{command}` on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC. "
+            f"Written by `{command}` (run started {runs[0].get('started_utc', '?') if runs else '?'} UTC; report "
+            f"written {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC). "
             "Every figure below was measured in that run; the machine is shared and noisy, so read the "
             "medians and the ratios (all implementations timed round-robin in one process), not single times.", ""]
     analysis = os.path.join(os.path.dirname(os.path.abspath(__file__)), "analysis.md")
