@@ -43,11 +43,11 @@ def main(argv):
         jp = J.to_device(p32)
         if job == "rollout":
             ju = jax.device_put(u.astype(np.float32))
-            call = lambda: jax.block_until_ready(J.rollout(jp, ju))            # noqa: E731
+            call = lambda: jax.block_until_ready(J.rollout(jp, ju, unroll=1))            # noqa: E731
         else:
             a = (jax.device_put(tokens.astype(np.int32)), jax.device_put(ref_logp.astype(np.float32)),
                  jax.device_put(reward.astype(np.float32)))
-            call = lambda: jax.block_until_ready(J.train_step(jp, *a))         # noqa: E731
+            call = lambda: jax.block_until_ready(J.train_step(jp, *a, unroll=1))         # noqa: E731
     else:
         from rlhf_ref import backends
         b = backends.get(impl)

@@ -312,12 +312,13 @@ def run_case(B, H, V, T, jobs, names, peers, repeats, min_time, log):
                 checks[n] = check_rollout(out, ref, np.float32)
                 impls[n] = f
         if J is not None:
-            first, second = J.compile_seconds(J.rollout, jp, ju)
-            res["compile"].setdefault("jax", {})["rollout"] = {"first_call_s": first, "second_call_s": second}
-            tk, lp = J.rollout(jp, ju)
-            out = {"tokens": np.asarray(tk), "logp": np.concatenate([np.zeros((B, 1)), np.asarray(lp)], 1)}
-            checks["jax"] = check_rollout(out, ref, np.float32)
-            impls["jax"] = lambda: jax.block_until_ready(J.rollout(jp, ju))
+            for n, un in J.VARIANTS.items():
+                first, second = J.compile_seconds(J.rollout, jp, ju, unroll=un)
+                res["compile"].setdefault(n, {})["rollout"] = {"first_call_s": first, "second_call_s": second}
+                tk, lp = J.rollout(jp, ju, unroll=un)
+                out = {"tokens": np.asarray(tk), "logp": np.concatenate([np.zeros((B, 1)), np.asarray(lp)], 1)}
+                checks[n] = check_rollout(out, ref, np.float32)
+                impls[n] = (lambda un=un: jax.block_until_ready(J.rollout(jp, ju, unroll=un)))
         res["validation"]["rollout"] = statistics.median(
             _block(lambda: ref_rollout.check_rollout_args(p32, prompt, pl, u, 1.0, 0.0, "boltzmann", EOS), min_time)
             for _ in range(3))
@@ -348,12 +349,13 @@ def run_case(B, H, V, T, jobs, names, peers, repeats, min_time, log):
                 checks[n] = check_train(loss.item(), g, ref_out, ref_grads, np.float32)
                 impls[n] = f
         if J is not None:
-            first, second = J.compile_seconds(J.train_step, jp, jtok, jref, jrew)
-            res["compile"].setdefault("jax", {})["train"] = {"first_call_s": first, "second_call_s": second}
-            loss, g = J.train_step(jp, jtok, jref, jrew)
-            checks["jax"] = check_train(float(loss), {k: np.asarray(v) for k, v in g.items()}, ref_out, ref_grads,
+            for n, un in J.VARIANTS.items():
+                first, second = J.compile_seconds(J.train_step, jp, jtok, jref, jrew, unroll=un)
+                res["compile"].setdefault(n, {})["train"] = {"first_call_s": first, "second_call_s": second}
+                loss, g = J.train_step(jp, jtok, jref, jrew, unroll=un)
+                checks[n] = check_train(float(loss), {k: np.asarray(v) for k, v in g.items()}, ref_out, ref_grads,
                                         np.float32)
-            impls["jax"] = lambda: jax.block_until_ready(J.train_step(jp, jtok, jref, jrew))
+                impls[n] = (lambda un=un: jax.block_until_ready(J.train_step(jp, jtok, jref, jrew, unroll=un)))
         res["validation"]["train"] = statistics.median(
             _block(lambda: _validate_train(p32, tokens, mask, pl, reward, ref_logp), min_time) for _ in range(3))
         log(f"  train B={B}: timing {list(impls)}")

@@ -18,6 +18,7 @@ starts; ``benchmarks/run.py`` sets them for a 1-thread run (see ``XLA_ONE_THREAD
 
 from __future__ import annotations
 
+import functools
 import time
 
 import jax
@@ -48,11 +49,11 @@ def _cell(xg, h, c, whh_t):
     return h, c
 
 
-@jax.jit
-def rollout(p, u):
+@functools.partial(jax.jit, static_argnames="unroll")
+def rollout(p, u, unroll=1):
     """prompt = BOS, then T−1 tokens sampled by inverse CDF with u[:, t]. Returns (tokens (B, T),
     logp (B, T−1)). The benchmark cases put EOS at −30 so no row ends early (fixed work), as for
-    the PyTorch peer; a row is never cut here."""
+    the PyTorch peer; a row is never cut here. ``unroll``: steps per loop iteration of the scan."""
     B, T = u.shape
     H = p["lstm.weight_hh_l0"].shape[1]
     V = p["head.weight"].shape[0]
@@ -70,11 +71,11 @@ def rollout(p, u):
         return (a, h, c), (a, lp)
 
     init = (jnp.full((B,), BOS, jnp.int32), jnp.zeros((B, H), u.dtype), jnp.zeros((B, H), u.dtype))
-    _, (toks, lps) = jax.lax.scan(step, init, u[:, 1:].T)
+    _, (toks, lps) = jax.lax.scan(step, init, u[:, 1:].T, unroll=unroll)
     return jnp.concatenate([init[0][:, None], toks.T], axis=1), lps.T
 
 
-def _loss(p, tokens, ref_logp, reward, beta=0.05, value_coef=0.5):
+def _loss(p, tokens, ref_logp, reward, unroll=1, beta=0.05, value_coef=0.5):
     B, T = tokens.shape
     H = p["lstm.weight_hh_l0"].shape[1]
     xg = _input_table(p)[tokens[:, :-1].T]                      # (T−1, B, 4H): gathered, not multiplied
@@ -85,7 +86,7 @@ def _loss(p, tokens, ref_logp, reward, beta=0.05, value_coef=0.5):
         return (h, c), h
 
     z0 = jnp.zeros((B, H), xg.dtype)
-    _, hs = jax.lax.scan(step, (z0, z0), xg)                   # h_0 .. h_{T−2}, (T−1, B, H)
+    _, hs = jax.lax.scan(step, (z0, z0), xg, unroll=unroll)                   # h_0 .. h_{T−2}, (T−1, B, H)
     logq = jax.nn.log_softmax(hs @ p["head.weight"].T + p["head.bias"], axis=-1)
     logp = jnp.take_along_axis(logq, tokens[:, 1:].T[:, :, None], axis=-1)[:, :, 0]   # (T−1, B)
     values = (hs @ p["value.weight"].T + p["value.bias"])[:, :, 0]
@@ -97,15 +98,20 @@ def _loss(p, tokens, ref_logp, reward, beta=0.05, value_coef=0.5):
     return -(adv * logp).sum() / N + value_coef * 0.5 * ((values - G) ** 2).sum() / N
 
 
-train_step = jax.jit(jax.value_and_grad(_loss))
-"""(p, tokens (B, T) int32, ref_logp (B, T), reward (B,)) -> (loss, grads with the keys of p)."""
+train_step = jax.jit(jax.value_and_grad(_loss), static_argnames="unroll")
+"""(p, tokens (B, T) int32, ref_logp (B, T), reward (B,), unroll=1) -> (loss, grads with the keys of p)."""
+
+# The variants timed (the faster is "best JAX"): the plain scan, and the scan unrolled 4 steps per
+# loop iteration (what a user tuning a short recurrent loop on CPU tries first; 4 was the best of
+# 1, 4, 8, 16 at B = 1 and 16 in a trial on the development machine, 8 and 16 slowed training).
+VARIANTS = {"jax_scan": 1, "jax_unroll4": 4}
 
 
-def compile_seconds(fn, *args):
+def compile_seconds(fn, *args, **kw):
     """Wall time of the first call (trace + XLA compile + one run) and of the second (run only)."""
     t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(fn(*args, **kw))
     t1 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(fn(*args, **kw))
     t2 = time.perf_counter()
     return t1 - t0, t2 - t1

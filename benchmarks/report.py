@@ -157,19 +157,21 @@ def run_section(run):
             if job not in c:
                 continue
             for n, r in sorted(c[job]["impls"].items(), key=lambda kv: -kv[1]["tokens_per_s"]):
-                tag = " (best torch)" if n == c[job].get("best_torch") else ""
+                tag = (" (best torch)" if n == c[job].get("best_torch") else
+                       " (best JAX)" if n == c[job].get("best_jax") and sum(k.startswith("jax") for k in c[job]["impls"]) > 1 else "")
                 lines.append(f"| {c['B']}, {c['H']}, {c['V']} | {n}{tag} | "
                              f"{_k(r['tokens_per_s'])} ({_k(r['tokens_per_s_min'])}–{_k(r['tokens_per_s_max'])}) | "
                              f"{_f(r.get('ratio_to_best_jax'))} | {_f(r.get('ratio_to_best_torch'))} | {_f(r.get('ratio_to_numpy'))} | "
                              f"{_gflops(c, job, r):.1f} | {100 * _gflops(c, job, r) / peak:.0f}% | "
                              f"{_threads_text(r.get('threads'))} | {_check_text(job, r.get('check'))} |")
         lines.append("")
-    comp = [(c, j, v) for c in run["cases"] for j, v in c.get("compile", {}).get("jax", {}).items()]
+    comp = [(c, n, j, v) for c in run["cases"] for n, d in c.get("compile", {}).items() for j, v in d.items()]
     if comp:
-        lines += ["#### JAX compile time (in this process: the first call traces and compiles one shape; not in the timings above)", "",
-                  "| B, H, V | job | first call | second call |", "|---|---|---|---|"]
-        for c, j, v in comp:
-            lines.append(f"| {c['B']}, {c['H']}, {c['V']} | {j} | {v['first_call_s']:.2f} s | {1e3 * v['second_call_s']:.2f} ms |")
+        lines += ["#### JAX compile time (in this process: the first call traces and compiles one shape and runs it once; "
+                  "not in the timings above)", "",
+                  "| B, H, V | variant | job | first call | second call |", "|---|---|---|---|---|"]
+        for c, n, j, v in comp:
+            lines.append(f"| {c['B']}, {c['H']}, {c['V']} | {n} | {j} | {v['first_call_s']:.2f} s | {1e3 * v['second_call_s']:.2f} ms |")
         lines.append("")
     if run.get("cold_start"):
         lines += [f"#### Cold start: what a new user waits (fresh process per row, B, H, V = {c0['B']}, {c0['H']}, {c0['V']}, T = {c0['T']})", "",
