@@ -137,11 +137,13 @@ def run_section(run):
                                                       for b in lib["blas"]) if isinstance(lib["blas"], list) else str(lib["blas"])),
              f"- Backends: " + ", ".join(f"{n}: {r}" for n, r in run["backends"].items()),
              f"- float32 GEMM peak (numpy, {run['gemm_peak']['n']}²): **{peak:.0f} GFLOP/s** "
-             f"(min {run['gemm_peak']['gflops_min']:.0f}, max {run['gemm_peak']['gflops_max']:.0f})"]
+             f"(min {run['gemm_peak']['gflops_min']:.0f}, max {run['gemm_peak']['gflops_max']:.0f}; the higher of the "
+             f"medians measured before and after the cases: " + ", ".join(f"{k} {v['gflops_median']:.0f}" for k, v in run.get("gemm_peaks", {}).items()) + ")"]
     if run.get("cache_bw"):
         cb = run["cache_bw"]
         lines.append(f"- Cache read bandwidth: **{cb['gb_per_s']:.0f} GB/s** (float32 dot products at {cb['kib'][0]} and "
-                     f"{cb['kib'][1]} KiB, both in L2; the slope between them, so numpy's per-call cost drops out)")
+                     f"{cb['kib'][1]} KiB, both in L2; the slope between them, so numpy's per-call cost drops out; the higher of "
+                     f"before and after the cases: " + ", ".join(f"{k} {v['gb_per_s']:.0f}" for k, v in run.get("cache_bws", {}).items()) + ")")
     lines += [f"- Medians of {run['repeats']} round-robin rounds, each a block of ≥ {run['min_time']} s; dtype {run['dtype']}, "
               f"T = {run['cases'][0]['T'] if run['cases'] else '?'}",
               "- CPU/wall: CPU seconds of all the process's threads (/proc/self/task/*/stat) over the implementation's "
