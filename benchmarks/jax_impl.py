@@ -13,7 +13,8 @@ JAX user would write it (issue 12).
   call ends with ``block_until_ready``.
 
 JAX is an optional dependency (the ``bench`` extra). Thread count: XLA reads ``XLA_FLAGS`` when it
-starts; ``benchmarks/run.py`` sets them for a 1-thread run (see ``XLA_ONE_THREAD``).
+starts; ``benchmarks/run.py`` sets them for a 1-thread run (``run.XLA_ONE_THREAD``) and pins the
+process to one CPU, because XLA's CPU client still computes on its own worker threads.
 """
 
 from __future__ import annotations
@@ -25,10 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Flags that keep XLA's CPU client on one thread for compute (set before jax is imported).
-XLA_ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-
-BOS = 1
+from rlhf_ref.tokenizer import BOS      # the prompt is BOS alone, as in harness.make_case
 
 
 def to_device(params):
