@@ -10,6 +10,7 @@ state, for comparison). ``harness.cold_start`` runs it with a chosen NUMBA_CACHE
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -31,7 +32,7 @@ def main(argv):
     if impl == "torch":
         import torch
         from . import torch_impl
-        torch.set_num_threads(1)
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))   # as the benchmark run
         m = torch_impl.Policy(p32)
         tu, tt = torch.from_numpy(u.astype(np.float32)), torch.from_numpy(tokens)
         tr, tw = torch.from_numpy(ref_logp.astype(np.float32)), torch.from_numpy(reward.astype(np.float32))
