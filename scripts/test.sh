@@ -49,7 +49,7 @@ step "install torch==2.13.0 (test-only: PyTorch cross-checks)"
 "${PIP[@]}" install torch==2.13.0
 
 step "install the ray extra (not in all: ~240 MB; tests/test_distributed.py runs on a local Ray cluster)"
-"${PIP[@]}" install "ray>=2.40"
+"${PIP[@]}" install "ray==2.60.0"    # the version the tests were run with; the extra says ray>=2.40
 
 step "rlhf-ref info"
 "$VENV/bin/rlhf-ref" info
