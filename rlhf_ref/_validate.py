@@ -67,6 +67,15 @@ def check_range(value, name, lo=None, hi=None, lo_open=False, hi_open=False):
     return v
 
 
+def check_eos_id(eos_id, V):
+    """eos_id: an integer token id in [0, V) (bools, floats and strings are refused)."""
+    if isinstance(eos_id, (bool, np.bool_)) or not isinstance(eos_id, numbers.Integral):
+        raise TypeError(f"eos_id must be an integer token id in [0, {V}), got {type(eos_id).__name__} {eos_id!r}")
+    if not 0 <= int(eos_id) < V:
+        raise ValueError(f"eos_id must lie in [0, {V}), got {eos_id!r}")
+    return int(eos_id)
+
+
 def check_choice(value, name, choices):
     if value not in choices:
         raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")

@@ -84,8 +84,8 @@ def backward(cache, dscores=None, dvalues=None, dqvalues=None):
     return grads
 
 
-def prepare(params, tokens, mask, prompt_len, required_heads=("head",)):
+def prepare(params, tokens, mask, prompt_len, required_heads=("head",), name="params"):
     """Validate a policy model and an episode batch; returns (V, tokens, mask, prompt_len)."""
-    V, _, _ = lstm.check_model(params, required_heads)
+    V, _, _ = lstm.check_model(params, required_heads, name=name)
     tokens, mask, prompt_len = check_batch(tokens, mask, prompt_len, vocab_size=V)
     return V, tokens, mask, prompt_len

@@ -38,11 +38,47 @@ def check_policy_args(alpha, eps, kind="boltzmann"):
 
 
 def _check_scores(z, name="z"):
-    """Scores (..., V): a finite float array with at least one dimension and V >= 1."""
-    z = as_float_array(z, name)
+    """Scores (..., V): a float array with at least one dimension, V >= 1, and a finite maximum in
+    every row (no NaN, no +inf, not all −inf; a −inf score is a token of probability 0)."""
+    z = as_float_array(z, name, finite=False)
     if z.ndim < 1 or z.shape[-1] < 1:
         raise ValueError(f"{name} must have shape (..., V) with V >= 1, got {z.shape}")
+    if z.size and not np.all(np.isfinite(np.max(z, axis=-1))):
+        bad = tuple(int(i) for i in np.argwhere(~np.isfinite(np.max(z, axis=-1)))[0])
+        raise ValueError(f"{name} must be finite: no NaN or +inf, and a finite maximum in every row (a -inf "
+                         f"score is a token of probability 0); row {bad} has max {np.max(z[bad])}")
     return z
+
+
+def scores_error(name, alpha, kind, dtype):
+    """The error of every backend when the action scores give no policy: max_k α·z_k (max_k z_k
+    for the greedy kinds) is NaN or ±inf at a position where the policy is read. It is the same
+    message on every backend (kernels report only that it happened), so it names no position."""
+    if kind == "boltzmann":
+        return ValueError(f"{name} and alpha={alpha!r} give non-finite action scores alpha*z in {np.dtype(dtype)} "
+                          f"(NaN, +inf or all -inf: the head's scores or their product with alpha overflow); "
+                          f"use a smaller alpha or check {name} for huge or non-finite weights")
+    return ValueError(f"{name} give non-finite action scores z in {np.dtype(dtype)} (NaN, +inf or all -inf: "
+                      f"the head's scores overflow); check {name} for huge or non-finite weights")
+
+
+def check_rows(ok, where, alpha, kind, name, dtype):
+    """A compiled backend's side of ``check_scores``: ``ok`` (per position) says whether its kernel
+    found a policy there (a finite max_k α·z_k); any position read (``where``) without one raises."""
+    if np.any((np.asarray(where) > 0) & ~np.asarray(ok, bool)):
+        raise scores_error(name, alpha, kind, dtype)
+
+
+def check_scores(z, where, alpha=1.0, kind="boltzmann", name="params"):
+    """The policy must exist where it is read: max_k α·z_k (max_k z_k for the greedy kinds) finite
+    at every position where ``where`` (z.shape[:-1], bool) is true, else ``scores_error``. Returns z
+    with the rows that give no policy and are not read set to 0 (their log-probs are discarded)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        s = alpha * z if kind == "boltzmann" else z          # α·z rounded as logprobs rounds it
+        ok = np.isfinite(np.max(s, axis=-1)) if z.shape[-1] else np.ones(z.shape[:-1], bool)
+    if np.any(np.asarray(where, bool) & ~ok):
+        raise scores_error(name, alpha, kind, z.dtype)
+    return z if ok.all() else np.where(ok[..., None], z, 0).astype(z.dtype, copy=False)
 
 
 def _check_per_state(x, name, z, integer=False):
@@ -70,7 +106,11 @@ def logprobs(z, alpha=1.0, eps=0.0, kind="boltzmann"):
     z = _check_scores(z)
     V = z.shape[-1]
     if kind == "boltzmann":
-        logp = log_softmax(alpha * z)
+        with np.errstate(over="ignore"):
+            s = alpha * z
+        if not np.all(np.isfinite(np.max(s, axis=-1))):
+            raise ValueError(f"alpha={alpha!r} is too large for these scores: alpha*z overflows {z.dtype}")
+        logp = log_softmax(s)
         if eps == 0.0:
             return logp
         with np.errstate(divide="ignore"):

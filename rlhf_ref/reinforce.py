@@ -98,11 +98,17 @@ def token_logprobs(logq, tokens, action_mask):
 
 def sequence_logprobs(params, tokens, mask, prompt_len, alpha=1.0, eps=0.0):
     """The policy's log-probs of the tokens it produced, (B, T), 0 off the action mask."""
+    return _sequence_logprobs(params, tokens, mask, prompt_len, alpha, eps, "params")
+
+
+def _sequence_logprobs(params, tokens, mask, prompt_len, alpha, eps, name):
+    """``sequence_logprobs``; ``name`` is the argument params came in as (for the errors)."""
     policy.check_policy_args(alpha, eps)
-    _, tokens, mask, prompt_len = model.prepare(params, tokens, mask, prompt_len)
+    _, tokens, mask, prompt_len = model.prepare(params, tokens, mask, prompt_len, name=name)
     out, _ = model.forward(params, tokens, mask)
     am = model.action_mask(mask, prompt_len)
-    return token_logprobs(policy.logprobs(out["scores"], alpha, eps), tokens, am)
+    z = policy.check_scores(out["scores"], am > 0, alpha, "boltzmann", name)
+    return token_logprobs(policy.logprobs(z, alpha, eps), tokens, am)
 
 
 def pack_outputs(dt, am, logp, ref_logp, ent, kl, rewards, G, values, qvalues, bl, adv, w, loss_pg, loss_ent,
@@ -143,6 +149,7 @@ def loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, ref_params
 
     # policy forward: scores, full log-distribution, log-probs of the taken tokens, entropy
     fwd, cache = model.forward(params, tokens, mask)
+    fwd["scores"] = policy.check_scores(fwd["scores"], am > 0, cfg.alpha)        # a policy at every action
     logq = policy.logprobs(fwd["scores"], cfg.alpha, cfg.eps)                    # (B, T, V)
     logp = token_logprobs(logq, tokens, am)                                      # (B, T)
     ent = np.where(am > 0, policy.entropy(logq), 0.0)                            # (B, T)
@@ -154,7 +161,7 @@ def loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, ref_params
         Vr, _, _ = lstm.check_model(ref_params, ("head",), name="ref_params")
         if Vr != V:
             raise ValueError(f"ref_params has vocabulary {Vr}, params has {V}")
-        ref_logp = sequence_logprobs(ref_params, tokens, mask, prompt_len, cfg.alpha, cfg.eps)
+        ref_logp = _sequence_logprobs(ref_params, tokens, mask, prompt_len, cfg.alpha, cfg.eps, "ref_params")
     else:
         ref_logp = np.where(am > 0, as_float_array(ref_logp, "ref_logp", shape=(B, T)), 0.0)
 

@@ -33,6 +33,7 @@ def loss_and_grad(params, tokens, mask):
     """L_sft, the next-token log-probs (B, T) and ∇L_sft for every parameter (other heads get 0)."""
     tokens, mask, pm, n_real = prepare(params, tokens, mask)
     fwd, cache = model.forward(params, tokens, mask)
+    fwd["scores"] = policy.check_scores(fwd["scores"], pm > 0)          # a policy at every target
     logq = policy.log_softmax(fwd["scores"])                            # (B, T, V)
     logp = np.where(pm > 0, np.take_along_axis(logq, tokens[:, :, None], -1)[:, :, 0], 0.0)
     loss = -logp.sum() / n_real

@@ -55,7 +55,7 @@ import threading
 
 import numpy as np
 
-from .. import model, reinforce, sft
+from .. import model, policy, reinforce, sft
 from .._validate import as_float_array
 
 NAME = "cython"
@@ -423,7 +423,7 @@ def _stats(K, net, sel, V, alpha, eps, has_q=False, qoff=0):
 def rollout(params, prompt_tokens, prompt_len, u, alpha=1.0, eps=0.0, kind="boltzmann", eos_id=2,
             ref_params=None, values=False):
     """``rlhf_ref.rollout.rollout`` in one kernel call; same arguments, same keys."""
-    from ..rollout import check_rollout_args
+    from ..rollout import check_rollout_args, check_status
     tok, pl, u, V = check_rollout_args(params, prompt_tokens, prompt_len, u, alpha, eps, kind, eos_id,
                                        ref_params, values)
     K = _require()
@@ -481,16 +481,17 @@ def rollout(params, prompt_tokens, prompt_len, u, alpha=1.0, eps=0.0, kind="bolt
                           ws.get("a", (B, G), dt), ws.get("z", (B, Kc), dt), ws.get("hr", (B, Hr), dt),
                           ws.get("cr", (B, Hr), dt), ws.get("cnr", (B, Hr), dt), ws.get("ar", (B, 4 * Hr), dt),
                           ws.get("zr", (B, Kr), dt), ws.get("e", (nch, V), dt), ws.get("done", (B,), np.uint8), nch)
+    check_status(tokens, alpha, kind, dt)              # issue 10: no policy at some state -> the reference's error
     return out
 
 
 # ----------------------------------------------------------------------------- log-probs
 
-def sequence_logprobs(params, tokens, mask, prompt_len, alpha=1.0, eps=0.0):
+def sequence_logprobs(params, tokens, mask, prompt_len, alpha=1.0, eps=0.0, *, _name="params"):
     """``rlhf_ref.reinforce.sequence_logprobs``: log π_ε of the produced tokens (B, T), 0 off the action mask."""
     from ..policy import check_policy_args
     check_policy_args(alpha, eps)
-    V, tokens, mask, prompt_len = model.prepare(params, tokens, mask, prompt_len)
+    V, tokens, mask, prompt_len = model.prepare(params, tokens, mask, prompt_len, name=_name)
     K = _require()
     dt = _dtype(params)
     am = model.action_mask(mask, prompt_len)
@@ -499,7 +500,8 @@ def sequence_logprobs(params, tokens, mask, prompt_len, alpha=1.0, eps=0.0):
         return np.zeros((B, T), dt)
     with _call():
         net = _Net(K, params, tokens, mask, dt, _nthreads(), ("head",))
-        logp = _stats(K, net, am, V, alpha, eps)[0]
+        logp, _, _, mx, s1, _ = _stats(K, net, am, V, alpha, eps)
+        policy.check_rows(np.isfinite(mx) & np.isfinite(s1), am, alpha, "boltzmann", _name, dt)   # issue 10
     # the reference's dtype: params' for ε = 0; float64 for ε > 0 (its ε-mixture promotes)
     return logp.astype(dt if eps == 0 else np.float64)
 
@@ -527,7 +529,7 @@ def reinforce_loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, 
     if (ref_params is None) == (ref_logp is None):
         raise ValueError("give exactly one of ref_params (a policy dict) or ref_logp (B, T)")
     if ref_params is not None:
-        ref_logp = sequence_logprobs(ref_params, tokens, mask, prompt_len, cfg.alpha, cfg.eps)
+        ref_logp = sequence_logprobs(ref_params, tokens, mask, prompt_len, cfg.alpha, cfg.eps, _name="ref_params")
     else:
         ref_logp = as_float_array(ref_logp, "ref_logp", shape=(B, T))
     ref_logp = np.ascontiguousarray(np.where(am > 0, ref_logp, 0.0), dtype=np.float64)
@@ -550,6 +552,7 @@ def _reinforce(K, params, tokens, mask, am, reward, ref_logp, cfg, V):
     critic_q = cfg.critic == "qvalue"
     qoff = net.off["qvalue"][0] if "qvalue" in net.off else 0
     logp, ent, qb, mx, s1, plq = _stats(K, net, am, V, cfg.alpha, cfg.eps, critic_q, qoff)
+    policy.check_rows(np.isfinite(mx) & np.isfinite(s1), am, cfg.alpha, "boltzmann", "params", dt)   # issue 10
     pm = model.position_mask(mask)
     values = net.column("value", pm) if "value" in net.off else None
     qvalues = net.block("qvalue", pm) if "qvalue" in net.off else None
@@ -588,6 +591,7 @@ def sft_loss_and_grad(params, tokens, mask):
     with _call():
         net = _Net(K, params, tokens, mask, dt, _nthreads(), ("head",))
         logp, ent, qb, mx, s1, plq = _stats(K, net, pm, V, 1.0, 0.0)
+        policy.check_rows(np.isfinite(mx) & np.isfinite(s1), pm, 1.0, "boltzmann", "params", dt)   # issue 10
         d_logp = np.empty_like(logp)
         loss = K.train.sft_chain(logp, pm, d_logp)
         zero = np.zeros_like(logp)

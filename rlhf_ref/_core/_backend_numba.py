@@ -40,7 +40,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from .. import model, reinforce, sft
+from .. import model, policy, reinforce, sft
 from .._validate import as_float_array
 
 NAME = "numba"
@@ -306,7 +306,7 @@ def _dtype(params):
 def rollout(params, prompt_tokens, prompt_len, u, alpha=1.0, eps=0.0, kind="boltzmann", eos_id=2,
             ref_params=None, values=False):
     """``rlhf_ref.rollout.rollout`` in one kernel call; same arguments, same keys."""
-    from ..rollout import check_rollout_args
+    from ..rollout import check_rollout_args, check_status
     tok, pl, u, V = check_rollout_args(params, prompt_tokens, prompt_len, u, alpha, eps, kind, eos_id,
                                        ref_params, values)
     K = _require()
@@ -346,6 +346,7 @@ def rollout(params, prompt_tokens, prompt_len, u, alpha=1.0, eps=0.0, kind="bolt
             K.rollout.rollout_par(*args, nblk)
     else:
         K.rollout.rollout(*args)
+    check_status(tokens, alpha, kind, dt)              # issue 10: no policy at some state -> the reference's error
     out = {"tokens": tokens, "mask": mask, "action_mask": am, "logp": logp}
     if has_ref:
         out["ref_logp"] = ref_logp
@@ -364,16 +365,17 @@ def _token_logprobs(K, net, tokens, sel, V, alpha, eps):
     return logp, ent, qb, lse, plq
 
 
-def sequence_logprobs(params, tokens, mask, prompt_len, alpha=1.0, eps=0.0):
+def sequence_logprobs(params, tokens, mask, prompt_len, alpha=1.0, eps=0.0, *, _name="params"):
     """``rlhf_ref.reinforce.sequence_logprobs``: log π_ε of the produced tokens (B, T), 0 off the action mask."""
     from ..policy import check_policy_args
     check_policy_args(alpha, eps)
-    V, tokens, mask, prompt_len = model.prepare(params, tokens, mask, prompt_len)
+    V, tokens, mask, prompt_len = model.prepare(params, tokens, mask, prompt_len, name=_name)
     K = _require()
     dt = _dtype(params)
     am = model.action_mask(mask, prompt_len)
     net = _Net(K, params, tokens, mask, dt, ("head",))
-    logp = _token_logprobs(K, net, tokens, am, V, alpha, eps)[0]
+    logp, _, _, lse, _ = _token_logprobs(K, net, tokens, am, V, alpha, eps)
+    policy.check_rows(np.isfinite(lse), am, alpha, "boltzmann", _name, dt)      # issue 10
     return logp.astype(dt if eps == 0 else np.float64)              # the reference's dtype (float64 for ε > 0)
 
 
@@ -402,7 +404,8 @@ def reinforce_loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, 
     if cfg.whiten == "bessel" and N < 2:
         raise ValueError(f"whiten='bessel' needs two or more actions, got {N}")
     if ref_params is not None:
-        ref_logp = sequence_logprobs(ref_params, tokens, mask, prompt_len, cfg.alpha, cfg.eps).astype(np.float64)
+        ref_logp = sequence_logprobs(ref_params, tokens, mask, prompt_len, cfg.alpha, cfg.eps,
+                                     _name="ref_params").astype(np.float64)
     K = _require()
     dt = _dtype(params)
     R = K.returns
@@ -414,6 +417,7 @@ def reinforce_loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, 
     logp, ent, qb, lse, plq = (np.empty((B, T)) for _ in range(5))
     K.train.policy_stats(net.logits, tokens, am, V, cfg.alpha, cfg.eps, qoff, has_q,
                          logp, ent, qb, lse, plq, np.empty(V, dt))
+    policy.check_rows(np.isfinite(lse), am, cfg.alpha, "boltzmann", "params", dt)   # issue 10
     values = np.zeros((B, T))
     if "value" in net.off:
         K.train.read_column(net.logits, B, net.off["value"][0], net.lengths, values)
@@ -455,6 +459,7 @@ def sft_loss_and_grad(params, tokens, mask):
     V = params["head.weight"].shape[0]
     net = _Net(K, params, tokens, mask, dt, ("head",))
     logp, ent, qb, lse, plq = _token_logprobs(K, net, tokens, pm, V, 1.0, 0.0)
+    policy.check_rows(np.isfinite(lse), pm, 1.0, "boltzmann", "params", dt)        # issue 10
     d_logp = np.empty_like(logp)
     loss = K.train.sft_chain(logp, pm, d_logp)
     K.train.policy_grads(net.logits, tokens, pm, V, 1.0, 0.0, lse, logp, plq, d_logp, np.zeros_like(logp),

@@ -58,6 +58,20 @@ cdef inline floating row_sum(const floating* e, Py_ssize_t V) noexcept nogil:
     return (s0 + s1) + (s2 + s3)
 
 
+cdef inline bint row_ok(const floating* z, Py_ssize_t V, double alpha, int kind) noexcept nogil:
+    """The row gives a policy (policy.check_scores): max_k α·z_k (max_k z_k for the greedy kinds),
+    NaN-propagating, is finite. α·z is rounded to the row's dtype, as the reference rounds it."""
+    cdef floating al = <floating>alpha if kind == BOLTZMANN else <floating>1, x, m = -INFINITY
+    cdef Py_ssize_t k
+    for k in range(V):
+        x = al * z[k]
+        if x != x or x == INFINITY:             # NaN or +inf
+            return False
+        if x > m:
+            m = x
+    return m > -INFINITY
+
+
 cdef inline Py_ssize_t argmax_row(const floating* z, Py_ssize_t V) noexcept nogil:
     """The first maximum (NumPy's argmax: ties to the lowest index)."""
     cdef Py_ssize_t k, best = 0
