@@ -56,9 +56,12 @@ def param_shapes(V, E, H, heads=("head", "value")):
 def dims(params):
     """(V, E, H) read off a parameter dict."""
     try:
+        if np.ndim(params["embedding.weight"]) != 2 or np.ndim(params["lstm.weight_hh_l0"]) != 2:
+            raise ValueError("both must be 2-D arrays, got shapes "
+                             f"{np.shape(params['embedding.weight'])} and {np.shape(params['lstm.weight_hh_l0'])}")
         V, E = params["embedding.weight"].shape
         H = params["lstm.weight_hh_l0"].shape[1]
-    except (KeyError, AttributeError, ValueError) as e:
+    except (KeyError, AttributeError, ValueError, TypeError) as e:
         raise ValueError(f"params must hold 'embedding.weight' (V, E) and 'lstm.weight_hh_l0' (4H, H): {e}") from None
     return V, E, H
 

@@ -62,9 +62,18 @@ def scores_error(name, alpha, kind, dtype):
                       f"the head's scores overflow); check {name} for huge or non-finite weights")
 
 
+def check_alpha_dtype(alpha, dtype, name="params"):
+    """α itself must be finite in the dtype of the scores (else α·z is non-finite at every state)."""
+    with np.errstate(over="ignore"):
+        if not np.isfinite(np.dtype(dtype).type(alpha)):
+            raise scores_error(name, alpha, "boltzmann", dtype)
+
+
 def check_rows(ok, where, alpha, kind, name, dtype):
     """A compiled backend's side of ``check_scores``: ``ok`` (per position) says whether its kernel
     found a policy there (a finite max_k α·z_k); any position read (``where``) without one raises."""
+    if kind == "boltzmann":
+        check_alpha_dtype(alpha, dtype, name)
     if np.any((np.asarray(where) > 0) & ~np.asarray(ok, bool)):
         raise scores_error(name, alpha, kind, dtype)
 
@@ -73,6 +82,8 @@ def check_scores(z, where, alpha=1.0, kind="boltzmann", name="params"):
     """The policy must exist where it is read: max_k α·z_k (max_k z_k for the greedy kinds) finite
     at every position where ``where`` (z.shape[:-1], bool) is true, else ``scores_error``. Returns z
     with the rows that give no policy and are not read set to 0 (their log-probs are discarded)."""
+    if kind == "boltzmann":
+        check_alpha_dtype(alpha, z.dtype, name)
     with np.errstate(over="ignore", invalid="ignore"):
         s = alpha * z if kind == "boltzmann" else z          # α·z rounded as logprobs rounds it
         ok = np.isfinite(np.max(s, axis=-1)) if z.shape[-1] else np.ones(z.shape[:-1], bool)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, asdict
 import numpy as np
 
 from . import lstm, model, policy, returns as ret
-from ._validate import as_float_array, check_choice, check_range
+from ._validate import as_float_array, check_choice, check_finite_result, check_range
 
 AGGREGATIONS = ("token_mean", "seq_mean", "seq_sum")
 
@@ -142,6 +142,7 @@ def loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, ref_params
     if not isinstance(cfg, ReinforceConfig):
         raise TypeError(f"cfg must be a ReinforceConfig, got {type(cfg).__name__}")
     V, tokens, mask, prompt_len = model.prepare(params, tokens, mask, prompt_len, ("head", cfg.critic))
+    policy.check_alpha_dtype(cfg.alpha, params["head.weight"].dtype)
     B, T = tokens.shape
     reward = as_float_array(reward, "reward", ndim=1, shape=(B,))
     am = model.action_mask(mask, prompt_len)                                     # (B, T)
@@ -200,9 +201,11 @@ def loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, ref_params
 
     # upstream gradients at the heads
     d_logp = -w * adv                                                            # ∂L_pg/∂logp
+    d_pred = cfg.value_coef * w * (pred - G)                                     # ∂L_value/∂pred
+    check_finite_result(fwd["scores"].dtype, out["loss"], rewards, G, d_logp, d_pred)   # an overflow is an error
     dz_pg = policy.grad_logprob(fwd["scores"], tokens, d_logp, cfg.alpha, cfg.eps)
     dz_ent = policy.grad_entropy(fwd["scores"], -cfg.entropy_coef * w, cfg.alpha, cfg.eps)
-    d_pred = cfg.value_coef * w * (pred - G)                                     # ∂L_value/∂pred
+    check_finite_result(fwd["scores"].dtype, dz_pg, dz_ent, dz_pg + dz_ent)
     if cfg.critic == "value":
         dcritic = {"dvalues": d_pred}
     else:
@@ -210,6 +213,7 @@ def loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, ref_params
         np.put_along_axis(dq, tokens[:, :, None], d_pred[:, :, None], axis=-1)
         dcritic = {"dqvalues": dq}
     grads = model.backward(cache, dscores=dz_pg + dz_ent, **dcritic)
+    check_finite_result(fwd["scores"].dtype, *grads.values())
     if term_grads:
         grads["terms"] = {
             "pg": model.backward(cache, dscores=dz_pg),

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import lstm
-from ._validate import as_float_array, check_batch
+from ._validate import as_float_array, check_batch, check_finite_result
 
 
 def _prepare(params, tokens, mask, name):
@@ -54,6 +54,7 @@ def backward(dr, cache):
     grads["reward.weight"] += dr[None, :] @ cache["h_last"]             # (1, H)
     grads["reward.bias"] += dr.sum(keepdims=True)
     dh_final = dr[:, None] * p["reward.weight"]                         # (B, H)
+    check_finite_result(dh_final.dtype, dh_final)                       # an overflow is an error
     B, T = cache["lstm"]["ids"].shape
     lg = lstm.backward(np.zeros((B, T, dh_final.shape[1]), dh_final.dtype), cache["lstm"], dh_final=dh_final)
     for k in lstm.BODY_KEYS:
@@ -82,8 +83,10 @@ def bt_loss_and_grad(params, chosen, chosen_mask, rejected, rejected_mask, margi
     loss = bt_loss(delta).mean()
     # ∂L/∂Δ = −σ(−Δ)/P, with σ(−Δ) = exp(−logaddexp(0, Δ)) for stability
     d_delta = -np.exp(-np.logaddexp(0.0, delta)) / P
+    check_finite_result(params["reward.weight"].dtype, r_c, r_r, loss)     # an overflow is an error
     g_c, g_r = backward(d_delta, cache_c), backward(-d_delta, cache_r)
     grads = {k: g_c[k] + g_r[k] for k in g_c}
+    check_finite_result(params["reward.weight"].dtype, *grads.values())
     out = {"reward_chosen": r_c, "reward_rejected": r_r, "delta": delta, "loss": loss,
            "accuracy": float(np.mean(r_c > r_r))}
     return out, grads

@@ -34,6 +34,8 @@ def check_rollout_args(params, prompt_tokens, prompt_len, u, alpha, eps, kind, e
         if Vr != V:
             raise ValueError(f"ref_params has vocabulary {Vr}, params has {V}")
     policy.check_policy_args(alpha, eps, kind)
+    if kind == "boltzmann":
+        policy.check_alpha_dtype(alpha, params["head.weight"].dtype, "params")
     tok = as_int_array(prompt_tokens, "prompt_tokens", ndim=2)
     B, T = tok.shape
     pl = as_int_array(prompt_len, "prompt_len", shape=(B,))
@@ -49,7 +51,7 @@ def check_rollout_args(params, prompt_tokens, prompt_len, u, alpha, eps, kind, e
     if np.any((u < 0) | (u >= 1)):
         raise ValueError("u must hold uniforms in [0, 1)")
     check_eos_id(eos_id, V)
-    return tok, pl, u, V
+    return tok, np.ascontiguousarray(pl), u, V
 
 
 def check_status(tokens, alpha, kind, dtype):

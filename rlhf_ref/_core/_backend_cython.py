@@ -56,7 +56,7 @@ import threading
 import numpy as np
 
 from .. import model, policy, reinforce, sft
-from .._validate import as_float_array
+from .._validate import as_float_array, check_finite_result
 
 NAME = "cython"
 EXTENSIONS = ("_lstm_cy", "_train_cy", "_rollout_cy")
@@ -519,6 +519,7 @@ def reinforce_loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, 
     if not isinstance(cfg, reinforce.ReinforceConfig):
         raise TypeError(f"cfg must be a ReinforceConfig, got {type(cfg).__name__}")
     V, tokens, mask, prompt_len = model.prepare(params, tokens, mask, prompt_len, ("head", cfg.critic))
+    policy.check_alpha_dtype(cfg.alpha, _dtype(params))                   # issue 10: the reference's order
     B, T = tokens.shape
     reward = as_float_array(reward, "reward", ndim=1, shape=(B,)).astype(np.float64)
     am = model.action_mask(mask, prompt_len)
@@ -577,6 +578,7 @@ def _reinforce(K, params, tokens, mask, am, reward, ref_logp, cfg, V):
 
     out = reinforce.pack_outputs(dt, am, logp, ref_logp, ent, kl, rewards, G, values, qvalues, bl, adv, w,
                                  loss_pg, loss_ent, loss_value)
+    check_finite_result(dt, out["loss"], out["rewards"], out["returns"], *grads.values())   # issue 10: overflow
     return out, grads
 
 
@@ -598,6 +600,7 @@ def sft_loss_and_grad(params, tokens, mask):
         K.train.policy_grads(net.logits, net.ids_pos, pm, V, 1.0, 0.0, mx, s1, logp, plq, d_logp, zero, zero, -1,
                              False, _pass_threads(net.Tpos * net.B * V, net.nt))
         grads = net.backward_all(params)
+    check_finite_result(dt, loss, *grads.values())                  # issue 10: an overflow is the reference's error
     return {"logp": logp.astype(dt), "loss": loss, "n_real": n_real}, grads
 
 
@@ -656,6 +659,7 @@ def bt_loss_and_grad(params, chosen, chosen_mask, rejected, rejected_mask, margi
     grads["reward.weight"] = ((d_delta @ hl[:P]) + ((-d_delta) @ hl[P:]))[None, :].astype(dt)
     grads["reward.bias"] = np.array([d_delta.sum() + (-d_delta).sum()], dt)
     grads = _complete(grads, params, dt)
+    check_finite_result(dt, r_c, r_r, loss, *grads.values())       # issue 10: an overflow is the reference's error
     out = {"reward_chosen": r_c, "reward_rejected": r_r, "delta": delta,
            "loss": loss, "accuracy": float(np.mean(r_c > r_r))}
     return out, grads

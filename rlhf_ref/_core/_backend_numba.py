@@ -41,7 +41,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from .. import model, policy, reinforce, sft
-from .._validate import as_float_array
+from .._validate import as_float_array, check_finite_result
 
 NAME = "numba"
 _K = None            # the loaded kernel modules (a namespace), after _load()
@@ -388,6 +388,7 @@ def reinforce_loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, 
     if not isinstance(cfg, reinforce.ReinforceConfig):
         raise TypeError(f"cfg must be a ReinforceConfig, got {type(cfg).__name__}")
     V, tokens, mask, prompt_len = model.prepare(params, tokens, mask, prompt_len, ("head", cfg.critic))
+    policy.check_alpha_dtype(cfg.alpha, _dtype(params))                   # issue 10: the reference's order
     B, T = tokens.shape
     reward = as_float_array(reward, "reward", ndim=1, shape=(B,)).astype(np.float64)
     am = model.action_mask(mask, prompt_len)
@@ -415,7 +416,7 @@ def reinforce_loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, 
     has_q = cfg.critic == "qvalue"
     qoff = net.off["qvalue"][0] if "qvalue" in net.off else 0
     logp, ent, qb, lse, plq = (np.empty((B, T)) for _ in range(5))
-    K.train.policy_stats(net.logits, tokens, am, V, cfg.alpha, cfg.eps, qoff, has_q,
+    K.train.policy_stats(net.logits, tokens, am, V, float(cfg.alpha), float(cfg.eps), qoff, has_q,
                          logp, ent, qb, lse, plq, np.empty(V, dt))
     policy.check_rows(np.isfinite(lse), am, cfg.alpha, "boltzmann", "params", dt)   # issue 10
     values = np.zeros((B, T))
@@ -440,12 +441,13 @@ def reinforce_loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, 
 
     # pass 2: ∂L/∂logits in place, then the backward pass
     pred_col = net.off[cfg.critic][0]
-    K.train.policy_grads(net.logits, tokens, am, V, cfg.alpha, cfg.eps, lse, logp, plq, d_logp, d_ent,
+    K.train.policy_grads(net.logits, tokens, am, V, float(cfg.alpha), float(cfg.eps), lse, logp, plq, d_logp, d_ent,
                          d_pred, pred_col, has_q)
     grads = net.backward_all(params)
 
     out = reinforce.pack_outputs(dt, am, logp, ref_logp, ent, kl, rewards, G, values if "value" in net.off else None, qvalues, bl, adv, w,
                                  loss_pg, loss_ent, loss_value)
+    check_finite_result(dt, out["loss"], out["rewards"], out["returns"], *grads.values())   # issue 10: overflow
     return out, grads
 
 
@@ -465,6 +467,7 @@ def sft_loss_and_grad(params, tokens, mask):
     K.train.policy_grads(net.logits, tokens, pm, V, 1.0, 0.0, lse, logp, plq, d_logp, np.zeros_like(logp),
                          d_logp, -1, False)
     grads = net.backward_all(params)
+    check_finite_result(dt, loss, *grads.values())                  # issue 10: an overflow is the reference's error
     return {"logp": logp.astype(dt), "loss": loss, "n_real": n_real}, grads
 
 
@@ -522,6 +525,7 @@ def bt_loss_and_grad(params, chosen, chosen_mask, rejected, rejected_mask, margi
     grads["reward.weight"] = ((d_delta @ hl[:P]) + ((-d_delta) @ hl[P:]))[None, :].astype(dt)
     grads["reward.bias"] = np.array([d_delta.sum() + (-d_delta).sum()], dt)
     grads = _complete(grads, params)
+    check_finite_result(dt, r_c.astype(dt), r_r.astype(dt), loss, *grads.values())   # issue 10
     out = {"reward_chosen": r_c.astype(dt), "reward_rejected": r_r.astype(dt), "delta": delta.astype(dt),
            "loss": loss, "accuracy": float(np.mean(r_c > r_r))}
     return out, grads
