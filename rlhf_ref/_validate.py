@@ -142,8 +142,8 @@ def check_batch(tokens, mask, prompt_len=None, vocab_size=None):
     bad = (pl < 0) | (pl > np.where(nonempty, lengths, T))   # an all-padding row: any value in [0, T]
     if np.any(bad):
         b = int(np.argwhere(bad)[0, 0])
-        raise ValueError(f"prompt_len must lie in [1, row length] ([0, T] on an all-padding row); prompt_len[{b}] = "
-                         f"{pl[b]} with row length {lengths[b]}, T = {T}")
+        raise ValueError(f"prompt_len must lie in [1, row length]; prompt_len[{b}] = {pl[b]} with row length "
+                         f"{lengths[b]} (on an all-padding row: in [0, T], T = {T})")
     return tokens, m, np.ascontiguousarray(pl)
 
 

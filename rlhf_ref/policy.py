@@ -11,8 +11,12 @@ Given action scores z (..., V) from the head, DESIGN.md §3 (seed §4.2):
     classic ε-greedy    q = (1−ε)·onehot(argmax z) + ε/V   (ties to the lowest index; ε = 0 is greedy)
                         zero gradient: for decoding and evaluation, never for training.
 
-Sampling is by inverse CDF from a pre-drawn uniform u ∈ [0, 1): a = #{k : cdf_k ≤ u} with
-cdf the running sum of q from index 0; if rounding leaves u ≥ cdf_{V−1}, the last token with
+Sampling is by inverse CDF from a pre-drawn uniform u ∈ [0, 1): a = #{k : cdf_k ≤ u·cdf_{V−1}}
+with cdf the running sum of q from index 0, accumulated in float64 whatever the dtype of q, and u
+scaled by its own total (≈ 1): a float32 running sum over a large vocabulary drifts by up to
+V·eps32 (1 % at V = 200k), and the float32 rounding of logsumexp scales every q alike, which the
+total cancels; so float32 and float64 scores sample the same token except where u lies within a
+few float32 ulps of a q_k of a CDF boundary (docs/conventions.md, "Sampling"); if rounding leaves u ≥ cdf_{V−1}, the last token with
 q > 0 (DESIGN.md §4). The distribution that samples is the one whose log-probs enter the loss.
 
 Shapes: any leading shape ``(...)``; the last axis is the vocabulary V.
@@ -185,8 +189,8 @@ def sample(logq, u):
     if np.any((u < 0) | (u >= 1)):
         raise ValueError("u must hold uniforms in [0, 1)")
     q = np.exp(logq)
-    cdf = np.cumsum(q, axis=-1)
-    a = np.sum(cdf <= u[:, None], axis=-1)
+    cdf = np.cumsum(q, axis=-1, dtype=np.float64)            # float64 whatever the dtype (DESIGN.md §4)
+    a = np.sum(cdf <= u[:, None] * cdf[:, -1:], axis=-1)     # u scaled by the total (≈ 1)
     over = a >= q.shape[-1]
     if np.any(over):
         # rounding left u >= cdf_{V-1}: the last token with q > 0

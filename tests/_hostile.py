@@ -180,6 +180,8 @@ def _mutate_array(x, mut, val, rng):
 def build(spec):
     """(fn, kwargs) of a spec."""
     fn, dt, seed, mut, arg, val = (spec[k] for k in ("fn", "dt", "seed", "mut", "arg", "val"))
+    if fn == "__crash__":
+        return fn, {}
     rng = np.random.default_rng(10_000 + seed)
     kw = base(fn, dt, seed)
     if mut == "none":
@@ -231,11 +233,51 @@ def build(spec):
     return fn, kw
 
 
+# ------------------------------------------------------------------------------------ the table
+
+ARRAY_VALUES = ("nan", "inf", "-1", "V", "2**40", "0.5", "2", "1e-45", "-2**63")
+PARAM_VALUES = ("nan", "inf", "-inf", "3e38", "1e300", "1e-45")
+PARAM_ARRAY_MUTS = ("dtype:float16", "dtype:int64", "dtype:object", "ndim-1", "ndim+1", "fortran", "noncontig",
+                    "shape:row+1", "empty0")
+
+
+def table(fns=FNS, dtypes=("float32", "float64")):
+    """Every mutation of every argument of every entry point ``fns``: the deterministic hostile table."""
+    specs = []
+    seed = 0
+
+    def add(fn, dt, mut, arg="", val=""):
+        nonlocal seed
+        specs.append(dict(fn=fn, dt=dt, seed=seed, mut=mut, arg=arg, val=val))
+        seed += 1
+
+    for fn in fns:
+        arrays, scalars, plike = args_of(fn)
+        for dt in dtypes:
+            for m in BATCH_MUTS:
+                add(fn, dt, m)
+            for a in arrays:
+                for m in ARRAY_MUTS:
+                    for v in (ARRAY_VALUES if m == "value" else ("",)):
+                        add(fn, dt, m, a, v)
+            for a in scalars:
+                for v in VALUES:
+                    add(fn, dt, "scalar_value", a, v)
+            for a in plike:
+                for m in PARAM_MUTS + PARAM_ARRAY_MUTS:
+                    for v in (PARAM_VALUES if m == "pval" else ("",) * (3 if m == "pscale" else 1)):
+                        add(fn, dt, m, a, v)
+    return specs
+
+
 # ------------------------------------------------------------------------------------ calls
 
 def call(be, fn, kw):
     """Run one entry point of backend module ``be`` (None: the Gymnasium env, reference only)."""
     kw = dict(kw)
+    if fn == "__crash__":                    # the runner's own test: a process killed by a signal
+        import signal
+        os.kill(os.getpid(), signal.SIGSEGV)
     if fn == "env":
         from rlhf_ref.envs.text_generation import TextGenerationEnv
         from rlhf_ref.tokenizer import Vocab
@@ -321,9 +363,11 @@ def main():
     specs = json.load(sys.stdin)
     for i, spec in enumerate(specs):
         fn, kw = build(spec)
+        if fn == "__crash__":
+            call(None, fn, kw)
         r, want = outcome(fn, ref, kw)
         res = {"i": i, "ref": r, "backends": {}}
-        if fn != "env":
+        if fn not in ("env", "__crash__"):
             for n, m in mods.items():
                 if fn not in getattr(m, "IMPLEMENTED", backends.INTERFACE):
                     continue

@@ -494,6 +494,7 @@ def sequence_logprobs(params, tokens, mask, prompt_len, alpha=1.0, eps=0.0, *, _
     V, tokens, mask, prompt_len = model.prepare(params, tokens, mask, prompt_len, name=_name)
     K = _require()
     dt = _dtype(params)
+    policy.check_alpha_dtype(alpha, dt, _name)           # issue 10: also when B or T is 0, as the reference
     am = model.action_mask(mask, prompt_len)
     B, T = tokens.shape
     if B == 0 or T == 0:

@@ -8,9 +8,9 @@ temporaries:
     ε-mixture      log π_ε(a) = logaddexp(log1p(−ε) + log π(a), log(ε/V))        (ε = 0: log π)
     classic ε-greedy / greedy   q = (1−ε)·onehot(argmax z) + ε/V, computed in float64 as the
                    reference does, then rounded to the kernel's dtype
-    sampling       a = #{k : cdf_k ≤ u}, cdf the running sum of q from index 0 (accumulated in
-                   the kernel's dtype, compared with u in float64); if u ≥ cdf_{V−1}, the last
-                   token with q > 0                                            (DESIGN.md §4)
+    sampling       a = #{k : cdf_k ≤ u·cdf_{V−1}}, cdf the running sum of q from index 0 (q in the
+                   kernel's dtype, accumulated in float64, u scaled by the total, as policy.sample);
+                   if u ≥ cdf_{V−1}, the last token with q > 0                 (DESIGN.md §4)
 
 ``e`` arguments are (V,) work rows; α and ε arrive as float64 and are rounded to the row's
 dtype, as NumPy does for ``alpha * z``.
@@ -114,9 +114,13 @@ def sample_row(z, V, alpha, eps, kind, u, e):
         e[g] = hi
     # inverse CDF: the first k with cdf_k > u
     a = -1
-    acc = zero
+    tot = 0.0
     for k in range(V):
-        acc += e[k]
+        tot += np.float64(e[k])
+    u = u * tot                                              # the CDF in float64, u scaled by its total
+    acc = 0.0
+    for k in range(V):
+        acc += np.float64(e[k])
         if acc > u:
             a = k
             break
