@@ -39,7 +39,7 @@ def loss_and_grad(params, tokens, mask):
     logp = np.where(pm > 0, np.take_along_axis(logq, tokens[:, :, None], -1)[:, :, 0], 0.0)
     loss = -logp.sum() / n_real
     dz = policy.grad_logprob(fwd["scores"], tokens, -pm / n_real)       # −(1/N)(onehot − π)
-    check_finite_result(dz.dtype, loss, dz)                              # an overflow is an error
+    check_finite_result(fwd["scores"].dtype, loss, dz)                  # an overflow is an error
     grads = model.backward(cache, dscores=dz)
-    check_finite_result(dz.dtype, *grads.values())
+    check_finite_result(fwd["scores"].dtype, *grads.values())
     return {"logp": logp, "loss": loss, "n_real": n_real}, grads

@@ -28,8 +28,10 @@ from rlhf_ref import backends  # noqa: E402
 
 def _compiled():
     """The compiled CPU backends that can run here (RLHF_REF_REQUIRE_BACKENDS makes missing ones fail
-    in tests/test_packaging.py; here an unavailable one is simply not compared)."""
-    return tuple(n for n in ("cython", "numba") if backends.status(n).available)
+    in tests/test_packaging.py; here an unavailable one is simply not compared). The bounds-check
+    build's run (scripts/test.sh) sets RLHF_REF_HOSTILE_BACKENDS=cython."""
+    names = os.environ.get("RLHF_REF_HOSTILE_BACKENDS", "cython,numba").split(",")
+    return tuple(n for n in names if n and backends.status(n).available)
 
 
 def _check(specs, names):
@@ -107,9 +109,9 @@ def test_hostile_random_batches(batch):
 
 @pytest.mark.cuda
 def test_hostile_cuda():
-    """The cuda backend (rollout, sequence_logprobs) on every 7th spec of their table, small sizes
+    """The cuda backend (rollout, sequence_logprobs) on every 11th spec of their table, small sizes
     (the simulator runs each GPU thread in Python)."""
-    specs = [s for i, s in enumerate(H.table(("rollout", "sequence_logprobs"))) if i % 7 == 0]
+    specs = [s for i, s in enumerate(H.table(("rollout", "sequence_logprobs"))) if i % 11 == 0]
     specs += [dict(fn="rollout", dt=dt, seed=1, mut="scalar_value", arg="alpha", val=v)
               for dt in ("float32", "float64") for v in ("1e39", "1e300", "3e38", "1e20")]
     specs += [dict(fn=fn, dt="float32", seed=s, mut="pscale", arg="params", val="")

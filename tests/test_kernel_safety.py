@@ -36,6 +36,20 @@ def backend(name):
     return backends.get(name)
 
 
+# ------------------------------------------------------------------------------------ the debug build
+
+def test_the_cython_build_is_the_one_expected():
+    """scripts/test.sh runs this file, the equivalence and the hostile suites a second time on a
+    bounds-checking AddressSanitizer build (RLHF_REF_CYTHON_DEBUG=1 RLHF_REF_ASAN=1) made in a
+    temporary copy of the tree, with RLHF_REF_EXPECT_DEBUG_BUILD=1: that run must import that build
+    (from its own tree), every other run the release build."""
+    if not backends.status("cython").available:
+        pytest.skip("the cython backend is not built here (tests/test_packaging.py fails when it is required)")
+    from rlhf_ref._core import _lstm_cy
+    assert os.path.realpath(_lstm_cy.__file__).startswith(os.path.realpath(ROOT) + os.sep)
+    assert _lstm_cy.DEBUG_BUILD == (os.environ.get("RLHF_REF_EXPECT_DEBUG_BUILD") == "1")
+
+
 # ------------------------------------------------------------------------------------ item 1
 
 _REPRO = r"""
