@@ -24,7 +24,7 @@ from rlhf_ref import backends, lstm, policy, reinforce, rollout, sft
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = ("numpy", "cython", "numba")
-CPU_AND_CUDA = CPU + ("cuda",)
+CPU_AND_CUDA = CPU + (pytest.param("cuda", marks=pytest.mark.cuda),)   # run by `pytest -m cuda` (GPU or simulator)
 
 
 def backend(name):

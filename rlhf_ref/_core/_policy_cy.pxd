@@ -19,7 +19,7 @@
 #                scale = d_logp·α·(1−ε)·π_a/π_ε,a (ε = 0: d_logp·α),  ce = −d_ent·(1−ε)·α
 #   sampling     a = #{k : cdf_k ≤ u·cdf_{V−1}}, cdf the running sum of q from index 0 (q in the row's
 #                dtype, accumulated in float64, u scaled by the total, as policy.sample does; the
-#                ε-mixture and greedy tables are float64 sums of total 1 ± 1e-16 and compare u itself);
+#                ε-mixture, computed in float64, has total 1 ± 1e-16 and compares u itself);
 #                if u ≥ cdf_{V−1}: the last k with q_k > 0
 #
 # `e` arguments are (V,) scratch rows of the row's dtype. The exp of a row is one vectorised loop
@@ -271,6 +271,9 @@ cdef inline Py_ssize_t sample_row(const floating* z, Py_ssize_t V, double alpha,
     g = argmax_row(z, V)
     hi = <floating>((1.0 - eps) + eps / V)
     lo = <floating>(eps / V)
+    for k in range(V):
+        tot = tot + <double>(hi if k == g else lo)
+    u = u * tot                                 # the CDF in float64, u scaled by its total (policy.sample)
     for k in range(V):
         accd = accd + <double>(hi if k == g else lo)
         if accd > u:
