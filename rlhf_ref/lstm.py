@@ -76,6 +76,11 @@ def check_model(params, required_heads=(), name="params"):
     if not isinstance(params, dict):
         raise TypeError(f"{name} must be a dict of arrays, got {type(params).__name__}")
     V, E, H = dims(params)
+    for n, v in (("V", V), ("E", E), ("H", H)):
+        if v < 1:
+            raise ValueError(f"{name} must have V, E, H >= 1 (vocabulary, embedding, hidden units), got "
+                             f"{n} = {v} from 'embedding.weight' {params['embedding.weight'].shape} and "
+                             f"'lstm.weight_hh_l0' {params['lstm.weight_hh_l0'].shape}")
     heads = tuple(dict.fromkeys(tuple(required_heads) + heads_of(params)))
     expected = param_shapes(V, E, H, heads)
     extra = sorted(set(params) - set(expected))

@@ -111,6 +111,14 @@ def _sequence_logprobs(params, tokens, mask, prompt_len, alpha, eps, name):
     return token_logprobs(policy.logprobs(z, alpha, eps), tokens, am)
 
 
+def check_ref_params(ref_params, V):
+    """The frozen reference policy: a valid model with a head over the same vocabulary V (every
+    backend runs this check before scoring it)."""
+    Vr, _, _ = lstm.check_model(ref_params, ("head",), name="ref_params")
+    if Vr != V:
+        raise ValueError(f"ref_params has vocabulary {Vr}, params has {V}")
+
+
 def pack_outputs(dt, am, logp, ref_logp, ent, kl, rewards, G, values, qvalues, bl, adv, w, loss_pg, loss_ent,
                  loss_value):
     """The ``out`` dict of a compiled backend's ``reinforce_loss_and_grad`` (no (B, T, V) scores/logq):
@@ -159,9 +167,7 @@ def loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, ref_params
     if (ref_params is None) == (ref_logp is None):
         raise ValueError("give exactly one of ref_params (a policy dict) or ref_logp (B, T)")
     if ref_params is not None:
-        Vr, _, _ = lstm.check_model(ref_params, ("head",), name="ref_params")
-        if Vr != V:
-            raise ValueError(f"ref_params has vocabulary {Vr}, params has {V}")
+        check_ref_params(ref_params, V)
         ref_logp = _sequence_logprobs(ref_params, tokens, mask, prompt_len, cfg.alpha, cfg.eps, "ref_params")
     else:
         ref_logp = np.where(am > 0, as_float_array(ref_logp, "ref_logp", shape=(B, T)), 0.0)

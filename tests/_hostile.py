@@ -50,7 +50,8 @@ ARRAY_MUTS = ("dtype:float16", "dtype:float32", "dtype:float64", "dtype:int64", 
               "none", "shape:row+1", "shape:col+1", "shape:col-1", "empty0", "empty1", "fortran", "noncontig",
               "reversed", "readonly", "value")
 # mutations of params (or ref_params): an array mutation of one key, or one of these
-PARAM_MUTS = ("pval", "pscale", "pmissing", "pextra", "pnotdict", "pmixed", "plist")
+PARAM_MUTS = ("pval", "pscale", "pmissing", "pextra", "pnotdict", "pmixed", "plist", "pdim0:V", "pdim0:E", "pdim0:H",
+              "pvocab")
 PSCALES = (1e20, 1e30, 1e38, 1e-30, 1e-42, 1e300, -1e30)
 BATCH_MUTS = ("B=0", "T=0", "T=1", "none")
 
@@ -221,6 +222,14 @@ def build(spec):
             p[key] = p[key].astype(np.float32 if p[key].dtype == np.float64 else np.float64)
         elif mut == "plist":
             p[key] = p[key].tolist()
+        elif mut == "pvocab":                    # a consistent model over a larger vocabulary
+            from rlhf_ref import lstm
+            p = lstm.init_params(V + 2, E, H, rng, heads=lstm.heads_of(p), dtype=p[key].dtype)
+        elif mut.startswith("pdim0:"):           # a model with an empty dimension (V, E or H = 0)
+            from rlhf_ref import lstm
+            d = {"V": V, "E": E, "H": H, mut[6:]: 0}
+            shapes = lstm.param_shapes(d["V"], d["E"], d["H"], lstm.heads_of(p))
+            p = {k: np.zeros(s, p[key].dtype) for k, s in shapes.items()}
         else:
             p[key] = _mutate_array(p[key], mut, val, rng)
         kw[arg] = p

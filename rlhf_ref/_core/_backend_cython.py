@@ -531,6 +531,7 @@ def reinforce_loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, 
     if (ref_params is None) == (ref_logp is None):
         raise ValueError("give exactly one of ref_params (a policy dict) or ref_logp (B, T)")
     if ref_params is not None:
+        reinforce.check_ref_params(ref_params, V)                # issue 10: as the reference
         ref_logp = sequence_logprobs(ref_params, tokens, mask, prompt_len, cfg.alpha, cfg.eps, _name="ref_params")
     else:
         ref_logp = as_float_array(ref_logp, "ref_logp", shape=(B, T))

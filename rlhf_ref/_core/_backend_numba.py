@@ -405,6 +405,7 @@ def reinforce_loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, 
     if cfg.whiten == "bessel" and N < 2:
         raise ValueError(f"whiten='bessel' needs two or more actions, got {N}")
     if ref_params is not None:
+        reinforce.check_ref_params(ref_params, V)                # issue 10: as the reference
         ref_logp = sequence_logprobs(ref_params, tokens, mask, prompt_len, cfg.alpha, cfg.eps,
                                      _name="ref_params").astype(np.float64)
     K = _require()

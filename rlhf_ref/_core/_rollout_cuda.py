@@ -220,14 +220,14 @@ def _lse(z, b, V, cst):
 @cuda.jit(device=True)
 def _greedy_ok(z, b, V):
     """max_k z[b, k] is finite, NaN-propagating (policy.check_scores for the greedy kinds)."""
-    m = -math.inf
+    m = z[b, 0]
     for k in range(V):
         x = z[b, k]
-        if math.isnan(x) or x == math.inf:
+        if math.isnan(x):
             return False
         if x > m:
             m = x
-    return m > -math.inf
+    return not math.isinf(m)                 # no +inf, not all −inf
 
 
 @cuda.jit(device=True)
