@@ -29,7 +29,7 @@ Environment switches (a value of 1/true/yes/on turns one on):
     RLHF_REF_OPENMP=0          do not use OpenMP even if the compiler supports it (prange then
                                runs serially).
 
-Compiler flags: -O3 (gcc/clang), -fopenmp when a tiny compile-and-link probe succeeds. NEVER
+Compiler flags: -O3 -ffp-contract=off (gcc/clang), -fopenmp when a tiny compile-and-link probe succeeds. NEVER
 -ffast-math (nor -Ofast / -funsafe-math-optimizations): a shared library built with it flips
 FTZ/DAZ for the whole process when loaded and breaks the ±inf handling that masking and
 log-softmax rely on; such flags are removed from the compiler command if CFLAGS carries them
@@ -242,7 +242,10 @@ class BuildExt(build_ext):
             opt, omp, native = ["/O2"], ["/openmp"], []
             omp_link = []
         else:
-            opt, omp, native = ["-O3"], ["-fopenmp"], ["-march=native"]
+            # -ffp-contract=off: GCC contracts a*b + c into an FMA by default wherever the target has
+            # one (aarch64 always, x86-64 with -march=native); α·z − m must round α·z first (issue
+            # 10: the same hazard as Numba's {"contract"} in the softmax)
+            opt, omp, native = ["-O3", "-ffp-contract=off"], ["-fopenmp"], ["-march=native"]
             omp_link = ["-fopenmp"]
         compile_args, link_args = list(opt), []
         if NATIVE:
