@@ -17,13 +17,19 @@ Environment switches (a value of 1/true/yes/on turns one on):
     RLHF_REF_CYTHON_DEBUG=1    boundscheck, wraparound and initializedcheck ON (for debugging a
                                kernel that reads out of bounds); cdivision stays on so that the
                                arithmetic is the same as in the release build.
+    RLHF_REF_ASAN=1            compile and link with AddressSanitizer (gcc/clang: -fsanitize=address);
+                               Python is not built with it, so run with LD_PRELOAD of libasan
+                               (`gcc -print-file-name=libasan.so`) and ASAN_OPTIONS=detect_leaks=0.
+                               scripts/test.sh builds RLHF_REF_CYTHON_DEBUG=1 RLHF_REF_ASAN=1 into a
+                               temporary copy of the tree and runs the equivalence and hostile suites
+                               on it (issue 10).
     RLHF_REF_CYTHON_ANNOTATE=1 also write Cython's annotated .html next to the generated .c.
     RLHF_REF_NATIVE=1          add -march=native (never the default: such a binary can die with
                                SIGILL on another CPU).
     RLHF_REF_OPENMP=0          do not use OpenMP even if the compiler supports it (prange then
                                runs serially).
 
-Compiler flags: -O3 (gcc/clang), -fopenmp when a tiny compile-and-link probe succeeds. NEVER
+Compiler flags: -O3 -ffp-contract=off (gcc/clang), -fopenmp when a tiny compile-and-link probe succeeds. NEVER
 -ffast-math (nor -Ofast / -funsafe-math-optimizations): a shared library built with it flips
 FTZ/DAZ for the whole process when loaded and breaks the ±inf handling that masking and
 log-softmax rely on; such flags are removed from the compiler command if CFLAGS carries them
@@ -75,6 +81,7 @@ def env_flag(name: str, default: bool = False) -> bool:
 REQUIRE = env_flag("RLHF_REF_REQUIRE_EXT")
 PURE = env_flag("RLHF_REF_PUREPYTHON")
 DEBUG = env_flag("RLHF_REF_CYTHON_DEBUG")
+ASAN = env_flag("RLHF_REF_ASAN")
 ANNOTATE = env_flag("RLHF_REF_CYTHON_ANNOTATE")
 NATIVE = env_flag("RLHF_REF_NATIVE")
 OPENMP = env_flag("RLHF_REF_OPENMP", default=True)
@@ -155,6 +162,8 @@ def cython_extensions():
         f.write(want)
     for ext in exts:                # cythonize() drops optional=True: set it on what it returned
         ext.optional = not REQUIRE
+        if DEBUG:                   # _lstm_cy.DEBUG_BUILD says which build was imported (scripts/test.sh)
+            ext.define_macros = list(ext.define_macros or []) + [("RLHF_REF_CYTHON_DEBUG", "1")]
     return exts
 
 
@@ -233,14 +242,20 @@ class BuildExt(build_ext):
             opt, omp, native = ["/O2"], ["/openmp"], []
             omp_link = []
         else:
-            opt, omp, native = ["-O3"], ["-fopenmp"], ["-march=native"]
+            # -ffp-contract=off: GCC contracts a*b + c into an FMA by default wherever the target has
+            # one (aarch64 always, x86-64 with -march=native); α·z − m must round α·z first (issue
+            # 10: the same hazard as Numba's {"contract"} in the softmax)
+            opt, omp, native = ["-O3", "-ffp-contract=off"], ["-fopenmp"], ["-march=native"]
             omp_link = ["-fopenmp"]
         compile_args, link_args = list(opt), []
         if NATIVE:
             compile_args += native
+        san = ["-fsanitize=address", "-fno-omit-frame-pointer"] if ASAN and cc.compiler_type != "msvc" else []
+        compile_args += san
+        link_args += san
         if not OPENMP:
             log("OpenMP off (RLHF_REF_OPENMP=0): prange runs serially")
-        elif _compile_and_link(cc, OPENMP_PROBE, omp):
+        elif _compile_and_link(cc, OPENMP_PROBE, omp + san):
             log(f"OpenMP: yes ({' '.join(omp)})")
             compile_args += omp
             link_args += omp_link

@@ -67,6 +67,28 @@ def check_range(value, name, lo=None, hi=None, lo_open=False, hi_open=False):
     return v
 
 
+def check_finite_result(dtype, *arrays):
+    """A training step's loss, upstream gradients and gradients must be finite: with finite, valid
+    inputs a non-finite one is an overflow of the dtype (huge weights, a huge alpha, huge rewards),
+    and every backend raises this same error for it instead of returning inf or NaN."""
+    dt = np.dtype(dtype)
+    for a in arrays:
+        with np.errstate(over="ignore"):
+            finite = np.all(np.isfinite(np.asarray(a).astype(dt)))       # finite in the params' dtype
+        if not finite:
+            raise ValueError(f"params, alpha or the rewards give a non-finite loss or gradient in {dt} (an "
+                             f"overflow): the weights, alpha or the rewards are too large for {dt}")
+
+
+def check_eos_id(eos_id, V):
+    """eos_id: an integer token id in [0, V) (bools, floats and strings are refused)."""
+    if isinstance(eos_id, (bool, np.bool_)) or not isinstance(eos_id, numbers.Integral):
+        raise TypeError(f"eos_id must be an integer token id in [0, {V}), got {type(eos_id).__name__} {eos_id!r}")
+    if not 0 <= int(eos_id) < V:
+        raise ValueError(f"eos_id must lie in [0, {V}), got {eos_id!r}")
+    return int(eos_id)
+
+
 def check_choice(value, name, choices):
     if value not in choices:
         raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
@@ -109,6 +131,7 @@ def check_batch(tokens, mask, prompt_len=None, vocab_size=None):
             b, t = (int(i) for i in np.argwhere(bad)[0])
             raise ValueError(f"tokens must lie in [0, {vocab_size}) on real positions; tokens[{b}, {t}] = {tokens[b, t]}")
     tokens = np.where(m > 0, tokens, 0)                    # padded ids are never read (DESIGN.md §2)
+    m = np.ascontiguousarray(m)                            # C order whatever the caller's layout (kernels read it so)
     if prompt_len is None:
         return tokens, m, None
     pl = as_int_array(prompt_len, "prompt_len", ndim=1, shape=(B,))
@@ -116,10 +139,12 @@ def check_batch(tokens, mask, prompt_len=None, vocab_size=None):
     if np.any(pl[nonempty] < 1):
         b = int(np.argwhere(nonempty & (pl < 1))[0, 0])
         raise ValueError(f"prompt_len must be >= 1 (BOS included) on non-empty rows; prompt_len[{b}] = {pl[b]}")
-    if np.any(pl < 0) or np.any(pl > np.maximum(lengths, 0) + (~nonempty) * T):
-        b = int(np.argwhere((pl < 0) | ((pl > lengths) & nonempty))[0, 0])
-        raise ValueError(f"prompt_len must lie in [1, row length]; prompt_len[{b}] = {pl[b]} with row length {lengths[b]}")
-    return tokens, m, pl
+    bad = (pl < 0) | (pl > np.where(nonempty, lengths, T))   # an all-padding row: any value in [0, T]
+    if np.any(bad):
+        b = int(np.argwhere(bad)[0, 0])
+        raise ValueError(f"prompt_len must lie in [1, row length]; prompt_len[{b}] = {pl[b]} with row length "
+                         f"{lengths[b]} (on an all-padding row: in [0, T], T = {T})")
+    return tokens, m, np.ascontiguousarray(pl)
 
 
 def check_params(params, expected, name="params"):

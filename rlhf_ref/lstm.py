@@ -56,9 +56,12 @@ def param_shapes(V, E, H, heads=("head", "value")):
 def dims(params):
     """(V, E, H) read off a parameter dict."""
     try:
+        if np.ndim(params["embedding.weight"]) != 2 or np.ndim(params["lstm.weight_hh_l0"]) != 2:
+            raise ValueError("both must be 2-D arrays, got shapes "
+                             f"{np.shape(params['embedding.weight'])} and {np.shape(params['lstm.weight_hh_l0'])}")
         V, E = params["embedding.weight"].shape
         H = params["lstm.weight_hh_l0"].shape[1]
-    except (KeyError, AttributeError, ValueError) as e:
+    except (KeyError, AttributeError, ValueError, TypeError) as e:
         raise ValueError(f"params must hold 'embedding.weight' (V, E) and 'lstm.weight_hh_l0' (4H, H): {e}") from None
     return V, E, H
 
@@ -73,6 +76,11 @@ def check_model(params, required_heads=(), name="params"):
     if not isinstance(params, dict):
         raise TypeError(f"{name} must be a dict of arrays, got {type(params).__name__}")
     V, E, H = dims(params)
+    for n, v in (("V", V), ("E", E), ("H", H)):
+        if v < 1:
+            raise ValueError(f"{name} must have V, E, H >= 1 (vocabulary, embedding, hidden units), got "
+                             f"{n} = {v} from 'embedding.weight' {params['embedding.weight'].shape} and "
+                             f"'lstm.weight_hh_l0' {params['lstm.weight_hh_l0'].shape}")
     heads = tuple(dict.fromkeys(tuple(required_heads) + heads_of(params)))
     expected = param_shapes(V, E, H, heads)
     extra = sorted(set(params) - set(expected))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import lstm
-from ._validate import as_float_array, check_batch
+from ._validate import as_float_array, check_batch, check_finite_result
 
 
 def position_mask(mask):
@@ -78,14 +78,15 @@ def backward(cache, dscores=None, dvalues=None, dqvalues=None):
     # hprev[:, t] = hs[:, t−1]: route the gradient back one position
     dhs = np.zeros_like(dhprev)
     dhs[:, :-1] = dhprev[:, 1:]
+    check_finite_result(dt, dhs)                       # an overflow through huge head weights is an error
     lgrads = lstm.backward(dhs, cache["lstm"])
     for k in lstm.BODY_KEYS:
         grads[k] += lgrads[k]
     return grads
 
 
-def prepare(params, tokens, mask, prompt_len, required_heads=("head",)):
+def prepare(params, tokens, mask, prompt_len, required_heads=("head",), name="params"):
     """Validate a policy model and an episode batch; returns (V, tokens, mask, prompt_len)."""
-    V, _, _ = lstm.check_model(params, required_heads)
+    V, _, _ = lstm.check_model(params, required_heads, name=name)
     tokens, mask, prompt_len = check_batch(tokens, mask, prompt_len, vocab_size=V)
     return V, tokens, mask, prompt_len

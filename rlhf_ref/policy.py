@@ -11,8 +11,12 @@ Given action scores z (..., V) from the head, DESIGN.md §3 (seed §4.2):
     classic ε-greedy    q = (1−ε)·onehot(argmax z) + ε/V   (ties to the lowest index; ε = 0 is greedy)
                         zero gradient: for decoding and evaluation, never for training.
 
-Sampling is by inverse CDF from a pre-drawn uniform u ∈ [0, 1): a = #{k : cdf_k ≤ u} with
-cdf the running sum of q from index 0; if rounding leaves u ≥ cdf_{V−1}, the last token with
+Sampling is by inverse CDF from a pre-drawn uniform u ∈ [0, 1): a = #{k : cdf_k ≤ u·cdf_{V−1}}
+with cdf the running sum of q from index 0, accumulated in float64 whatever the dtype of q, and u
+scaled by its own total (≈ 1): a float32 running sum over a large vocabulary drifts by up to
+V·eps32 (1 % at V = 200k), and the float32 rounding of logsumexp scales every q alike, which the
+total cancels; so float32 and float64 scores sample the same token except where u lies within a
+few float32 ulps of a q_k of a CDF boundary (docs/conventions.md, "Sampling"); if rounding leaves u ≥ cdf_{V−1}, the last token with
 q > 0 (DESIGN.md §4). The distribution that samples is the one whose log-probs enter the loss.
 
 Shapes: any leading shape ``(...)``; the last axis is the vocabulary V.
@@ -39,11 +43,58 @@ def check_policy_args(alpha, eps, kind="boltzmann"):
 
 
 def _check_scores(z, name="z"):
-    """Scores (..., V): a finite float array with at least one dimension and V >= 1."""
-    z = as_float_array(z, name)
+    """Scores (..., V): a float array with at least one dimension, V >= 1, and a finite maximum in
+    every row (no NaN, no +inf, not all −inf; a −inf score is a token of probability 0)."""
+    z = as_float_array(z, name, finite=False)
     if z.ndim < 1 or z.shape[-1] < 1:
         raise ValueError(f"{name} must have shape (..., V) with V >= 1, got {z.shape}")
+    if z.size and not np.all(np.isfinite(np.max(z, axis=-1))):
+        bad = tuple(int(i) for i in np.argwhere(~np.isfinite(np.max(z, axis=-1)))[0])
+        raise ValueError(f"{name} must be finite: no NaN or +inf, and a finite maximum in every row (a -inf "
+                         f"score is a token of probability 0); row {bad} has max {np.max(z[bad])}")
     return z
+
+
+def scores_error(name, alpha, kind, dtype):
+    """The error of every backend when the action scores give no policy: max_k α·z_k (max_k z_k
+    for the greedy kinds) is NaN or ±inf at a position where the policy is read. It is the same
+    message on every backend (kernels report only that it happened), so it names no position."""
+    if kind == "boltzmann":
+        return ValueError(f"{name} and alpha={alpha!r} give non-finite action scores alpha*z in {np.dtype(dtype)} "
+                          f"(NaN, +inf or all -inf: the head's scores or their product with alpha overflow); "
+                          f"use a smaller alpha or check {name} for huge or non-finite weights")
+    return ValueError(f"{name} give non-finite action scores z in {np.dtype(dtype)} (NaN, +inf or all -inf: "
+                      f"the head's scores overflow); check {name} for huge or non-finite weights")
+
+
+def check_alpha_dtype(alpha, dtype, name="params"):
+    """α itself must be finite in the dtype of the scores (else α·z is non-finite at every state)."""
+    with np.errstate(over="ignore"):
+        if not np.isfinite(np.dtype(dtype).type(alpha)):
+            raise scores_error(name, alpha, "boltzmann", dtype)
+
+
+def check_rows(ok, where, alpha, kind, name, dtype):
+    """A compiled backend's side of ``check_scores``: ``ok`` (per position) says whether its kernel
+    found a policy there (a finite max_k α·z_k); any position read (``where``) without one raises."""
+    if kind == "boltzmann":
+        check_alpha_dtype(alpha, dtype, name)
+    if np.any((np.asarray(where) > 0) & ~np.asarray(ok, bool)):
+        raise scores_error(name, alpha, kind, dtype)
+
+
+def check_scores(z, where, alpha=1.0, kind="boltzmann", name="params"):
+    """The policy must exist where it is read: max_k α·z_k (max_k z_k for the greedy kinds) finite
+    at every position where ``where`` (z.shape[:-1], bool) is true, else ``scores_error``. Returns z
+    with the rows that give no policy and are not read set to 0 (their log-probs are discarded)."""
+    if kind == "boltzmann":
+        check_alpha_dtype(alpha, z.dtype, name)
+    with np.errstate(over="ignore", invalid="ignore"):
+        s = alpha * z if kind == "boltzmann" else z          # α·z rounded as logprobs rounds it
+        ok = np.isfinite(np.max(s, axis=-1)) if z.shape[-1] else np.ones(z.shape[:-1], bool)
+    if np.any(np.asarray(where, bool) & ~ok):
+        raise scores_error(name, alpha, kind, z.dtype)
+    return z if ok.all() else np.where(ok[..., None], z, 0).astype(z.dtype, copy=False)
 
 
 def _check_per_state(x, name, z, integer=False):
@@ -71,7 +122,11 @@ def logprobs(z, alpha=1.0, eps=0.0, kind="boltzmann"):
     z = _check_scores(z)
     V = z.shape[-1]
     if kind == "boltzmann":
-        logp = log_softmax(alpha * z)
+        with np.errstate(over="ignore"):
+            s = alpha * z
+        if not np.all(np.isfinite(np.max(s, axis=-1))):
+            raise ValueError(f"alpha={alpha!r} is too large for these scores: alpha*z overflows {z.dtype}")
+        logp = log_softmax(s)
         if eps == 0.0:
             return logp
         with np.errstate(divide="ignore"):
@@ -135,8 +190,8 @@ def sample(logq, u):
     if np.any((u < 0) | (u >= 1)):
         raise ValueError("u must hold uniforms in [0, 1)")
     q = np.exp(logq)
-    cdf = np.cumsum(q, axis=-1)
-    a = np.sum(cdf <= u[:, None], axis=-1)
+    cdf = np.cumsum(q, axis=-1, dtype=np.float64)            # float64 whatever the dtype (DESIGN.md §4)
+    a = np.sum(cdf <= u[:, None] * cdf[:, -1:], axis=-1)     # u scaled by the total (≈ 1)
     over = a >= q.shape[-1]
     if np.any(over):
         # rounding left u >= cdf_{V-1}: the last token with q > 0

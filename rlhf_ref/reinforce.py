@@ -29,7 +29,7 @@ from dataclasses import dataclass, asdict
 import numpy as np
 
 from . import conventions, lstm, model, policy, returns as ret
-from ._validate import as_float_array, check_choice, check_range
+from ._validate import as_float_array, check_choice, check_finite_result, check_range
 
 AGGREGATIONS = conventions.values("aggregation")
 _D = conventions.default
@@ -100,11 +100,25 @@ def token_logprobs(logq, tokens, action_mask):
 
 def sequence_logprobs(params, tokens, mask, prompt_len, alpha=1.0, eps=0.0):
     """The policy's log-probs of the tokens it produced, (B, T), 0 off the action mask."""
+    return _sequence_logprobs(params, tokens, mask, prompt_len, alpha, eps, "params")
+
+
+def _sequence_logprobs(params, tokens, mask, prompt_len, alpha, eps, name):
+    """``sequence_logprobs``; ``name`` is the argument params came in as (for the errors)."""
     policy.check_policy_args(alpha, eps)
-    _, tokens, mask, prompt_len = model.prepare(params, tokens, mask, prompt_len)
+    _, tokens, mask, prompt_len = model.prepare(params, tokens, mask, prompt_len, name=name)
     out, _ = model.forward(params, tokens, mask)
     am = model.action_mask(mask, prompt_len)
-    return token_logprobs(policy.logprobs(out["scores"], alpha, eps), tokens, am)
+    z = policy.check_scores(out["scores"], am > 0, alpha, "boltzmann", name)
+    return token_logprobs(policy.logprobs(z, alpha, eps), tokens, am)
+
+
+def check_ref_params(ref_params, V):
+    """The frozen reference policy: a valid model with a head over the same vocabulary V (every
+    backend runs this check before scoring it)."""
+    Vr, _, _ = lstm.check_model(ref_params, ("head",), name="ref_params")
+    if Vr != V:
+        raise ValueError(f"ref_params has vocabulary {Vr}, params has {V}")
 
 
 def pack_outputs(am, logp, ref_logp, ent, kl, rewards, G, values, qvalues, bl, adv, w, loss_pg, loss_ent,
@@ -143,6 +157,7 @@ def prepare(params, tokens, mask, prompt_len, reward, cfg=None, ref_params=None,
     if not isinstance(cfg, ReinforceConfig):
         raise TypeError(f"cfg must be a ReinforceConfig, got {type(cfg).__name__}")
     V, tokens, mask, prompt_len = model.prepare(params, tokens, mask, prompt_len, ("head", cfg.critic))
+    policy.check_alpha_dtype(cfg.alpha, params["head.weight"].dtype)
     B, T = tokens.shape
     reward = as_float_array(reward, "reward", ndim=1, shape=(B,))
     am = model.action_mask(mask, prompt_len)                                     # (B, T)
@@ -153,10 +168,11 @@ def prepare(params, tokens, mask, prompt_len, reward, cfg=None, ref_params=None,
     if (ref_params is None) == (ref_logp is None):
         raise ValueError("give exactly one of ref_params (a policy dict) or ref_logp (B, T)")
     if ref_params is not None:
-        Vr, _, _ = lstm.check_model(ref_params, ("head",), name="ref_params")
-        if Vr != V:
-            raise ValueError(f"ref_params has vocabulary {Vr}, params has {V}")
-        ref_logp = (logprobs or sequence_logprobs)(ref_params, tokens, mask, prompt_len, cfg.alpha, cfg.eps)
+        check_ref_params(ref_params, V)
+        if logprobs is None:
+            ref_logp = _sequence_logprobs(ref_params, tokens, mask, prompt_len, cfg.alpha, cfg.eps, "ref_params")
+        else:
+            ref_logp = logprobs(ref_params, tokens, mask, prompt_len, cfg.alpha, cfg.eps, _name="ref_params")
     else:
         ref_logp = np.where(am > 0, as_float_array(ref_logp, "ref_logp", shape=(B, T)), 0.0)
     if cfg.baseline == "loo" and np.count_nonzero(n_row) < 2:
@@ -183,6 +199,7 @@ def loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, ref_params
 
     # policy forward: scores, full log-distribution, log-probs of the taken tokens, entropy
     fwd, cache = model.forward(params, tokens, mask)
+    fwd["scores"] = policy.check_scores(fwd["scores"], am > 0, cfg.alpha)        # a policy at every action
     logq = policy.logprobs(fwd["scores"], cfg.alpha, cfg.eps)                    # (B, T, V)
     logp = token_logprobs(logq, tokens, am)                                      # (B, T)
     ent = np.where(am > 0, policy.entropy(logq), 0.0)                            # (B, T)
@@ -212,9 +229,11 @@ def loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, ref_params
 
     # upstream gradients at the heads
     d_logp = -w * adv                                                            # ∂L_pg/∂logp
+    d_pred = cfg.value_coef * w * (pred - G)                                     # ∂L_value/∂pred
+    check_finite_result(fwd["scores"].dtype, out["loss"], rewards, G, d_logp, d_pred)   # an overflow is an error
     dz_pg = policy.grad_logprob(fwd["scores"], tokens, d_logp, cfg.alpha, cfg.eps)
     dz_ent = policy.grad_entropy(fwd["scores"], -cfg.entropy_coef * w, cfg.alpha, cfg.eps)
-    d_pred = cfg.value_coef * w * (pred - G)                                     # ∂L_value/∂pred
+    check_finite_result(fwd["scores"].dtype, dz_pg, dz_ent, dz_pg + dz_ent)
     if cfg.critic == "value":
         dcritic = {"dvalues": d_pred}
     else:
@@ -222,6 +241,7 @@ def loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, ref_params
         np.put_along_axis(dq, tokens[:, :, None], d_pred[:, :, None], axis=-1)
         dcritic = {"dqvalues": dq}
     grads = model.backward(cache, dscores=dz_pg + dz_ent, **dcritic)
+    check_finite_result(fwd["scores"].dtype, *grads.values())
     if term_grads:
         grads["terms"] = {
             "pg": model.backward(cache, dscores=dz_pg),

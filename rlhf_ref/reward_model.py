@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import lstm
-from ._validate import as_float_array, check_batch
+from ._validate import as_float_array, check_batch, check_finite_result
 
 
 def _prepare(params, tokens, mask, name):
@@ -54,6 +54,7 @@ def backward(dr, cache):
     grads["reward.weight"] += dr[None, :] @ cache["h_last"]             # (1, H)
     grads["reward.bias"] += dr.sum(keepdims=True)
     dh_final = dr[:, None] * p["reward.weight"]                         # (B, H)
+    check_finite_result(dh_final.dtype, dh_final)                       # an overflow is an error
     B, T = cache["lstm"]["ids"].shape
     lg = lstm.backward(np.zeros((B, T, dh_final.shape[1]), dh_final.dtype), cache["lstm"], dh_final=dh_final)
     for k in lstm.BODY_KEYS:
@@ -80,12 +81,14 @@ def prepare_pairs(params, chosen, chosen_mask, rejected, rejected_mask, margin=N
     return c_tok, c_mask, r_tok, r_mask, m
 
 
-def bt_head(r_c, r_r, m):
-    """The Bradley–Terry loss on top of the rewards (P,) of chosen and rejected: Δ, L_RM, ∂L/∂Δ (P,)."""
+def bt_head(r_c, r_r, m, dtype=None):
+    """The Bradley–Terry loss on top of the rewards (P,) of chosen and rejected: Δ, L_RM, ∂L/∂Δ (P,).
+    A non-finite reward or loss in ``dtype`` (the params', default r_c's) is an overflow: an error."""
     delta = r_c - r_r - m
     loss = bt_loss(delta).mean()
     # ∂L/∂Δ = −σ(−Δ)/P, with σ(−Δ) = exp(−logaddexp(0, Δ)) for stability
     d_delta = -np.exp(-np.logaddexp(0.0, delta)) / delta.shape[0]
+    check_finite_result(dtype or r_c.dtype, r_c, r_r, loss)             # an overflow is an error
     return delta, loss, d_delta
 
 
@@ -100,7 +103,8 @@ def bt_loss_and_grad(params, chosen, chosen_mask, rejected, rejected_mask, margi
     c_tok, c_mask, r_tok, r_mask, m = prepare_pairs(params, chosen, chosen_mask, rejected, rejected_mask, margin)
     r_c, cache_c = forward(params, c_tok, c_mask)
     r_r, cache_r = forward(params, r_tok, r_mask)
-    delta, loss, d_delta = bt_head(r_c, r_r, m)
+    delta, loss, d_delta = bt_head(r_c, r_r, m, params["reward.weight"].dtype)
     g_c, g_r = backward(d_delta, cache_c), backward(-d_delta, cache_r)
     grads = {k: g_c[k] + g_r[k] for k in g_c}
+    check_finite_result(params["reward.weight"].dtype, *grads.values())
     return bt_outputs(r_c, r_r, delta, loss), grads

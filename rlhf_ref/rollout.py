@@ -22,7 +22,7 @@ import numpy as np
 
 from . import lstm, policy
 from .tokenizer import EOS, PAD
-from ._validate import as_float_array, as_int_array
+from ._validate import as_float_array, as_int_array, check_eos_id
 
 
 def check_rollout_args(params, prompt_tokens, prompt_len, u, alpha, eps, kind, eos_id, ref_params=None,
@@ -34,6 +34,8 @@ def check_rollout_args(params, prompt_tokens, prompt_len, u, alpha, eps, kind, e
         if Vr != V:
             raise ValueError(f"ref_params has vocabulary {Vr}, params has {V}")
     policy.check_policy_args(alpha, eps, kind)
+    if kind == "boltzmann":
+        policy.check_alpha_dtype(alpha, params["head.weight"].dtype, "params")
     tok = as_int_array(prompt_tokens, "prompt_tokens", ndim=2)
     B, T = tok.shape
     pl = as_int_array(prompt_len, "prompt_len", shape=(B,))
@@ -48,9 +50,16 @@ def check_rollout_args(params, prompt_tokens, prompt_len, u, alpha, eps, kind, e
     u = as_float_array(u, "u", shape=(B, T))
     if np.any((u < 0) | (u >= 1)):
         raise ValueError("u must hold uniforms in [0, 1)")
-    if not (0 <= int(eos_id) < V):
-        raise ValueError(f"eos_id must lie in [0, {V}), got {eos_id}")
-    return tok, pl, u, V
+    check_eos_id(eos_id, V)
+    return tok, np.ascontiguousarray(pl), u, V
+
+
+def check_status(tokens, alpha, kind, dtype):
+    """A compiled rollout ends a row with the token −1 (−2) where the policy (the reference policy)
+    has no finite scores: raise the reference's error (``policy.check_scores``) for it."""
+    if tokens.size and tokens.min() < 0:
+        name = "ref_params" if not np.any(tokens == -1) else "params"
+        raise policy.scores_error(name, alpha, kind, dtype)
 
 
 def rollout(params, prompt_tokens, prompt_len, u, alpha=1.0, eps=0.0, kind="boltzmann", eos_id=EOS,
@@ -63,7 +72,7 @@ def rollout(params, prompt_tokens, prompt_len, u, alpha=1.0, eps=0.0, kind="bolt
     H = params["lstm.weight_hh_l0"].shape[1]
     tokens = np.where(np.arange(T)[None, :] < pl[:, None], tok, PAD)
     mask = np.zeros((B, T))
-    mask[:, 0] = 1.0
+    mask[:, :1] = 1.0                                                              # BOS (T = 0: nothing)
     am = np.zeros((B, T))
     logp = np.zeros((B, T))
     ref_logp = np.zeros((B, T)) if ref_params is not None else None
@@ -82,6 +91,7 @@ def rollout(params, prompt_tokens, prompt_len, u, alpha=1.0, eps=0.0, kind="bolt
         in_prompt = t < pl
         act = live & ~in_prompt
         z = lstm.linear(params["head.weight"], params["head.bias"], h)               # (B, V)
+        z = policy.check_scores(z, act, alpha, kind, "params")    # a policy where it samples, else an error
         logq = policy.logprobs(z, alpha, eps, kind)
         a = policy.sample(logq, u[:, t])
         tokens[:, t] = np.where(act, a, np.where(live & in_prompt, tokens[:, t], PAD))
@@ -91,6 +101,7 @@ def rollout(params, prompt_tokens, prompt_len, u, alpha=1.0, eps=0.0, kind="bolt
         logp[:, t] = np.where(act, np.take_along_axis(logq, idx, -1)[:, 0], 0.0)
         if ref_params is not None:
             zr = lstm.linear(ref_params["head.weight"], ref_params["head.bias"], hr)
+            zr = policy.check_scores(zr, act, alpha, kind, "ref_params")
             lr = policy.logprobs(zr, alpha, eps, kind)
             ref_logp[:, t] = np.where(act, np.take_along_axis(lr, idx, -1)[:, 0], 0.0)
         if values:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import model, policy
+from ._validate import check_finite_result
 
 
 def prepare(params, tokens, mask):
@@ -33,9 +34,12 @@ def loss_and_grad(params, tokens, mask):
     """L_sft, the next-token log-probs (B, T) and ∇L_sft for every parameter (other heads get 0)."""
     tokens, mask, pm, n_real = prepare(params, tokens, mask)
     fwd, cache = model.forward(params, tokens, mask)
+    fwd["scores"] = policy.check_scores(fwd["scores"], pm > 0)          # a policy at every target
     logq = policy.log_softmax(fwd["scores"])                            # (B, T, V)
     logp = np.where(pm > 0, np.take_along_axis(logq, tokens[:, :, None], -1)[:, :, 0], 0.0)
     loss = -logp.sum() / n_real
     dz = policy.grad_logprob(fwd["scores"], tokens, -pm / n_real)       # −(1/N)(onehot − π)
+    check_finite_result(fwd["scores"].dtype, loss, dz)                  # an overflow is an error
     grads = model.backward(cache, dscores=dz)
+    check_finite_result(fwd["scores"].dtype, *grads.values())
     return {"logp": logp, "loss": loss, "n_real": n_real}, grads

@@ -74,6 +74,29 @@ if [ "${RLHF_REF_RUNSLOW:-1}" != 0 ]; then SLOW=(--runslow); fi
 step "pytest: the main suite (RLHF_REF_REQUIRE_BACKENDS=$RLHF_REF_REQUIRE_BACKENDS, HYPOTHESIS_PROFILE=ci ${SLOW[*]:-})"
 "$PY" -m pytest ${SLOW[@]+"${SLOW[@]}"} "$@"
 
+# The Cython kernels once more, built with bounds checks (RLHF_REF_CYTHON_DEBUG=1) and AddressSanitizer
+# (RLHF_REF_ASAN=1), on the equivalence, hostile-input and kernel-safety suites (issue 10). The build
+# goes into a temporary copy of the tree, so the in-place release build the rest of the suite uses is
+# untouched; the tests run from that copy (its root first on sys.path, its subprocesses too), and
+# tests/test_kernel_safety.py checks with RLHF_REF_EXPECT_DEBUG_BUILD=1 that they imported it. Python
+# is not built with ASan, so libasan is preloaded (leak checks off: CPython's own allocations).
+if [ -f rlhf_ref/_core/_backend_cython.py ] && command -v gcc >/dev/null; then
+    step "Cython bounds-check + AddressSanitizer build: equivalence, hostile and kernel-safety suites"
+    DBG=$(mktemp -d)
+    tar --exclude='*.so' --exclude='__pycache__' -cf - rlhf_ref tests setup.py pyproject.toml README.md | tar -xf - -C "$DBG"
+    (cd "$DBG" && RLHF_REF_REQUIRE_EXT=1 RLHF_REF_CYTHON_DEBUG=1 RLHF_REF_ASAN=1 "$PY" setup.py -q build_ext --inplace)
+    rc=0
+    (cd "$DBG" && LD_PRELOAD="$(gcc -print-file-name=libasan.so)" ASAN_OPTIONS=detect_leaks=0 \
+        RLHF_REF_EXPECT_DEBUG_BUILD=1 RLHF_REF_HOSTILE_BACKENDS=cython PYTHONPATH="$DBG" \
+        "$PY" -m pytest -q -p no:cacheprovider tests/test_hostile.py \
+        tests/test_equivalence.py tests/test_kernel_safety.py -k "cython or hostile") || rc=$?
+    rm -rf "$DBG"
+    if [ "$rc" -ne 0 ]; then
+        echo "the bounds-check/ASan build's suites failed with exit code $rc" >&2
+        exit "$rc"
+    fi
+fi
+
 # The CUDA kernels under Numba's simulator (it must be set before Python starts). Exit code 5 is
 # accepted only while no test file uses the cuda marker; once one does, it is a failure.
 step "pytest -m cuda under NUMBA_ENABLE_CUDASIM=1"

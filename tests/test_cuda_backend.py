@@ -139,11 +139,12 @@ def test_kernel_types_and_lowers_for_a_real_gpu(monkeypatch):
             if nt.float32 in [getattr(a, "dtype", a) for a in args] and name not in allowed:
                 f64vars = sorted(k for k, v in res.type_annotation.typemap.items() if v == nt.float64)
                 assert not f64vars, f"{name} promotes float32 to float64: {f64vars}"
-    # _sample_dt may only compare with u in float64; its cdf stays float32
+    # _sample_dt: q stays float32; the cdf and its total are float64 by design (issue 10,
+    # docs/conventions.md "Sampling in float32"), as in policy.sample
     for args, res in C._sample_dt.overloads.items():
         if nt.float32 in [getattr(a, "dtype", a) for a in args]:
             tm = res.type_annotation.typemap
-            assert tm["cdf"] == nt.float32 and tm["q"] == nt.float32
+            assert tm["cdf"] == nt.float64 and tm["tot"] == nt.float64 and tm["q"] == nt.float32
 
 
 @pytest.mark.skipif(SIM, reason="the simulator replaces numba's CUDA compiler")

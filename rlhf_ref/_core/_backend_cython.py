@@ -56,10 +56,11 @@ import threading
 
 import numpy as np
 
-from .. import model, reinforce, reward_model, sft
+from .. import model, policy, reinforce, reward_model, sft
 from . import _blas, _config
 from ._host import c as _c, complete, dtype as _dtype, head_stack, head_grads, reinforce_codes, CODES
 from ._host import stack_pairs, reward_head_backward, reward_head_grads
+from .._validate import check_finite_result
 
 NAME = "cython"
 EXTENSIONS = ("_lstm_cy", "_train_cy", "_rollout_cy")
@@ -312,7 +313,7 @@ def _stats(K, net, sel, V, alpha, eps, has_q=False, qoff=0):
 def rollout(params, prompt_tokens, prompt_len, u, alpha=1.0, eps=0.0, kind="boltzmann", eos_id=2,
             ref_params=None, values=False):
     """``rlhf_ref.rollout.rollout`` in one kernel call; same arguments, same keys."""
-    from ..rollout import check_rollout_args
+    from ..rollout import check_rollout_args, check_status
     tok, pl, u, V = check_rollout_args(params, prompt_tokens, prompt_len, u, alpha, eps, kind, eos_id,
                                        ref_params, values)
     K = _require()
@@ -371,25 +372,28 @@ def rollout(params, prompt_tokens, prompt_len, u, alpha=1.0, eps=0.0, kind="bolt
                           ws.get("a", (B, G), dt), ws.get("z", (B, Kc), dt), ws.get("hr", (B, Hr), dt),
                           ws.get("cr", (B, Hr), dt), ws.get("cnr", (B, Hr), dt), ws.get("ar", (B, 4 * Hr), dt),
                           ws.get("zr", (B, Kr), dt), ws.get("e", (nch, V), dt), ws.get("done", (B,), np.uint8), nch)
+    check_status(tokens, alpha, kind, dt)              # issue 10: no policy at some state -> the reference's error
     return out
 
 
 # ----------------------------------------------------------------------------- log-probs
 
-def sequence_logprobs(params, tokens, mask, prompt_len, alpha=1.0, eps=0.0):
+def sequence_logprobs(params, tokens, mask, prompt_len, alpha=1.0, eps=0.0, *, _name="params"):
     """``rlhf_ref.reinforce.sequence_logprobs``: log π_ε of the produced tokens (B, T), 0 off the action mask."""
     from ..policy import check_policy_args
     check_policy_args(alpha, eps)
-    V, tokens, mask, prompt_len = model.prepare(params, tokens, mask, prompt_len)
+    V, tokens, mask, prompt_len = model.prepare(params, tokens, mask, prompt_len, name=_name)
     K = _require()
     dt = _dtype(params)
+    policy.check_alpha_dtype(alpha, dt, _name)           # issue 10: also when B or T is 0, as the reference
     am = model.action_mask(mask, prompt_len)
     B, T = tokens.shape
     if B == 0 or T == 0:
         return np.zeros((B, T), dt)
     with _call():
         net = _Net(K, params, tokens, mask, dt, _nthreads(), ("head",))
-        logp = _stats(K, net, am, V, alpha, eps)[0]
+        logp, _, _, mx, s1, _ = _stats(K, net, am, V, alpha, eps)
+        policy.check_rows(np.isfinite(mx) & np.isfinite(s1), am, alpha, "boltzmann", _name, dt)   # issue 10
     # the reference's dtype: params' for ε = 0; float64 for ε > 0 (its ε-mixture promotes)
     return logp.astype(dt if eps == 0 else np.float64)
 
@@ -417,6 +421,7 @@ def _reinforce(K, params, tokens, mask, am, reward, ref_logp, cfg, V):
     critic_q = cfg.critic == "qvalue"
     qoff = net.off["qvalue"][0] if "qvalue" in net.off else 0
     logp, ent, qb, mx, s1, plq = _stats(K, net, am, V, cfg.alpha, cfg.eps, critic_q, qoff)
+    policy.check_rows(np.isfinite(mx) & np.isfinite(s1), am, cfg.alpha, "boltzmann", "params", dt)   # issue 10
     pm = model.position_mask(mask)
     values = net.column("value", pm) if "value" in net.off else None
     qvalues = net.block("qvalue", pm) if "qvalue" in net.off else None
@@ -441,6 +446,7 @@ def _reinforce(K, params, tokens, mask, am, reward, ref_logp, cfg, V):
 
     out = reinforce.pack_outputs(am, logp, ref_logp, ent, kl, rewards, G, values, qvalues, bl, adv, w,
                                  loss_pg, loss_ent, loss_value, dt=dt)
+    check_finite_result(dt, out["loss"], out["rewards"], out["returns"], *grads.values())   # an overflow is an error
     return out, grads
 
 
@@ -455,12 +461,14 @@ def sft_loss_and_grad(params, tokens, mask):
     with _call():
         net = _Net(K, params, tokens, mask, dt, _nthreads(), ("head",))
         logp, ent, qb, mx, s1, plq = _stats(K, net, pm, V, 1.0, 0.0)
+        policy.check_rows(np.isfinite(mx) & np.isfinite(s1), pm, 1.0, "boltzmann", "params", dt)   # issue 10
         d_logp = np.empty_like(logp)
         loss = K.train.sft_chain(logp, pm, d_logp)
         zero = np.zeros_like(logp)
         K.train.policy_grads(net.logits, net.ids_pos, pm, V, 1.0, 0.0, mx, s1, logp, plq, d_logp, zero, zero, -1,
                              False, _pass_threads(net.Tpos * net.B * V, net.nt))
         grads = net.backward_all(params)
+    check_finite_result(dt, loss, *grads.values())                  # issue 10: an overflow is the reference's error
     return {"logp": logp.astype(dt), "loss": loss, "n_real": n_real}, grads
 
 
@@ -495,7 +503,8 @@ def bt_loss_and_grad(params, chosen, chosen_mask, rejected, rejected_mask, margi
     with _call():
         body, h_last, r = _reward_net(K, params, tokens, mask, dt)
         r_c, r_r = r[:P], r[P:]
-        delta, loss, d_delta = reward_model.bt_head(r_c, r_r, m)
+        delta, loss, d_delta = reward_model.bt_head(r_c, r_r, m, dt)
         grads = body.backward(dh_final=reward_head_backward(d_delta, params, dt))
     grads = complete(reward_head_grads(grads, d_delta, h_last, dt), params, dt)
+    check_finite_result(dt, *grads.values())                   # an overflow is the reference's error
     return reward_model.bt_outputs(r_c, r_r, delta, loss), grads

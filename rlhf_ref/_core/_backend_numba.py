@@ -40,10 +40,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import model, reinforce, reward_model, sft
+from .. import model, policy, reinforce, reward_model, sft
 from . import _blas, _config
 from ._host import c as _c, complete, dtype as _dtype, head_stack, head_grads, reinforce_codes, CODES
 from ._host import stack_pairs, reward_head_backward, reward_head_grads
+from .._validate import check_finite_result
 
 NAME = "numba"
 _K = None            # the loaded kernel modules (a namespace), after _load()
@@ -217,7 +218,7 @@ class _Net(_Body):
 def rollout(params, prompt_tokens, prompt_len, u, alpha=1.0, eps=0.0, kind="boltzmann", eos_id=2,
             ref_params=None, values=False):
     """``rlhf_ref.rollout.rollout`` in one kernel call; same arguments, same keys."""
-    from ..rollout import check_rollout_args
+    from ..rollout import check_rollout_args, check_status
     tok, pl, u, V = check_rollout_args(params, prompt_tokens, prompt_len, u, alpha, eps, kind, eos_id,
                                        ref_params, values)
     K = _require()
@@ -258,6 +259,7 @@ def rollout(params, prompt_tokens, prompt_len, u, alpha=1.0, eps=0.0, kind="bolt
             K.rollout.rollout_par(*args, nblk)
     else:
         K.rollout.rollout(*args)
+    check_status(tokens, alpha, kind, dt)              # issue 10: no policy at some state -> the reference's error
     out = {"tokens": tokens, "mask": mask, "action_mask": am, "logp": logp}
     if has_ref:
         out["ref_logp"] = ref_logp
@@ -276,16 +278,17 @@ def _token_logprobs(K, net, tokens, sel, V, alpha, eps):
     return logp, ent, qb, lse, plq
 
 
-def sequence_logprobs(params, tokens, mask, prompt_len, alpha=1.0, eps=0.0):
+def sequence_logprobs(params, tokens, mask, prompt_len, alpha=1.0, eps=0.0, *, _name="params"):
     """``rlhf_ref.reinforce.sequence_logprobs``: log π_ε of the produced tokens (B, T), 0 off the action mask."""
     from ..policy import check_policy_args
     check_policy_args(alpha, eps)
-    V, tokens, mask, prompt_len = model.prepare(params, tokens, mask, prompt_len)
+    V, tokens, mask, prompt_len = model.prepare(params, tokens, mask, prompt_len, name=_name)
     K = _require()
     dt = _dtype(params)
     am = model.action_mask(mask, prompt_len)
     net = _Net(K, params, tokens, mask, dt, ("head",))
-    logp = _token_logprobs(K, net, tokens, am, V, alpha, eps)[0]
+    logp, _, _, lse, _ = _token_logprobs(K, net, tokens, am, V, alpha, eps)
+    policy.check_rows(np.isfinite(lse), am, alpha, "boltzmann", _name, dt)      # issue 10
     return logp.astype(dt if eps == 0 else np.float64)              # the reference's dtype (float64 for ε > 0)
 
 
@@ -306,8 +309,9 @@ def reinforce_loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, 
     has_q = cfg.critic == "qvalue"
     qoff = net.off["qvalue"][0] if "qvalue" in net.off else 0
     logp, ent, qb, lse, plq = (np.empty((B, T)) for _ in range(5))
-    K.train.policy_stats(net.logits, tokens, am, V, cfg.alpha, cfg.eps, qoff, has_q,
+    K.train.policy_stats(net.logits, tokens, am, V, float(cfg.alpha), float(cfg.eps), qoff, has_q,
                          logp, ent, qb, lse, plq, np.empty(V, dt))
+    policy.check_rows(np.isfinite(lse), am, cfg.alpha, "boltzmann", "params", dt)   # issue 10
     values = np.zeros((B, T))
     if "value" in net.off:
         K.train.read_column(net.logits, B, net.off["value"][0], net.lengths, values)
@@ -330,12 +334,13 @@ def reinforce_loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, 
 
     # pass 2: ∂L/∂logits in place, then the backward pass
     pred_col = net.off[cfg.critic][0]
-    K.train.policy_grads(net.logits, tokens, am, V, cfg.alpha, cfg.eps, lse, logp, plq, d_logp, d_ent,
+    K.train.policy_grads(net.logits, tokens, am, V, float(cfg.alpha), float(cfg.eps), lse, logp, plq, d_logp, d_ent,
                          d_pred, pred_col, has_q)
     grads = net.backward_all(params)
 
     out = reinforce.pack_outputs(am, logp, ref_logp, ent, kl, rewards, G, values if "value" in net.off else None,
                                  qvalues, bl, adv, w, loss_pg, loss_ent, loss_value, dt=dt)
+    check_finite_result(dt, out["loss"], out["rewards"], out["returns"], *grads.values())   # an overflow is an error
     return out, grads
 
 
@@ -349,11 +354,13 @@ def sft_loss_and_grad(params, tokens, mask):
     V = params["head.weight"].shape[0]
     net = _Net(K, params, tokens, mask, dt, ("head",))
     logp, ent, qb, lse, plq = _token_logprobs(K, net, tokens, pm, V, 1.0, 0.0)
+    policy.check_rows(np.isfinite(lse), pm, 1.0, "boltzmann", "params", dt)        # issue 10
     d_logp = np.empty_like(logp)
     loss = K.train.sft_chain(logp, pm, d_logp)
     K.train.policy_grads(net.logits, tokens, pm, V, 1.0, 0.0, lse, logp, plq, d_logp, np.zeros_like(logp),
                          d_logp, -1, False)
     grads = net.backward_all(params)
+    check_finite_result(dt, loss, *grads.values())                  # issue 10: an overflow is the reference's error
     return {"logp": logp.astype(dt), "loss": loss, "n_real": n_real}, grads
 
 
@@ -384,7 +391,8 @@ def bt_loss_and_grad(params, chosen, chosen_mask, rejected, rejected_mask, margi
     tokens, mask = stack_pairs(c_tok, c_mask, r_tok, r_mask)
     body, h_last, r = _reward_net(K, params, tokens, mask, dt)
     r_c, r_r = r[:P].astype(np.float64), r[P:].astype(np.float64)
-    delta, loss, d_delta = reward_model.bt_head(r_c, r_r, m)
+    delta, loss, d_delta = reward_model.bt_head(r_c, r_r, m, dt)
     grads = body.backward(dh_final=reward_head_backward(d_delta, params, dt))
     grads = complete(reward_head_grads(grads, d_delta, h_last, dt), params, dt)
+    check_finite_result(dt, *grads.values())                   # an overflow is the reference's error
     return reward_model.bt_outputs(r_c.astype(dt), r_r.astype(dt), delta.astype(dt), loss), grads

@@ -68,6 +68,19 @@ cdef inline void need(bint ok, str what) except *:
         raise ValueError(f"_lstm_cy: {what}")
 
 
+cdef extern from *:
+    """
+    #ifndef RLHF_REF_CYTHON_DEBUG
+    #define RLHF_REF_CYTHON_DEBUG 0
+    #endif
+    """
+    int RLHF_REF_CYTHON_DEBUG
+
+#: True in the bounds-checking build (RLHF_REF_CYTHON_DEBUG=1, setup.py): the test that runs the
+#: suites on that build checks it imported that build, not the release one
+DEBUG_BUILD = bool(RLHF_REF_CYTHON_DEBUG)
+
+
 def openmp():
     """(whether this extension was compiled with OpenMP, omp_get_max_threads() or 1)."""
     return bool(rr_openmp()), int(rr_max_threads())

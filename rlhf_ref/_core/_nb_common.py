@@ -15,6 +15,10 @@ Imported only when the numba backend is asked for (``rlhf_ref.backends`` imports
 * No ``fastmath=True``: it licenses the compiler to assume no ±inf/NaN, which masking and
   log-softmax rely on. Elementwise kernels use ``fastmath={"contract"}`` only: it lets LLVM
   fuse ``a*b + c`` into one FMA (one rounding instead of two); it changes no inf/NaN rule.
+  Never where the rounding order is part of the convention: the policy's α·z − m must round
+  α·z first (fused, the maximum's term is no longer exp(0) and large α samples other tokens,
+  issue 10), so ``softmax_row`` and ``grad_row`` (``_policy_nb``) have no fast-math at all; the
+  LSTM cell and its backward keep it (a one-ulp difference that nothing amplifies).
 * ``cst(like, v)``: the constant ``v`` in the float type of ``like`` (a float or an array).
   Numba types a Python float literal as float64, and float32 × float64 is float64, which
   would silently run the float32 kernels in float64 and stop them vectorising.

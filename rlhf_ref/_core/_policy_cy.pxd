@@ -17,8 +17,10 @@
 #   gradient     ∂/∂z_j [d_logp·log π_ε(a) + d_ent·H]
 #                  = scale·(δ_ja − π_j) + ce·(π_j log π_ε,j − π_j Σ_k π_k log π_ε,k)
 #                scale = d_logp·α·(1−ε)·π_a/π_ε,a (ε = 0: d_logp·α),  ce = −d_ent·(1−ε)·α
-#   sampling     a = #{k : cdf_k ≤ u}, cdf the running sum of q from index 0 (accumulated in the
-#                dtype q is in, compared with u in float64); if u ≥ cdf_{V−1}: the last k with q_k > 0
+#   sampling     a = #{k : cdf_k ≤ u·cdf_{V−1}}, cdf the running sum of q from index 0 (q in the row's
+#                dtype, accumulated in float64, u scaled by the total, as policy.sample does; the
+#                ε-mixture, computed in float64, has total 1 ± 1e-16 and compares u itself);
+#                if u ≥ cdf_{V−1}: the last k with q_k > 0
 #
 # `e` arguments are (V,) scratch rows of the row's dtype. The exp of a row is one vectorised loop
 # into e; sums over a row use four accumulators in a fixed order (deterministic, and not
@@ -56,6 +58,20 @@ cdef inline floating row_sum(const floating* e, Py_ssize_t V) noexcept nogil:
         s0 = s0 + e[k]
         k += 1
     return (s0 + s1) + (s2 + s3)
+
+
+cdef inline bint row_ok(const floating* z, Py_ssize_t V, double alpha, int kind) noexcept nogil:
+    """The row gives a policy (policy.check_scores): max_k α·z_k (max_k z_k for the greedy kinds),
+    NaN-propagating, is finite. α·z is rounded to the row's dtype, as the reference rounds it."""
+    cdef floating al = <floating>alpha if kind == BOLTZMANN else <floating>1, x, m = -INFINITY
+    cdef Py_ssize_t k
+    for k in range(V):
+        x = al * z[k]
+        if x != x or x == INFINITY:             # NaN or +inf
+            return False
+        if x > m:
+            m = x
+    return m > -INFINITY
 
 
 cdef inline Py_ssize_t argmax_row(const floating* z, Py_ssize_t V) noexcept nogil:
@@ -211,8 +227,8 @@ cdef inline double logprob_row(const floating* z, Py_ssize_t V, Py_ssize_t a, do
 cdef inline Py_ssize_t sample_row(const floating* z, Py_ssize_t V, double alpha, double eps, int kind,
                                   double u, floating* e, double* lp_out) noexcept nogil:
     """Sample one token from the policy `kind` over z[:V] with the uniform u; lp_out = log q(a)."""
-    cdef floating al = <floating>alpha, S, s1, m, ls, acc = 0, hi, lo
-    cdef double l1, le, lqd, qd, accd = 0
+    cdef floating al = <floating>alpha, S, s1, m, ls, hi, lo
+    cdef double l1, le, lqd, qd, accd = 0, tot = 0
     cdef Py_ssize_t k, a = -1, last = -1, g
     if kind == BOLTZMANN:
         m = softmax_row(z, V, al, e, &s1)
@@ -237,9 +253,11 @@ cdef inline Py_ssize_t sample_row(const floating* z, Py_ssize_t V, double alpha,
         # which only moves a tie at a CDF boundary)
         for k in range(V):
             e[k] = e[k] / S
+            tot = tot + <double>e[k]
+        u = u * tot                             # the CDF in float64, u scaled by its total (policy.sample)
         for k in range(V):
-            acc = acc + e[k]
-            if acc > u:
+            accd = accd + <double>e[k]
+            if accd > u:
                 a = k
                 break
         if a < 0:
@@ -254,8 +272,11 @@ cdef inline Py_ssize_t sample_row(const floating* z, Py_ssize_t V, double alpha,
     hi = <floating>((1.0 - eps) + eps / V)
     lo = <floating>(eps / V)
     for k in range(V):
-        acc = acc + (hi if k == g else lo)
-        if acc > u:
+        tot = tot + <double>(hi if k == g else lo)
+    u = u * tot                                 # the CDF in float64, u scaled by its total (policy.sample)
+    for k in range(V):
+        accd = accd + <double>(hi if k == g else lo)
+        if accd > u:
             a = k
             break
     if a < 0:

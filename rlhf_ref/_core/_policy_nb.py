@@ -8,9 +8,9 @@ temporaries:
     ε-mixture      log π_ε(a) = logaddexp(log1p(−ε) + log π(a), log(ε/V))        (ε = 0: log π)
     classic ε-greedy / greedy   q = (1−ε)·onehot(argmax z) + ε/V, computed in float64 as the
                    reference does, then rounded to the kernel's dtype
-    sampling       a = #{k : cdf_k ≤ u}, cdf the running sum of q from index 0 (accumulated in
-                   the kernel's dtype, compared with u in float64); if u ≥ cdf_{V−1}, the last
-                   token with q > 0                                            (DESIGN.md §4)
+    sampling       a = #{k : cdf_k ≤ u·cdf_{V−1}}, cdf the running sum of q from index 0 (q in the
+                   kernel's dtype, accumulated in float64, u scaled by the total, as policy.sample);
+                   if u ≥ cdf_{V−1}, the last token with q > 0                 (DESIGN.md §4)
 
 ``e`` arguments are (V,) work rows; α and ε arrive as float64 and are rounded to the row's
 dtype, as NumPy does for ``alpha * z``.
@@ -22,7 +22,7 @@ import math
 
 import numpy as np
 
-from ._nb_common import ELEMENTWISE, cst, kernel, vexp
+from ._nb_common import cst, kernel, vexp
 
 BOLTZMANN, EPS_GREEDY, GREEDY = 0, 1, 2        # the codes of conventions.POLICY (checked by a test)
 
@@ -42,7 +42,26 @@ def log1m(eps):
     return -np.inf if eps >= 1.0 else math.log1p(-eps)
 
 
-@kernel(fastmath=ELEMENTWISE)
+@kernel
+def row_ok(z, V, alpha, kind):
+    """The row gives a policy (policy.check_scores): max_k α·z_k (max_k z_k for the greedy kinds),
+    NaN-propagating, is finite. α·z is rounded to the row's dtype, as the reference rounds it."""
+    al = cst(z, alpha) if kind == BOLTZMANN else cst(z, 1.0)
+    m = cst(z, -np.inf)
+    for k in range(V):
+        x = al * z[k]
+        if x != x or x == np.inf:                            # NaN or +inf
+            return False
+        if x > m:
+            m = x
+    return m > -np.inf
+
+
+# No fast-math contraction here (issue 10): with {"contract"} LLVM fused α·z_k − m into one FMA, so
+# the maximum's term was no longer exactly exp(0) and the rounding of α·z the reference does was
+# skipped; at large α (1e7 in float32) that moved the log-probs by 0.1 nats and sampled other tokens.
+# The rounding order of α·z − m is part of the convention; this loop must not be contracted.
+@kernel
 def softmax_row(z, V, alpha, e):
     """e[k] = exp(α z_k − m) for k < V; returns (m, Σ e, log Σ e): lse = m + log Σ e."""
     al = cst(z, alpha)
@@ -94,9 +113,13 @@ def sample_row(z, V, alpha, eps, kind, u, e):
         e[g] = hi
     # inverse CDF: the first k with cdf_k > u
     a = -1
-    acc = zero
+    tot = 0.0
     for k in range(V):
-        acc += e[k]
+        tot += np.float64(e[k])
+    u = u * tot                                              # the CDF in float64, u scaled by its total
+    acc = 0.0
+    for k in range(V):
+        acc += np.float64(e[k])
         if acc > u:
             a = k
             break
@@ -171,7 +194,7 @@ def logprob_stats_row(z, V, a, alpha, eps, qz, has_q, e):
     return lp, ent, qb, lse, plq
 
 
-@kernel(fastmath=ELEMENTWISE)
+@kernel                       # no contraction: α·z_k − lse must round as the reference rounds it
 def grad_row(z, V, a, alpha, eps, lse, lq_a, plq, d_logp, d_ent):
     """z[:V] becomes ∂/∂z of d_logp·log π_ε(a) + d_ent·H(π_ε) for one position, in place.
 

@@ -78,7 +78,7 @@ import numpy as np
 from numba import cuda
 
 from .. import model, policy
-from ..rollout import check_rollout_args
+from ..rollout import check_rollout_args, check_status
 from ..tokenizer import EOS, PAD
 from . import _config
 from ._config import CudaConfig  # noqa: F401  (the launch sizes' type, here for the tests and users)
@@ -176,29 +176,49 @@ def _cell_unit(x, b, j, emb, WihT, WhhT, b_ih, b_hh, hin, hout, c, cst):
 
 
 @cuda.jit(device=True)
-def _head_col(b, v, h, WT, bias, z, cst):
-    """z[b, v] = h[b] · W[v] + bias[v]   (lstm.linear, one output column)."""
+def _head_col(b, v, h, WT, bias, z, cst, ns):
+    """z[b, v] = h[b] · W[v] + bias[v]   (lstm.linear, one output column); the Boltzmann policy's
+    columns v < ns are stored as s = α·z, rounded there, so that no later α·z − m can be contracted
+    into one FMA (NVVM contracts by default; the rounding of α·z is part of the convention)."""
     H = WT.shape[0]
     acc = cst[0]
     for k in range(H):
         acc += h[b, k] * WT[k, v]
-    z[b, v] = acc + bias[v]
+    zv = acc + bias[v]
+    if v < ns:
+        z[b, v] = cst[3] * zv
+    else:
+        z[b, v] = zv
 
 
 @cuda.jit(device=True)
 def _lse(z, b, V, cst):
-    """logsumexp(α·z[b, :V]), max-shifted (policy.logsumexp), in the dtype of z."""
-    m = cst[3] * z[b, 0]
+    """logsumexp(s[b, :V]) of the stored s = α·z, max-shifted (policy.logsumexp), in the dtype of z;
+    not finite exactly when the row gives no policy (policy.check_scores)."""
+    m = z[b, 0]
     for k in range(1, V):
-        y = cst[3] * z[b, k]
+        y = z[b, k]
         if y > m:
             m = y
     if math.isinf(m):
         m = cst[0]
     s = cst[0]
     for k in range(V):
-        s += math.exp(cst[3] * z[b, k] - m)
+        s += math.exp(z[b, k] - m)
     return m + math.log(s)
+
+
+@cuda.jit(device=True)
+def _greedy_ok(z, b, V):
+    """max_k z[b, k] is finite, NaN-propagating (policy.check_scores for the greedy kinds)."""
+    m = z[b, 0]
+    for k in range(V):
+        x = z[b, k]
+        if math.isnan(x):
+            return False
+        if x > m:
+            m = x
+    return not math.isinf(m)                 # no +inf, not all −inf
 
 
 @cuda.jit(device=True)
@@ -217,7 +237,7 @@ def _argmax(z, b, V):
 def _logq_dt(z, b, k, lse, amax, kind, cst):
     """log q(k|s) in the dtype of z: Boltzmann α·z_k − lse, or the classic ε-greedy table."""
     if kind == _BOLTZMANN:
-        return cst[3] * z[b, k] - lse
+        return z[b, k] - lse                 # z holds s = α·z (_head_col)
     if k == amax:
         return cst[4]            # log((1−ε) + ε/V), rounded to the dtype on the host
     return cst[5]                # log(ε/V) (−inf for greedy)
@@ -239,13 +259,18 @@ def _logaddexp(x, y):
 @cuda.jit(device=True)
 def _logq_mix(z, b, k, lse, cst, mix):
     """log π_ε(k|s) = logaddexp(log1p(−ε) + log π(k|s), log(ε/V)), in float64 (as the reference)."""
-    return _logaddexp(mix[0] + (cst[3] * z[b, k] - lse), mix[1])
+    return _logaddexp(mix[0] + (z[b, k] - lse), mix[1])
 
 
 @cuda.jit(device=True)
 def _sample_dt(z, b, V, u, lse, amax, kind, cst):
-    """policy.sample for one row, cdf accumulated in the dtype of z."""
-    cdf = cst[0]
+    """policy.sample for one row: q in the dtype of z, the cdf accumulated in float64, u scaled by
+    its total."""
+    tot = 0.0
+    for k in range(V):
+        tot += math.exp(_logq_dt(z, b, k, lse, amax, kind, cst))
+    u = u * tot
+    cdf = 0.0
     a = V
     last = V - 1
     found = False
@@ -290,7 +315,7 @@ def _logp_at(z, b, V, k, kind, use_mix, cst, mix):
         lse = _lse(z, b, V, cst)
         if use_mix:
             return _logq_mix(z, b, k, lse, cst, mix)
-        return cst[3] * z[b, k] - lse
+        return z[b, k] - lse
     if k == _argmax(z, b, V):
         return cst[4]
     return cst[5]
@@ -352,9 +377,9 @@ def _rollout_kernel(tokens, pl, seqlen, u, sample, eos_id, kind, use_mix, V, row
                 b = b0 + r
                 if b < B and done[b] == 0 and t < seqlen[b]:
                     if k < n3:
-                        _head_col(b, v, h2[p_out], headT, head_b, z, cst)
+                        _head_col(b, v, h2[p_out], headT, head_b, z, cst, V if kind == _BOLTZMANN else 0)
                     else:
-                        _head_col(b, v, rh2[p_out], rheadT, rhead_b, rz, rcst)
+                        _head_col(b, v, rh2[p_out], rheadT, rhead_b, rz, rcst, V if kind == _BOLTZMANN else 0)
                 k += nth
             cuda.syncthreads()
             # phase 3: one thread per row: draw, log-probs, masks, EOS
@@ -366,6 +391,24 @@ def _rollout_kernel(tokens, pl, seqlen, u, sample, eos_id, kind, use_mix, V, row
                     if nv > V:
                         vals[b, t] = z[b, V]
                     if t >= pl[b]:
+                        # no policy at this state (non-finite α·z): end the row with the status
+                        # token −1 (−2: the reference policy), which the host turns into
+                        # policy.scores_error
+                        if kind == _BOLTZMANN:
+                            x = _lse(z, b, V, cst)
+                            ok = not (math.isinf(x) or math.isnan(x))
+                            rok = True
+                            if ref_on:
+                                x = _lse(rz, b, V, rcst)
+                                rok = not (math.isinf(x) or math.isnan(x))
+                        else:
+                            ok = _greedy_ok(z, b, V)
+                            rok = (not ref_on) or _greedy_ok(rz, b, V)
+                        if not (ok and rok):
+                            tokens[b, t] = -1 if not ok else -2
+                            done[b] = 1
+                            r += nth
+                            continue
                         if sample:
                             lse = cst[0]
                             amax = 0
@@ -472,7 +515,7 @@ def rollout(params, prompt_tokens, prompt_len, u, alpha=1.0, eps=0.0, kind="bolt
     """rollout.rollout on the GPU: same arguments, checks, keys and dtypes."""
     tok, pl, u, V = check_rollout_args(params, prompt_tokens, prompt_len, u, alpha, eps, kind, eos_id,
                                        ref_params, values)
-    alpha, eps = float(alpha), float(eps)
+    alpha_arg, alpha, eps = alpha, float(alpha), float(eps)
     B, T = tok.shape
     tokens = np.where(np.arange(T)[None, :] < pl[:, None], tok, PAD)            # (B, T) prompt, then PAD
     if B == 0:
@@ -481,6 +524,7 @@ def rollout(params, prompt_tokens, prompt_len, u, alpha=1.0, eps=0.0, kind="bolt
         res = _launch(params, tokens, pl, np.full(B, T, np.int64), np.asarray(u, np.float64), alpha, eps,
                       kind, eos_id, ref_params, values, sample=True)
     tokens, mask, am, logp, rlogp, vals = res
+    check_status(tokens, alpha_arg, kind, params["head.weight"].dtype)    # issue 10: no policy -> the reference's error
     mask[:, 0] = 1.0
     out = {"tokens": tokens, "mask": mask, "action_mask": am, "logp": logp}
     if ref_params is not None:
@@ -498,7 +542,8 @@ def sequence_logprobs(params, tokens, mask, prompt_len, alpha=1.0, eps=0.0):
     """
     policy.check_policy_args(alpha, eps)
     _, tokens, mask, prompt_len = model.prepare(params, tokens, mask, prompt_len)
-    alpha, eps = float(alpha), float(eps)
+    policy.check_alpha_dtype(alpha, params["head.weight"].dtype)             # issue 10: as the reference
+    alpha_arg, alpha, eps = alpha, float(alpha), float(eps)
     dt = params["head.weight"].dtype
     out_dt = np.float64 if eps > 0.0 else dt
     B, T = tokens.shape
@@ -507,6 +552,8 @@ def sequence_logprobs(params, tokens, mask, prompt_len, alpha=1.0, eps=0.0):
     ids = np.where(mask > 0, tokens, 0)                       # padded ids are never read
     seqlen = mask.sum(axis=1).astype(np.int64)                # right padding: real tokens are a prefix
     u = np.zeros((B, T))
-    _, _, _, logp, _, _ = _launch(params, ids, prompt_len, seqlen, u, alpha, eps, "boltzmann", 0, None,
+    status, _, _, logp, _, _ = _launch(params, ids, prompt_len, seqlen, u, alpha, eps, "boltzmann", 0, None,
                                   False, sample=False)
+    if status.min() < 0:                                    # issue 10: no policy at an action
+        raise policy.scores_error("params", alpha_arg, "boltzmann", dt)
     return logp.astype(out_dt)

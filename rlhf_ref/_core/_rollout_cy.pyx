@@ -26,7 +26,7 @@ from libc.string cimport memcpy, memset
 
 from ._common_cy cimport gemm, smm, use_smm
 from ._lstm_cy cimport cell
-from ._policy_cy cimport sample_row, logprob_row
+from ._policy_cy cimport sample_row, logprob_row, row_ok
 
 # the policy kind arrives as its code in conventions.POLICY (BOLTZMANN, EPS_GREEDY, GREEDY of _policy_cy.pxd)
 
@@ -70,7 +70,22 @@ cdef inline void _policy_row(const floating* z, Py_ssize_t Kc, bint has_value, c
         vals[i] = zb[V]
     if t < prompt_len[b]:
         return                              # a prompt token: kept, not an action
+    # no policy at this state (non-finite α·z): end the row with the status token −1 (−2 for the
+    # reference policy) that the backend turns into policy.scores_error; no id outside [0, V) is
+    # ever stored where a later step reads it
+    if not row_ok(zb, V, alpha, kind):
+        tokens[i] = -1
+        done[b] = 1
+        return
+    if has_ref and not row_ok(zr + b * Kr, V, alpha, kind):
+        tokens[i] = -2
+        done[b] = 1
+        return
     tok = sample_row(zb, V, alpha, eps, kind, u[i], e, &lp)
+    if tok < 0 or tok >= V:                     # cannot happen on a row_ok row; never index with it
+        tokens[i] = -1
+        done[b] = 1
+        return
     tokens[i] = tok
     am[i] = 1
     logp[i] = lp

@@ -17,7 +17,7 @@ from numba import prange
 
 from ._lstm_nb import cell
 from ._nb_common import kernel
-from ._policy_nb import logprob_row, sample_row
+from ._policy_nb import logprob_row, row_ok, sample_row
 
 PAD = 0
 
@@ -79,14 +79,29 @@ def rollout_rows(P, Wcat, bc, has_value, Pr, Wcatr, bcr, has_ref,
                 vals[b, t] = zb[V]
             if t < prompt_len[b]:
                 continue                                     # prompt token: kept, not an action
+            zrb = outr[i, Gr:Gr + bcr.shape[0]]                 # empty without a reference policy
+            if has_ref:
+                for k in range(zrb.shape[0]):
+                    zrb[k] += bcr[k]
+            # no policy at this state (non-finite α·z): end the row with the status token −1 (−2
+            # for the reference policy), which the backend turns into policy.scores_error
+            if not row_ok(zb, V, alpha, kind):
+                tokens[b, t] = -1
+                done[i] = True
+                continue
+            if has_ref and not row_ok(zrb, V, alpha, kind):
+                tokens[b, t] = -2
+                done[i] = True
+                continue
             tok, lp = sample_row(zb, V, alpha, eps, kind, u[b, t], e)
+            if tok < 0 or tok >= V:                          # cannot happen on a row_ok row
+                tokens[b, t] = -1
+                done[i] = True
+                continue
             tokens[b, t] = tok
             am[b, t] = 1.0
             logp[b, t] = lp
             if has_ref:
-                zrb = outr[i, Gr:Gr + bcr.shape[0]]
-                for k in range(zrb.shape[0]):
-                    zrb[k] += bcr[k]
                 ref_logp[b, t] = logprob_row(zrb, V, tok, alpha, eps, kind, e)
             if tok == eos_id:
                 done[i] = True

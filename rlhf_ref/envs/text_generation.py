@@ -41,7 +41,11 @@ import gymnasium as gym
 from gymnasium import spaces
 
 from .. import lstm, policy, reward_model
+from .._validate import check_range
 from ..tokenizer import EOS, PAD, Vocab
+
+
+MAX_LEN = 1 << 20     # the longest text an env holds (its buffers are allocated up front)
 
 
 def _default_data():
@@ -80,6 +84,9 @@ class TextGenerationEnv(gym.Env):
             raise TypeError(f"vocab must be a rlhf_ref.tokenizer.Vocab, got {type(vocab).__name__}")
         self.vocab = vocab
         V = len(vocab)
+        if isinstance(max_len, (bool, np.bool_)) or not isinstance(max_len, numbers.Integral) \
+                or not 2 <= max_len <= MAX_LEN:
+            raise ValueError(f"max_len must be an integer in [2, {MAX_LEN}], got {max_len!r}")
         self.max_len = int(max_len)
         self.prompts = [str(p) for p in prompts]
         if not self.prompts:
@@ -89,9 +96,7 @@ class TextGenerationEnv(gym.Env):
         if self.max_len < longest + 1:
             raise ValueError(f"max_len={self.max_len} leaves no room for a response: the longest prompt takes "
                              f"{longest} tokens (BOS included); use max_len >= {longest + 1}")
-        self.kl_coef = float(kl_coef)
-        if self.kl_coef < 0:
-            raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
+        self.kl_coef = check_range(kl_coef, "kl_coef", lo=0.0)
         self.alpha, self.eps, _ = policy.check_policy_args(alpha, eps)
         self.ref_params = None
         if self.kl_coef > 0 and ref_params is None:
