@@ -37,7 +37,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .. import safe_read
+from .. import conventions as _table
+from .. import model, policy, safe_read
+from . import conventions as cv
 from . import mistakes as mk
 from . import vectors as gv
 from .compare import (HINT_SLACK, LAYOUTS, LOSS_NAMES, SECTIONS, Ctx, _close, _compare_int, _fmt, _idx,  # noqa: F401
@@ -58,14 +60,31 @@ class Finding:
     hint: str = ""
     index: tuple = ()    #: where (the worst entry), when it applies
     mistake: str = ""    #: the name of the mistake the hint describes (rlhf_ref.golden.mistakes), if any
+    #: for a difference after the first of its section: "follows" (recomputed with the reference math
+    #: from your own upstream values, it matches: a consequence), "independent" (it does not: a second
+    #: mistake, diagnosed from your upstream values) or "downstream" (not recomputable from values:
+    #: gradients); "" for the first difference of a section (the root)
+    relation: str = ""
+    upstream: tuple = ()  #: the upstream quantities of yours that differ and that it was recomputed from
 
     @property
     def failing(self):
         return self.kind != "note"
 
+    @property
+    def root(self):
+        return self.failing and self.kind != "masking" and not self.relation
+
     def format(self):
         tag = {"differs": "", "masking": "masking: ", "shape": "", "note": "note: "}[self.kind]
         s = f"[{self.section}] {tag}{self.quantity}: {self.message}"
+        if self.relation == "follows":
+            s += f"\n       follows from your {', '.join(self.upstream)} (recomputed from them, it matches)"
+        elif self.relation == "independent":
+            s += ("\n       a second, independent mistake: recomputed from your "
+                  + (", ".join(self.upstream) if self.upstream else "upstream values") + ", it still differs")
+        elif self.relation == "downstream":
+            s += "\n       may follow from the differences above (gradients are not recomputed from your values)"
         if self.hint:
             s += f"\n       hint: {self.hint}"
         return s
@@ -93,6 +112,11 @@ class CaseReport:
                 return f
         return None
 
+    def differing(self, section=None):
+        """Every failing finding (of ``section``) that is not a masking one, in data-flow order."""
+        return [f for f in self.findings if f.failing and f.kind != "masking"
+                and (section is None or f.section == section)]
+
     def format(self, verbose=False):
         if self.missing:
             return f"--   {self.case}: no outputs (not checked)"
@@ -106,15 +130,31 @@ class CaseReport:
         else:
             lines.append(f"{head} {self.case}" + (f"  ({self.description})" if verbose and self.description else ""))
         prev = None
+        grouped = {}              # (section, relation) -> quantities: one line each unless verbose
         for f in self.findings:
+            if not verbose and f.relation in ("follows", "downstream"):
+                grouped.setdefault((f.section, f.relation), []).append(f.quantity)
+                continue
             line = "     " + f.format()
             if f.hint and f.hint == prev:
                 line = line.replace(f.hint, "the same (see above)")
             prev = f.hint or prev
             lines.append(line)
-        if not self.ok and self.not_compared:
-            lines.append(f"     ({len(self.checked)} quantities matched before; {len(self.not_compared)} after the "
-                         f"first difference not compared)")
+        for (section, rel), names in grouped.items():
+            what = ("follow from your values above (recomputed from them with the reference math, they match)"
+                    if rel == "follows" else
+                    "differ downstream (gradients: not recomputed from your values, they may follow from the above)")
+            lines.append(f"     [{section}] {len(names)} more {what}: {_group(names)}")
+        if not self.ok:
+            diff = self.differing()
+            n = {r: sum(f.relation == r for f in diff) for r in ("", "independent", "follows", "downstream")}
+            parts = [f"{len(self.checked)} match", f"{len(diff)} differ"]
+            if len(diff):
+                parts.append(", ".join(f"{k} {w}" for k, w in ((n[""], "first in its section"),
+                                                                (n["independent"], "independent"),
+                                                                (n["follows"], "following"),
+                                                                (n["downstream"], "downstream")) if k))
+            lines.append("     (" + "; ".join(parts) + ")")
         if verbose:
             if self.ignored:
                 lines.append("     ignored (not golden outputs): " + ", ".join(self.ignored))
@@ -169,6 +209,12 @@ class Report:
         missing = [c.case for c in self.cases if c.missing]
         if missing and not verbose:
             lines.append(f"--   no outputs for {len(missing)} case(s): " + ", ".join(missing))
+        if not verbose:
+            nc = [(c.case, n) for c in run for n in c.not_checked]
+            if nc:
+                cases = sorted({c for c, _ in nc})
+                lines.append(f"not checked (not produced): {len(nc)} golden quantities in {len(cases)} case(s) "
+                             "(-v lists them)")
         if verbose:
             groups = {}
             for c in self.cases:
@@ -218,7 +264,7 @@ def load_outputs(path):
     return out
 
 
-# ============================================================================ verifying a case
+# ============================================================================ hints
 
 def _hint(ctx, n, got):
     """{hint, mistake name} for the first differing quantity ``n``; ('', '') when no named
@@ -245,9 +291,153 @@ def _masking_hint(ctx, n, got):
         return {"hint": "", "mistake": ""}
 
 
+
+# ============================================================================ following differences
+
+def _on(m, a):
+    while m.ndim < np.ndim(a):
+        m = m[..., None]
+    return np.where(m, a, 0.0)
+
+
+def _recompute(ctx, q, val):
+    """(value, upstream names) of ``q`` recomputed with the reference math from the values ``val(name)``
+    (yours where you gave them, else golden), or (None, ()) where ``q`` is not a function of other
+    compared values (the forward pass from the parameters, gradients) or the case's switches are
+    ones this recomputation does not cover."""
+    cfg = ctx.cfg
+    if gv.section_of(q) == "rollout":
+        if q != "rollout/logp":
+            return None, ()
+        tok = np.asarray(val("rollout/tokens")).astype(np.int64)
+        if tok.min(initial=0) < 0 or tok.max(initial=0) >= ctx.dims["V"]:
+            return None, ()
+        pol = {k.split("/", 1)[1]: np.asarray(v, np.float64) for k, v in ctx.inputs.items()
+               if k.startswith("policy/")}
+        fwd, _ = model.forward(pol, tok, np.asarray(val("rollout/mask")))
+        lq = policy.logprobs(fwd["scores"], cfg["alpha"], cfg["eps"])
+        lp = np.take_along_axis(lq, tok[:, :, None], -1)[:, :, 0]
+        return _on(np.asarray(val("rollout/action_mask")) > 0, lp), \
+            ("rollout/tokens", "rollout/mask", "rollout/action_mask")
+    if q == "sft_loss":
+        return -float(np.sum(val("sft_logp"))) / max(float(ctx.pm.sum()), 1.0), ("sft_logp",)
+    if q == "bt_loss":
+        return float(np.mean(np.logaddexp(0.0, val("reward_rejected") - val("reward_chosen")))), \
+            ("reward_chosen", "reward_rejected")
+    if "action_mask" not in ctx.g:
+        return None, ()
+    am = np.asarray(val("action_mask")) > 0
+    extra = {k for k in ("kl_in", "surrogate", "value_clip", "group_scale") if k in cfg}
+    if any(cfg[k] != _table.TABLE[k].default for k in extra if k in _table.TABLE):
+        return None, ()                  # new conventions: not recomputed here
+    if q == "logq":
+        return _on(ctx.pm, policy.logprobs(val("scores"), cfg["alpha"], cfg["eps"])), ("scores",)
+    if q == "logp":
+        tok = ctx.g["tokens"]
+        return _on(am, np.take_along_axis(val("logq"), tok[:, :, None], -1)[:, :, 0]), ("logq", "action_mask")
+    if q == "entropy":
+        lq = val("logq")
+        return _on(am, -np.sum(np.exp(lq) * lq, -1)), ("logq", "action_mask")
+    if q == "kl":
+        return cv.kl_per_token(val("logp"), val("ref_logp"), am, cfg["kl"]), ("logp", "ref_logp", "action_mask")
+    if q == "rewards":
+        return cv.shaped_rewards(val("kl"), ctx.g64("reward"), am, cfg["beta"]), ("kl", "action_mask")
+    if q == "returns":
+        if cfg["returns"] not in ("rtg", "total"):
+            return None, ()
+        return cv.discounted_returns(val("rewards"), am, cfg["gamma"], cfg["returns"]), ("rewards", "action_mask")
+    if q == "baseline":
+        k = cfg["baseline"]
+        if k == "none":
+            return np.zeros(am.shape), ()
+        if k == "value":
+            return _on(am, val("values")), ("values", "action_mask")
+        if k == "qvalue":
+            return _on(am, np.sum(np.exp(val("logq")) * val("qvalues"), -1)), ("logq", "qvalues", "action_mask")
+        if k in ("mean", "loo"):
+            return cv.baseline(k, val("returns"), am), ("returns", "action_mask")
+        return None, ()
+    if q == "advantages":
+        a0 = _on(am, val("returns") - val("baseline"))
+        if cfg["whiten"] != "off":
+            a0 = cv.whiten(a0, am, cfg["whiten"], cfg["shift_mean"])
+        return a0, ("returns", "baseline", "action_mask")
+    if q == "weights":
+        if cfg["aggregation"] not in ("token_mean", "seq_mean", "seq_sum"):
+            return None, ()
+        return cv.aggregation_weights(am, cfg["aggregation"]), ("action_mask",)
+    if q == "loss_pg":
+        return -float(np.sum(val("weights") * val("advantages") * val("logp"))), ("weights", "advantages", "logp")
+    if q == "loss_ent":
+        return -cfg["entropy_coef"] * float(np.sum(val("weights") * val("entropy"))), ("weights", "entropy")
+    if q == "loss_value":
+        if cfg["critic"] == "value":
+            pred, dep = _on(am, val("values")), "values"
+        else:
+            pred = _on(am, np.take_along_axis(val("qvalues"), ctx.g["tokens"][:, :, None], -1)[:, :, 0])
+            dep = "qvalues"
+        return cfg["value_coef"] * float(np.sum(val("weights") * 0.5 * (pred - val("returns")) ** 2)), \
+            ("weights", dep, "returns")
+    if q == "loss":
+        terms = tuple(t for t in ctx.entry["outputs"] if t.startswith("loss_"))
+        return float(sum(float(val(t)) for t in terms)), terms
+    return None, ()
+
+
+class _Overlay:
+    """The case's golden arrays with yours laid over them (for recomputing a later quantity from your
+    own upstream values): ``ctx.g`` is swapped for it while a second mistake is diagnosed."""
+
+    def __init__(self, ctx):
+        self.ctx, self.yours = ctx, {}
+
+    def value(self, name):
+        if name in self.yours:
+            return self.yours[name]
+        return self.ctx.g64(name) if self.ctx.g[name].dtype.kind == "f" else np.asarray(self.ctx.g[name])
+
+    def diagnose(self, n, got, rec):
+        ctx = self.ctx
+        g = ctx.g
+        over = dict(g)
+        over.update(self.yours)
+        if rec is not None:
+            over[n] = np.asarray(rec, np.float64)
+        ctx.g = over
+        try:
+            return _hint(ctx, n, got)
+        finally:
+            ctx.g = g
+
+
+# ============================================================================ verifying a case
+
+def _where(ctx, n, ix, layout):
+    """An index as the implementation sees it, saying which layout's coordinates it is in."""
+    if not ix:
+        return ""
+    if layout == "token-aligned" or len(ix) < 2 or not gv.time_aligned(n):
+        return _idx(ix)
+    b, t = int(ix[0]), int(ix[1])
+    if layout == "shifted":
+        u = (b, t - 1) + tuple(ix[2:])
+    else:
+        u = (b, t - int(_prompt_len(ctx, n)[b])) + tuple(ix[2:])
+    return f"{_idx(u)} ({layout} layout; token-aligned {_idx(ix)})"
+
+
+def _prompt_len(ctx, n):
+    return np.asarray(ctx.g["rollout/prompt_len" if n.startswith("rollout/") else "prompt_len"])
+
+
 def verify_case(entry, golden, outputs, layout=None, strict_mask=True):
     """Compare one case. ``entry``: its manifest entry; ``golden``: its arrays; ``outputs``: the
-    implementation's arrays (a dict). Returns a CaseReport."""
+    implementation's arrays (a dict). Returns a CaseReport.
+
+    Every golden quantity you gave is compared, in data-flow order. The first difference of a
+    section is its root, diagnosed from the golden upstream values; each later one is recomputed
+    with the reference math from YOUR upstream values: when that matches, it *follows* from them,
+    otherwise it is a second, independent mistake, diagnosed from your upstream values."""
     name = entry["name"]
     rep = CaseReport(name, entry.get("description", ""))
     outputs = dict(outputs)
@@ -260,26 +450,28 @@ def verify_case(entry, golden, outputs, layout=None, strict_mask=True):
     ctx = Ctx(entry, golden)
     ctx.impl = outputs
     ctx.checked = rep.checked
+    ctx.layout = layout
+    ctx.raw = {}
+    over = _Overlay(ctx)
     outs = entry["outputs"]
     rep.ignored = sorted(k for k in outputs if k not in outs and k not in entry["inputs"])
     ties = {}
     for section in SECTIONS:
         names = [n for n in outs if gv.section_of(n) == section]
-        stopped = False
+        root = None                       # the first differing quantity of the section (its Finding)
+        differing = set()
         for n in names:
-            if stopped:
-                if n in outputs:
-                    rep.not_compared.append(n)
-                continue
             if n not in outputs:
                 rep.not_checked.append(n)
                 continue
             want = golden[n]
-            got, why = _normalise(n, outputs[n], want, layout)
+            got, why = _normalise(n, outputs[n], want, layout, ctx=ctx, outputs=outputs)
             if got is None:
                 msg = why or _shape_msg(n, np.asarray(outputs[n]), want, ctx, layout)
-                rep.findings.append(Finding(name, section, "shape", n, msg))
-                stopped = True
+                f = Finding(name, section, "shape", n, msg, relation="" if root is None else "independent")
+                rep.findings.append(f)
+                root = root or f
+                differing.add(n)
                 continue
             # tie-aware sampled tokens
             if n == "rollout/tokens":
@@ -292,6 +484,7 @@ def verify_case(entry, golden, outputs, layout=None, strict_mask=True):
                 got = np.array(got, copy=True)
                 for b, t in ties.items():
                     got[b, t:] = want[b, t:]
+            ctx.raw[n] = np.asarray(got)
             # masking: values that must be exactly 0 off a mask
             off = _zero_mask(ctx, n, want.shape)
             if off is not None:
@@ -301,46 +494,87 @@ def verify_case(entry, golden, outputs, layout=None, strict_mask=True):
                     pos = sorted({tuple(i[:2]) for i in ix})
                     zname = gv.zero_off(n)
                     kinds = _position_kinds(ctx, pos, zname)
-                    first = tuple(ix[0])
+                    first = tuple(int(i) for i in ix[0])
                     what = {"position": "the position mask (column 0 and padding)"}.get(zname, zname)
                     rep.findings.append(Finding(
                         name, section, "masking" if strict_mask else "note", n,
-                        f"nonzero at {len(pos)} position(s) off {what} ({kinds}); e.g. {_idx(first)} = "
-                        f"{_fmt(np.asarray(got)[first])}. Entries off the mask must be exactly 0 (DESIGN.md §2)",
+                        f"nonzero at {len(pos)} position(s) off {what} ({kinds}); e.g. {_where(ctx, n, first, layout)}"
+                        f" = {_fmt(np.asarray(got)[first])}. Entries off the mask must be exactly 0 (DESIGN.md §2)",
                         index=first, **_masking_hint(ctx, n, got)))
                     got = np.where(off, want, got)
             # compare
             if want.dtype.kind in "iub":
                 r = _compare_int(n, got, want)
+                over.yours[n] = np.asarray(got)
                 if r is None:
                     rep.checked.append(n)
                     continue
-                ix, msg = r
-                rep.findings.append(Finding(name, section, "differs", n, msg, **_hint(ctx, n, got), index=ix))
-                stopped = True
-                continue
-            got64 = np.asarray(got, np.float64)
-            want64 = want.astype(np.float64)
-            atol, rtol = ctx.tol(n)
-            ok = _close(got64, want64, atol, rtol)
-            if ok.all():
-                rep.checked.append(n)
-                continue
-            bad = ~ok
-            err = np.where(bad, np.abs(got64 - want64), -1.0)
-            err = np.where(np.isnan(err), np.inf, err)
-            ix = tuple(int(i) for i in np.unravel_index(int(np.argmax(err)), err.shape)) if err.ndim else ()
-            total = want.size
-            unit = "entries"
-            if gv.zero_off(n) == "action_mask":
-                total, unit = int(ctx.am.sum()), "actions"
-            msg = (f"{int(bad.sum())} of {total} {unit} differ" if want.ndim else "differs") + \
-                  (f"; worst {_idx(ix)}" if ix else "") + \
-                  f": got {_fmt(got64[ix])}, expected {_fmt(want64[ix])} (|Δ| {_fmt(abs(got64[ix] - want64[ix]))}, " \
-                  f"tolerance {_fmt(atol + rtol * abs(want64[ix]))})"
-            rep.findings.append(Finding(name, section, "differs", n, msg, **_hint(ctx, n, got64), index=ix))
-            stopped = True
+                ix, _ = r
+                bad = np.asarray(got) != want
+                msg = (f"{int(bad.sum())} of {bad.size} entries differ; first {_where(ctx, n, ix, layout)}: got "
+                       f"{_fmt(np.asarray(got)[ix])}, expected {_fmt(want[ix])}")
+                got_c = got
+            else:
+                got64 = np.asarray(got, np.float64)
+                over.yours[n] = got64
+                want64 = want.astype(np.float64)
+                atol, rtol = ctx.tol(n)
+                ok = _close(got64, want64, atol, rtol)
+                if ok.all():
+                    rep.checked.append(n)
+                    continue
+                bad = ~ok
+                err = np.where(bad, np.abs(got64 - want64), -1.0)
+                err = np.where(np.isnan(err), np.inf, err)
+                ix = tuple(int(i) for i in np.unravel_index(int(np.argmax(err)), err.shape)) if err.ndim else ()
+                total = want.size
+                unit = "entries"
+                if gv.zero_off(n) == "action_mask":
+                    total, unit = int(ctx.am.sum()), "actions"
+                msg = (f"{int(bad.sum())} of {total} {unit} differ" if want.ndim else "differs") + \
+                      (f"; worst {_where(ctx, n, ix, layout)}" if ix else "") + \
+                      f": got {_fmt(got64[ix])}, expected {_fmt(want64[ix])} (|Δ| " \
+                      f"{_fmt(abs(got64[ix] - want64[ix]))}, tolerance {_fmt(atol + rtol * abs(want64[ix]))})"
+                got_c = got64
+            f = Finding(name, section, "differs", n, msg, index=ix)
+            if root is None:
+                f.__dict__.update(_hint(ctx, n, got_c))
+                root = f
+            else:
+                _relate(ctx, over, f, n, got_c, differing, root)
+            differing.add(n)
+            rep.findings.append(f)
     return rep
+
+
+def _relate(ctx, over, f, n, got, differing, root):
+    """A later difference: does it follow from your own upstream values, or is it a second mistake?"""
+    try:
+        with np.errstate(all="ignore"):
+            rec, deps = _recompute(ctx, n, over.value)
+    except _RECOMPUTE_ERRORS:
+        rec, deps = None, ()
+    if rec is None:
+        if n.startswith("grad/"):
+            f.relation = "downstream"
+            return
+        h = _hint(ctx, n, got)
+        if h["mistake"] and h["mistake"] == root.mistake:
+            f.relation, f.hint, f.mistake = "downstream", h["hint"], h["mistake"]
+        else:
+            f.relation = "independent"
+            f.__dict__.update(h)
+        return
+    up = tuple(d for d in deps if d in differing)
+    f.upstream = up
+    if up and mk.distance(ctx, n, got, rec) <= HINT_SLACK:
+        f.relation = "follows"
+        return
+    f.relation = "independent"
+    f.__dict__.update(over.diagnose(n, got, rec) if up else _hint(ctx, n, got))
+
+
+_RECOMPUTE_ERRORS = (ValueError, TypeError, IndexError, KeyError, FloatingPointError, ZeroDivisionError)
 
 
 def verify(cases, outputs, layout=None, names=None, strict_mask=True):
@@ -377,6 +611,45 @@ def verify(cases, outputs, layout=None, names=None, strict_mask=True):
         reports.append(verify_case(e, golden, outs[e["name"]], layout=layout, strict_mask=strict_mask))
     return Report(reports, golden=os.fspath(cases),
                   outputs=os.fspath(outputs) if isinstance(outputs, (str, os.PathLike)) else "<dict>")
+
+
+def verify_outputs(outputs, case, golden=None, layout=None, strict_mask=True):
+    """The Report of one case: your ``outputs`` (``{golden name: array}``) against golden ``case``.
+
+    case     a case name (rlhf_ref.golden.cases.CASES) or its manifest entry (a dict with "name")
+    golden   a golden folder written by ``rlhf-ref vectors`` (or its manifest.json); None: the case
+             is computed in memory by the reference from the shipped case table (the same numbers
+             ``rlhf-ref vectors`` writes)
+    layout   "token-aligned" (default), "shifted" or "response" (docs/golden-vectors.md §4)
+
+    ``report.ok``; ``report.format()`` is the text to raise an AssertionError with, e.g.
+    ``assert rep.ok, rep.format()``.
+    """
+    if not isinstance(outputs, dict):
+        raise TypeError(f"outputs must be a dict {{golden name: array}}, got {type(outputs).__name__}")
+    name = case.get("name") if isinstance(case, dict) else case
+    if not isinstance(name, str):
+        raise TypeError(f"case must be a case name or a manifest entry, got {type(case).__name__}")
+    if golden is not None:
+        return verify(golden, {name: dict(outputs)}, layout=layout, names=[name], strict_mask=strict_mask)
+    from . import cases as gc
+    try:
+        spec = gc.get_spec(name)
+    except KeyError as e:
+        raise KeyError(f"case: {e.args[0]}") from None
+    arrays, entry = _built(spec)
+    rep = verify_case(entry, arrays, outputs, layout=layout, strict_mask=strict_mask)
+    return Report([rep], golden="<computed by the reference>", outputs="<dict>")
+
+
+_BUILT = {}
+
+
+def _built(spec):
+    """A case's (arrays, entry) computed by the reference (cached per process)."""
+    if spec.name not in _BUILT:
+        _BUILT[spec.name] = gv.build_case(spec)
+    return _BUILT[spec.name]
 
 
 # ============================================================================ command line
