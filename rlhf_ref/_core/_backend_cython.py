@@ -59,6 +59,7 @@ import numpy as np
 from .. import model, reinforce, reward_model, sft
 from . import _blas, _config
 from ._host import c as _c, complete, dtype as _dtype, head_stack, head_grads, reinforce_codes, CODES
+from ._host import kernel_chain_covers, reference_chain
 from ._host import stack_pairs, reward_head_backward, reward_head_grads
 
 NAME = "cython"
@@ -396,18 +397,24 @@ def sequence_logprobs(params, tokens, mask, prompt_len, alpha=1.0, eps=0.0):
 
 # ----------------------------------------------------------------------------- REINFORCE
 
-def reinforce_loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, ref_params=None, ref_logp=None):
-    """``rlhf_ref.reinforce.loss_and_grad`` (without term_grads and the (B, T, V) arrays scores/logq)."""
-    cfg, V, tokens, mask, prompt_len, reward, am, ref_logp = reinforce.prepare(
-        params, tokens, mask, prompt_len, reward, cfg, ref_params, ref_logp, logprobs=sequence_logprobs)
+def reinforce_loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, ref_params=None, ref_logp=None,
+                            *, group=None, old_logp=None, old_values=None):
+    """``rlhf_ref.reinforce.loss_and_grad`` (without term_grads and the (B, T, V) arrays scores/logq).
+
+    The per-token chain runs in the kernel ``reinforce_chain`` for the conventions it has
+    (``_host.kernel_chain_covers``); for issue 9's (kl_in='loss', gae, group baselines, ppo_clip,
+    value_clip, fixed_len) it is ``reinforce.chain``, the reference's O(B·T) NumPy chain."""
+    cfg, V, tokens, mask, prompt_len, reward, am, ref_logp, group, old_logp, old_values = reinforce.prepare(
+        params, tokens, mask, prompt_len, reward, cfg, ref_params, ref_logp, logprobs=sequence_logprobs,
+        group=group, old_logp=old_logp, old_values=old_values)
     reward = reward.astype(np.float64)
     ref_logp = np.ascontiguousarray(np.where(am > 0, ref_logp, 0.0), dtype=np.float64)
     K = _require()
     with _call():
-        return _reinforce(K, params, tokens, mask, am, reward, ref_logp, cfg, V)
+        return _reinforce(K, params, tokens, mask, am, reward, ref_logp, cfg, V, group, old_logp, old_values)
 
 
-def _reinforce(K, params, tokens, mask, am, reward, ref_logp, cfg, V):
+def _reinforce(K, params, tokens, mask, am, reward, ref_logp, cfg, V, group=None, old_logp=None, old_values=None):
     dt = _dtype(params)
     B, T = tokens.shape
     Tr = K.train
@@ -425,13 +432,21 @@ def _reinforce(K, params, tokens, mask, am, reward, ref_logp, cfg, V):
         pred_q = np.where(am > 0, np.take_along_axis(qvalues, tokens[:, :, None], -1)[:, :, 0], 0.0)
 
     # KL-shaped rewards, returns, baseline, advantages, the losses and their upstream gradients
-    kl, rewards, G, bl, adv, w, pred, d_logp, d_ent, d_pred = (np.empty((B, T)) for _ in range(10))
-    kl_code, ret_code, base_code, wh_code, agg_code = reinforce_codes(cfg)
-    loss_pg, loss_ent, loss_value = Tr.reinforce_chain(
-        logp, ref_logp, am, reward, np.zeros((B, T)) if values is None else _c(values, np.float64), qb,
-        _c(pred_q, np.float64), critic_q, float(cfg.beta), kl_code, float(cfg.gamma), ret_code, base_code, wh_code,
-        bool(cfg.shift_mean), agg_code, float(cfg.entropy_coef), float(cfg.value_coef), ent,
-        kl, rewards, G, bl, adv, w, pred, d_logp, d_ent, d_pred)
+    ratio, loss_kl = None, 0.0
+    if kernel_chain_covers(cfg):
+        kl, rewards, G, bl, adv, w, pred, d_logp, d_ent, d_pred = (np.empty((B, T)) for _ in range(10))
+        kl_code, ret_code, base_code, wh_code, agg_code = reinforce_codes(cfg)
+        loss_pg, loss_ent, loss_value = Tr.reinforce_chain(
+            logp, ref_logp, am, reward, np.zeros((B, T)) if values is None else _c(values, np.float64), qb,
+            _c(pred_q, np.float64), critic_q, float(cfg.beta), kl_code, float(cfg.gamma), ret_code, base_code,
+            wh_code, bool(cfg.shift_mean), agg_code, float(cfg.entropy_coef), float(cfg.value_coef), ent,
+            kl, rewards, G, bl, adv, w, pred, d_logp, d_ent, d_pred)
+    else:                                   # issue 9's conventions: the reference's O(B·T) chain
+        v64 = None if values is None else np.where(am > 0, values.astype(np.float64), 0.0)
+        pred = pred_q if critic_q else v64
+        (kl, rewards, G, bl, adv, w, ratio, d_logp, d_ent, d_pred, loss_pg, loss_ent, loss_value,
+         loss_kl) = reference_chain(cfg, am, logp, ref_logp, ent, reward, v64, pred, qb if critic_q else None,
+                                    group, old_logp, old_values)
 
     # pass 3: ∂L/∂logits in place, then the backward pass
     Tr.policy_grads(net.logits, net.ids_pos, am, V, float(cfg.alpha), float(cfg.eps), mx, s1, logp, plq,
@@ -440,7 +455,7 @@ def _reinforce(K, params, tokens, mask, am, reward, ref_logp, cfg, V):
     grads = net.backward_all(params)
 
     out = reinforce.pack_outputs(am, logp, ref_logp, ent, kl, rewards, G, values, qvalues, bl, adv, w,
-                                 loss_pg, loss_ent, loss_value, dt=dt)
+                                 loss_pg, loss_ent, loss_value, dt=dt, ratio=ratio, loss_kl=loss_kl)
     return out, grads
 
 

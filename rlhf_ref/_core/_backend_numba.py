@@ -43,6 +43,7 @@ import numpy as np
 from .. import model, reinforce, reward_model, sft
 from . import _blas, _config
 from ._host import c as _c, complete, dtype as _dtype, head_stack, head_grads, reinforce_codes, CODES
+from ._host import kernel_chain_covers, reference_chain
 from ._host import stack_pairs, reward_head_backward, reward_head_grads
 
 NAME = "numba"
@@ -291,10 +292,16 @@ def sequence_logprobs(params, tokens, mask, prompt_len, alpha=1.0, eps=0.0):
 
 # ----------------------------------------------------------------------------- REINFORCE
 
-def reinforce_loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, ref_params=None, ref_logp=None):
-    """``rlhf_ref.reinforce.loss_and_grad`` (without term_grads and the (B, T, V) arrays scores/logq)."""
-    cfg, V, tokens, mask, prompt_len, reward, am, ref_logp = reinforce.prepare(
-        params, tokens, mask, prompt_len, reward, cfg, ref_params, ref_logp, logprobs=sequence_logprobs)
+def reinforce_loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, ref_params=None, ref_logp=None,
+                            *, group=None, old_logp=None, old_values=None):
+    """``rlhf_ref.reinforce.loss_and_grad`` (without term_grads and the (B, T, V) arrays scores/logq).
+
+    The per-token chain runs in the kernel ``reinforce_chain`` for the conventions it has
+    (``_host.kernel_chain_covers``); for issue 9's (kl_in='loss', gae, group baselines, ppo_clip,
+    value_clip, fixed_len) it is ``reinforce.chain``, the reference's O(B·T) NumPy chain."""
+    cfg, V, tokens, mask, prompt_len, reward, am, ref_logp, group, old_logp, old_values = reinforce.prepare(
+        params, tokens, mask, prompt_len, reward, cfg, ref_params, ref_logp, logprobs=sequence_logprobs,
+        group=group, old_logp=old_logp, old_values=old_values)
     B, T = tokens.shape
     reward = reward.astype(np.float64)
     ref_logp = ref_logp.astype(np.float64)
@@ -320,13 +327,20 @@ def reinforce_loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, 
             pred_q = np.where(am > 0, np.take_along_axis(qvalues, tokens[:, :, None], -1)[:, :, 0], 0.0)
 
     # KL-shaped rewards, returns, baseline, advantages, the losses and their upstream gradients
-    kl, rewards, G, bl, adv, w, pred, d_logp, d_ent, d_pred = (np.empty((B, T)) for _ in range(10))
-    kl_code, ret_code, base_code, wh_code, agg_code = reinforce_codes(cfg)
-    loss_pg, loss_ent, loss_value = K.train.reinforce_chain(
-        logp, ref_logp, am, reward, values, qb, pred_q, has_q,
-        float(cfg.beta), kl_code, float(cfg.gamma), ret_code, base_code, wh_code, bool(cfg.shift_mean),
-        agg_code, float(cfg.entropy_coef), float(cfg.value_coef), ent,
-        kl, rewards, G, bl, adv, w, pred, d_logp, d_ent, d_pred)
+    ratio, loss_kl = None, 0.0
+    if kernel_chain_covers(cfg):
+        kl, rewards, G, bl, adv, w, pred, d_logp, d_ent, d_pred = (np.empty((B, T)) for _ in range(10))
+        kl_code, ret_code, base_code, wh_code, agg_code = reinforce_codes(cfg)
+        loss_pg, loss_ent, loss_value = K.train.reinforce_chain(
+            logp, ref_logp, am, reward, values, qb, pred_q, has_q,
+            float(cfg.beta), kl_code, float(cfg.gamma), ret_code, base_code, wh_code, bool(cfg.shift_mean),
+            agg_code, float(cfg.entropy_coef), float(cfg.value_coef), ent,
+            kl, rewards, G, bl, adv, w, pred, d_logp, d_ent, d_pred)
+    else:                                   # issue 9's conventions: the reference's O(B·T) chain
+        v64 = np.where(am > 0, values, 0.0) if "value" in net.off else None
+        (kl, rewards, G, bl, adv, w, ratio, d_logp, d_ent, d_pred, loss_pg, loss_ent, loss_value,
+         loss_kl) = reference_chain(cfg, am, logp, ref_logp, ent, reward, v64, pred_q if has_q else v64,
+                                    qb if has_q else None, group, old_logp, old_values)
 
     # pass 2: ∂L/∂logits in place, then the backward pass
     pred_col = net.off[cfg.critic][0]
@@ -335,7 +349,8 @@ def reinforce_loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, 
     grads = net.backward_all(params)
 
     out = reinforce.pack_outputs(am, logp, ref_logp, ent, kl, rewards, G, values if "value" in net.off else None,
-                                 qvalues, bl, adv, w, loss_pg, loss_ent, loss_value, dt=dt)
+                                 qvalues, bl, adv, w, loss_pg, loss_ent, loss_value, dt=dt, ratio=ratio,
+                                 loss_kl=loss_kl)
     return out, grads
 
 
