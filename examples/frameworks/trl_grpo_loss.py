@@ -1,0 +1,185 @@
+"""TRL's GRPO policy loss (the real ``trl.GRPOTrainer._compute_loss``) against the golden vectors.
+
+    python examples/frameworks/trl_grpo_loss.py [--golden DIR] [--case NAME ...]
+
+Needs ``pip install "rlhf-ref[frameworks]"`` (trl==1.16.0; it imports and runs on CPU). TRL has
+no standalone loss function: the loss is the trainer method ``_compute_loss(model, inputs)``. It
+is called here, unmodified, on a minimal stub object that holds the configuration attributes the
+method reads (``loss_type``, ``beta``, ``epsilon_low``/``epsilon_high``, ...), a no-op
+accelerator (one process), and a ``_get_per_token_logps_and_entropies`` that returns the golden
+``logp`` as a leaf tensor instead of running a model. Everything the method computes from there
+(ratio, clipping, the KL term, the per-``loss_type`` aggregation) is TRL's code.
+
+What is compared, for each golden case whose aggregation a TRL ``loss_type`` implements:
+
+    token_mean -> loss_type "bnpo" and "dapo" (num_items_in_batch = the batch's action count)
+    seq_mean   -> loss_type "grpo"
+    fixed_len  -> loss_type "dr_grpo" (max_completion_length = norm_len, or the array width T)
+
+TRL receives the case's golden ``advantages`` (B, T) and ``logp`` in the response-only layout
+(column 0 = each row's first action, ``completion_mask`` = the action mask moved alike) and
+``old_per_token_logps=None`` (ratio 1: the golden cases are on-policy). Then
+
+    TRL's loss                 == −Σ w·A        (+ β·Σ w·k3 with kl_in="loss")
+    d(TRL's loss)/d logp       == −w·A          (+ β·w·k3'(x))
+
+with w, A, k the golden ``weights``, ``advantages`` and ``kl`` (mapped to the response layout),
+i.e. at ratio 1 the PPO-clip surrogate's value is Σ w·(−A) and its gradient is REINFORCE's
+(docs/conventions.md §3). TRL's KL term is used only for cases with kl_in="loss" and kl="k3"
+(GRPO's placement and estimator), with ``use_bias_correction_kl=False`` (with True, TRL also
+differentiates the ratio that multiplies the KL: docs/frameworks.md §3). Otherwise TRL's beta is 0
+(the case's β is already inside its rewards, hence inside A).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import types
+from collections import defaultdict
+
+import numpy as np
+
+from rlhf_ref import testing
+
+#: our aggregation -> the TRL loss_types that implement it (one batch, one process)
+LOSS_TYPES = {"token_mean": ("bnpo", "dapo"), "seq_mean": ("grpo",), "fixed_len": ("dr_grpo",)}
+
+
+def applicable(config):
+    return (config.get("aggregation") in LOSS_TYPES and config.get("surrogate", "reinforce") in ("reinforce", "ppo_clip")
+            and (config.get("kl_in", "reward") == "reward" or config.get("kl") == "k3"))
+
+
+def to_response(a, am):
+    """(B, T) token-aligned -> (B, L) response-only: row b's actions moved to columns 0, 1, ..."""
+    B, T = am.shape
+    L = max(int(am.sum(1).max()), 1)
+    out = np.zeros((B, L), a.dtype)
+    for b in range(B):
+        ts = np.flatnonzero(am[b])
+        out[b, :ts.size] = a[b, ts]
+    return out
+
+
+class _Accelerator:
+    """One process: gather/reduce are the identity."""
+    num_processes = 1
+    sync_gradients = True
+
+    def gather(self, x):
+        return x
+
+    gather_for_metrics = gather
+
+    def reduce(self, x, reduction="sum"):
+        return x
+
+
+def _stub(loss_type, beta, logp, T, norm_len):
+    import torch
+
+    def per_token_logps(model, input_ids, attention_mask, logits_to_keep, **kw):
+        assert logits_to_keep == logp.shape[1]
+        return logp, torch.zeros_like(logp), None
+
+    args = types.SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1)
+    return types.SimpleNamespace(
+        loss_type=loss_type, beta=beta, epsilon_low=0.2, epsilon_high=0.2, importance_sampling_level="token",
+        top_entropy_quantile=1.0, off_policy_mask_threshold=None, use_vllm=False,
+        vllm_importance_sampling_correction=False, aux_loss_enabled=False, _entropy_bonus_enabled=False,
+        current_gradient_accumulation_steps=1, max_completion_length=int(norm_len) if norm_len > 0 else T,
+        model=types.SimpleNamespace(training=True), accelerator=_Accelerator(), args=args,
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+        _get_per_token_logps_and_entropies=per_token_logps)
+
+
+def trl_loss_and_grad(case, loss_type):
+    """(loss, dloss/dlogp in the token-aligned layout) from TRL's GRPO ``_compute_loss``."""
+    import torch
+    from trl import GRPOTrainer
+
+    cfg, g = case.config, case.expected
+    am = g["action_mask"] > 0
+    B, T = am.shape
+    kl_loss = cfg.get("kl_in", "reward") == "loss"
+    r = lambda a: torch.tensor(to_response(np.asarray(a, np.float64), am), dtype=torch.float64)  # noqa: E731
+    cmask = r(am.astype(np.float64))
+    logp = r(g["logp"]).requires_grad_(True)
+    inputs = {"prompt_ids": torch.zeros((B, 1), dtype=torch.long), "prompt_mask": torch.ones((B, 1)),
+              "completion_ids": torch.zeros(cmask.shape, dtype=torch.long), "completion_mask": cmask,
+              "advantages": r(g["advantages"]), "num_items_in_batch": cmask.sum()}
+    beta = float(cfg["beta"]) if kl_loss else 0.0
+    if beta:
+        inputs["ref_per_token_logps"] = r(g["ref_logp"])
+    stub = _stub(loss_type, beta, logp, T, float(cfg.get("norm_len", 0.0)))
+    loss = GRPOTrainer._compute_loss(stub, None, inputs)
+    loss.backward()
+    grad = np.zeros((B, T))
+    gr = logp.grad.numpy()
+    for b in range(B):
+        ts = np.flatnonzero(am[b])
+        grad[b, ts] = gr[b, :ts.size]
+    return float(loss.detach()), grad
+
+
+def expected(case, loss_type):
+    """Σ w·(−A) (+ β·Σ w·k) and its gradient with respect to logp, from the golden arrays.
+
+    The one documented difference: TRL's "grpo" averages the rows' token means over ALL B rows
+    (``.mean()``; a row without an action contributes 0), our seq_mean (and veRL's
+    seq-mean-token-mean) over the rows WITH an action. They agree when every row has an action
+    (TRL's completions always hold at least EOS); for a case with empty rows (padding_rows...)
+    TRL's value is ours times (rows with an action)/B, and that is what is asserted."""
+    from rlhf_ref import returns as ret
+
+    cfg, g = case.config, case.expected
+    w, A = g["weights"].astype(np.float64), g["advantages"].astype(np.float64)
+    loss, grad = float(np.sum(-w * A)), -w * A
+    if cfg.get("kl_in", "reward") == "loss":
+        x = np.where(g["action_mask"] > 0, g["logp"].astype(np.float64) - g["ref_logp"], 0.0)
+        loss += cfg["beta"] * float(np.sum(w * g["kl"]))
+        grad = grad + cfg["beta"] * w * ret.kl_estimate_grad(x, cfg["kl"])
+    if loss_type == "grpo":
+        am = g["action_mask"] > 0
+        scale = am.any(1).sum() / am.shape[0]
+        loss, grad = loss * scale, grad * scale
+    return loss, grad
+
+
+def check(name, golden=None):
+    """Assert TRL's GRPO loss (every matching loss_type) reproduces case ``name``; returns the loss types."""
+    case = testing.load_case(name, golden)
+    if not applicable(case.config):
+        raise ValueError(f"case {name!r}: no TRL GRPO loss_type implements its configuration")
+    tol = dict(rtol=1e-10, atol=1e-12) if case.config["dtype"] == "float64" else dict(rtol=2e-5, atol=1e-6)
+    types_ = LOSS_TYPES[case.config["aggregation"]]
+    for lt in types_:
+        want_loss, want_grad = expected(case, lt)
+        loss, grad = trl_loss_and_grad(case, lt)
+        np.testing.assert_allclose(loss, want_loss, err_msg=f"case {name}: TRL loss_type={lt}: loss", **tol)
+        np.testing.assert_allclose(grad, want_grad, err_msg=f"case {name}: TRL loss_type={lt}: dloss/dlogp", **tol)
+    return types_
+
+
+def applicable_cases(golden=None):
+    from rlhf_ref.golden import vectors as gv
+    man = gv.load_manifest(testing.golden_dir() if golden is None else golden)
+    return [e["name"] for e in man["cases"] if "rl" in e["sections"] and applicable(e["config"])
+            and "old_logp" not in e["inputs"]]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--golden", help="golden folder (rlhf-ref vectors --out DIR); default: generated")
+    p.add_argument("--case", action="append", help="only these cases (default: every applicable one)")
+    a = p.parse_args(argv)
+    names = a.case or applicable_cases(a.golden)
+    for n in names:
+        print(f"ok   {n}: TRL GRPO loss_type {', '.join(check(n, a.golden))}: loss and dloss/dlogp match")
+    print(f"trl GRPOTrainer._compute_loss matches {len(names)} golden cases")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

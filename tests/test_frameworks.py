@@ -1,0 +1,130 @@
+"""The worked examples of examples/frameworks/: the REAL functions of Stable-Baselines3 and TRL
+(installed from PyPI with the pinned versions of the `frameworks` extra) checked against the
+golden vectors. Without the packages the tests skip, except under RLHF_REF_REQUIRE_FRAMEWORKS=1
+(CI, scripts/test.sh), where a missing package is a failure."""
+
+import importlib.util
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+from rlhf_ref import testing
+from rlhf_ref.golden import vectors as gv
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PINS = {"stable_baselines3": "2.9.2", "trl": "1.16.0"}      # pyproject.toml's `frameworks` extra
+
+
+def _need(module):
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        if os.environ.get("RLHF_REF_REQUIRE_FRAMEWORKS") == "1":
+            pytest.fail(f"RLHF_REF_REQUIRE_FRAMEWORKS=1 but {module} cannot be imported: {e}")
+        pytest.skip(f"{module} not installed (pip install 'rlhf-ref[frameworks]')")
+    if os.environ.get("RLHF_REF_REQUIRE_FRAMEWORKS") == "1":
+        assert mod.__version__ == PINS[module], f"{module} {mod.__version__} installed, the extra pins {PINS[module]}"
+    return mod
+
+
+
+
+def _example(name):
+    spec = importlib.util.spec_from_file_location(f"_fw_{name}", ROOT / "examples" / "frameworks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def golden(tmp_path_factory):
+    return testing.golden_dir(tmp_path_factory.mktemp("golden"))
+
+
+def _cases(golden, applicable):
+    man = gv.load_manifest(golden)
+    return [e["name"] for e in man["cases"] if "rl" in e["sections"] and applicable(e["config"])
+            and "old_logp" not in e["inputs"]]
+
+
+# ------------------------------------------------------------------ Stable-Baselines3 GAE
+
+@pytest.fixture(scope="module")
+def sb3(golden):
+    _need("stable_baselines3")
+    return _example("sb3_gae")
+
+
+def test_sb3_gae_matches_every_value_baseline_case(sb3, golden):
+    names = _cases(golden, sb3.applicable)
+    assert len(names) >= 20, names                       # base, gamma_0_9, kl_*, padding_rows, ... (and gae)
+    assert {"base", "base_f32", "gamma_0_9", "padding_rows", "single_token"} <= set(names)
+    for n in names:
+        rep = sb3.check(n, golden)
+        assert "returns" in rep.checked
+
+
+def test_sb3_gae_lambda_cases_are_checked_when_present(sb3, golden):
+    gae = [e["name"] for e in gv.load_manifest(golden)["cases"] if e["config"].get("returns") == "gae"]
+    for n in gae:                                        # i9ref's returns="gae" cases (λ < 1), once they exist
+        rep = sb3.check(n, golden)
+        assert "returns" in rep.checked
+
+
+def test_sb3_check_can_fail(sb3, golden):
+    """A wrong mapping (SB3 run with another γ) fails, and the message names the quantity."""
+    case = testing.load_case("gamma_0_9", golden)
+    case.config["gamma"] = 1.0
+    outs = sb3.sb3_outputs(case)
+    with pytest.raises(AssertionError, match=r"returns"):
+        testing.assert_matches_golden(outs, "gamma_0_9", golden)
+
+
+# ------------------------------------------------------------------ TRL GRPO loss
+
+@pytest.fixture(scope="module")
+def trl_ex(golden):
+    _need("trl")
+    return _example("trl_grpo_loss")
+
+
+def test_trl_grpo_loss_matches(trl_ex, golden):
+    names = _cases(golden, trl_ex.applicable)
+    aggs = {testing.load_case(n, golden).config["aggregation"] for n in names}
+    assert {"token_mean", "seq_mean"} <= aggs and len(names) >= 20, names
+    for n in names:
+        assert trl_ex.check(n, golden)
+
+
+def test_trl_wrong_loss_type_fails(trl_ex, golden):
+    """A token_mean case compared with TRL's per-sequence "grpo" aggregation does not match."""
+    case = testing.load_case("base", golden)
+    loss, grad = trl_ex.trl_loss_and_grad(case, "grpo")
+    want_loss, want_grad = trl_ex.expected(case, "bnpo")
+    assert not np.allclose(grad, want_grad, rtol=1e-6, atol=1e-9)
+
+
+def test_trl_grpo_averages_over_all_rows(trl_ex, golden):
+    """The documented difference (docs/frameworks.md §3): TRL's "grpo" divides by B, rows without
+    an action included; our seq_mean by the rows with an action."""
+    case = testing.load_case("padding_rows_seq_mean_loo", golden)
+    am = case.expected["action_mask"] > 0
+    assert not am.any(1).all()
+    loss, _ = trl_ex.trl_loss_and_grad(case, "grpo")
+    ours = float(np.sum(-case.expected["weights"] * case.expected["advantages"]))
+    np.testing.assert_allclose(loss, ours * am.any(1).sum() / am.shape[0], rtol=1e-10)
+    assert not np.isclose(loss, ours)
+
+
+def test_pins_agree_with_pyproject_and_ci():
+    """One set of versions: the `frameworks` extra, scripts/test.sh and PINS above."""
+    import tomllib
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["frameworks"]
+    script = (ROOT / "scripts" / "test.sh").read_text()
+    for module, ver in PINS.items():
+        dist = module.replace("_", "-")
+        assert f"{dist}=={ver}" in extra, extra
+        assert f'"{dist}=={ver}"' in script
+    assert "RLHF_REF_REQUIRE_FRAMEWORKS=1" in script
