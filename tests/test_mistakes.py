@@ -150,7 +150,8 @@ def whitened(A, am, kind, place="inside", shift=True, stats=None):
     x = A[s]
     mu = x.mean()
     var = ((x - mu) ** 2).sum() / (x.size - 1 if kind == "bessel" else x.size)
-    den = {"inside": np.sqrt(var + 1e-8), "std": np.sqrt(var) + 1e-8, "none": np.sqrt(var)}[place]
+    den = {"inside": np.sqrt(var + 1e-8), "std": np.sqrt(var) + 1e-8, "none": np.sqrt(var),
+           "clamp": np.sqrt(max(var, 1e-8))}[place]
     return np.where(am, (A - mu) / den + (0 if shift else mu), 0.0)
 
 
@@ -201,6 +202,13 @@ class P:
 
     def grads(self, term):
         return {k: self[k] for k in self.e["outputs"] if k.startswith(f"grad/{term}/")}
+
+
+def _head_at_h_t(p, name):
+    """The off-by-one of a model read at h_t (the state after token t), at every real position."""
+    pol = params(p.a, "policy/")
+    hs = lstm_states(pol, p["tokens"])
+    return np.where(position_mask(p["mask"])[:, :, None], hs @ pol[name + ".weight"].T + pol[name + ".bias"], 0.0)
 
 
 def _permute(order):
@@ -351,16 +359,14 @@ PLANTS = {
     "one_minus_u": ("base", "rollout/tokens", _rollout(one_minus=True)),
     "rollout_mask_ends_early": ("base", "rollout/mask", _mask_change(False)),
     "rollout_mask_goes_on": ("base", "rollout/mask", _mask_change(True)),
-    "read_one_position_late": ("base", "scores", lambda p: {"scores": np.where(
-        position_mask(p["mask"])[:, :, None], np.roll(p["scores"], -1, axis=1) * (np.arange(p["scores"].shape[1]) <
-                                                                                   p["scores"].shape[1] - 1)[:, None],
-        0.0)}),
+    "read_one_position_late": ("base", "scores", lambda p: {"scores": _head_at_h_t(p, "head")}),
     "logits_labels_off_by_one": ("base", "logp", lambda p: {"logp": np.where(p.am, np.take_along_axis(
-        np.concatenate([p["logq"][:, 1:], np.zeros_like(p["logq"][:, :1])], 1), p["tokens"][:, :, None], -1)[..., 0],
+        log_probs(_head_at_h_t(p, "head"), p.cfg["alpha"], p.cfg["eps"]), p["tokens"][:, :, None], -1)[..., 0],
         0.0)}),
     "labels_off_by_one": ("base", "logp", lambda p: {"logp": np.where(p.am, np.take_along_axis(
-        p["logq"], np.concatenate([p["tokens"][:, 1:], np.zeros_like(p["tokens"][:, :1])], 1)[:, :, None], -1)[..., 0],
-        0.0)}),
+        p["logq"], np.roll(p["tokens"], -1, axis=1)[:, :, None], -1)[..., 0], 0.0)}),
+    "logits_labels_shifted_twice": ("base", "logp", lambda p: {"logp": np.where(p.am, np.take_along_axis(
+        np.roll(p["logq"], 1, axis=1), p["tokens"][:, :, None], -1)[..., 0], 0.0)}),
     "logp_is_ref_logp": ("base", "logp", lambda p: {"logp": p["ref_logp"]}),
     "ref_logp_is_logp": ("base", "ref_logp", lambda p: {"ref_logp": p["logp"]}),
     "entropy_of_sampled_token": ("base", "entropy", lambda p: {"entropy": -p["logp"]}),
@@ -383,6 +389,8 @@ PLANTS = {
     "R_at_every_action": ("base", "rewards", lambda p: {"rewards": p.pen() + np.where(p.am, p["reward"][:, None], 0)}),
     "R_at_first_action": ("base", "rewards", lambda p: {"rewards": p.with_R(
         p.pen(), [(b, int(np.argmax(p.am[b]))) for b, _ in p.last()])}),
+    "R_after_last_action": ("padding_rows", "rewards", lambda p: {"rewards": p.with_R(
+        p.pen(), [(b, t + 1) for b, t in p.last() if t + 1 < p.am.shape[1]])}),
     "R_missing": ("base", "rewards", lambda p: {"rewards": p.pen()}),
     "kl_penalty_sign": ("base", "rewards", lambda p: {"rewards": p.with_R(p.pen(+1.0), p.last())}),
     "kl_penalty_without_beta": ("base", "rewards", lambda p: {"rewards": p.with_R(
@@ -425,7 +433,7 @@ PLANTS = {
     "advantages_not_whitened": ("whiten_population", "advantages", lambda p: {"advantages": np.where(
         p.am, p["returns"] - p["baseline"], 0.0)}),
     **{f"whiten_{k}_{pl}" + ("" if s else "_no_shift"): (_whiten_case(k, pl, s), "advantages", _whiten_plant(k, pl, s))
-       for k in ("population", "bessel") for pl in ("inside", "std", "none") for s in (True, False)},
+       for k in ("population", "bessel") for pl in ("inside", "std", "none", "clamp") for s in (True, False)},
     "whiten_stats_off_mask": ("whiten_population", "advantages", lambda p: {"advantages": whitened(
         np.where(p.am, p["returns"] - p["baseline"], 0.0), p.am, "population", stats=np.ones_like(p.am))}),
     "whiten_per_row": ("whiten_population", "advantages", _per_row_whitening),

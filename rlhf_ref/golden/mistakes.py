@@ -113,6 +113,74 @@ def _forward_variant(key, config=None, transform=None, only=None):
     return compute
 
 
+def _dont_care(ctx, cand, where):
+    """``cand`` with the entries ``where`` taken from the implementation's value (positions where the
+    mistake leaves nothing defined, e.g. past a row's end: any value there is consistent with it)."""
+    if cand is None or ctx.got is None or np.shape(ctx.got) != np.shape(cand):
+        return cand
+    w = where
+    while w.ndim < np.ndim(cand):
+        w = w[..., None]
+    return np.where(w, ctx.got, cand)
+
+
+def _forward_at_h_t(ctx, q):
+    """The heads read at h_t (the state after token t) at every position t: the reference's forward
+    on one more column, so that a row's last real token has h_t too. (scores, values, qvalues) (B, T, ...)"""
+    key = ("h_t", _models_of(q))
+    if key not in ctx._variants:
+        pfx = _models_of(q)[0] + "/"
+        pol = {k[len(pfx):]: np.asarray(v, np.float64) for k, v in ctx.inputs.items() if k.startswith(pfx)}
+        tok = np.asarray(ctx.g["tokens"])
+        tok2 = np.concatenate([tok, np.zeros_like(tok[:, :1])], axis=1)
+        fwd, _ = model.forward(pol, tok2, np.ones_like(tok2))
+        ctx._variants[key] = {k: np.asarray(v)[:, 1:] for k, v in fwd.items()}
+    return ctx._variants[key]
+
+
+def _read_late(ctx, q):
+    """{q}[:, t] computed from h_t instead of h_{t−1} (a real implementation: defined at every real t)."""
+    if q == "sft_logp":
+        last = ctx.g["mask"].sum(axis=1).astype(int) - 1
+        dc = np.zeros(ctx.pm.shape, bool)
+        for b in range(dc.shape[0]):
+            if last[b] >= 0:
+                dc[b, last[b]] = True
+        return _dont_care(ctx, on(ctx, shift_left(ctx.g64(q)), "pm"), dc)
+    v = _forward_at_h_t(ctx, q).get(q)
+    return None if v is None else on(ctx, v, "pm")
+
+
+def _logits_not_shifted(ctx, q):
+    """log π(tokens_t | h_t): logits of the state after token t against label t."""
+    z = _forward_at_h_t(ctx, q)["scores"]
+    lq = policy.logprobs(z, ctx.cfg["alpha"], ctx.cfg["eps"])
+    return on(ctx, np.take_along_axis(lq, ctx.g["tokens"][:, :, None], -1)[:, :, 0])
+
+
+def _last_action_mask(ctx):
+    dc = np.zeros(ctx.am.shape, bool)
+    for b, t in _last(ctx):
+        dc[b, t] = True
+    return dc
+
+
+def _labels_one_late(ctx, q):
+    """log π(tokens_{t+1} | s_t); undefined at each row's last action (no next token)."""
+    cand = on(ctx, np.take_along_axis(ctx.g64("logq"), shift_left(ctx.g["tokens"])[:, :, None], -1)[:, :, 0])
+    return _dont_care(ctx, cand, _last_action_mask(ctx))
+
+
+def _shifted_twice(ctx, q):
+    """log π(tokens_t | s_{t−1}) = logq[:, t−1, tokens_t] (a shift applied on top of token-aligned
+    arrays); undefined where t − 1 is column 0 (no scores there)."""
+    lq = shift_right(ctx.g64("logq"))
+    cand = on(ctx, np.take_along_axis(lq, ctx.g["tokens"][:, :, None], -1)[:, :, 0])
+    dc = np.zeros(ctx.am.shape, bool)
+    dc[:, 1] = True
+    return _dont_care(ctx, cand, dc)
+
+
 def perm_transform(order, prefixes):
     """Inputs with the 4 gate blocks of every lstm.* array of the given models rearranged so that the
     reference computes what an implementation does that reads PyTorch-ordered rows in ``order``."""
@@ -163,7 +231,8 @@ def whiten_variant(A0, m, kind, eps_place="inside", shift_mean=True, stats_over=
         return None
     mu = x.sum() / n
     var = np.sum((x - mu) ** 2) / (n - 1 if kind == "bessel" else n)
-    den = {"inside": np.sqrt(var + cv.WHITEN_EPS), "std": np.sqrt(var) + cv.WHITEN_EPS, "none": np.sqrt(var)}[eps_place]
+    den = {"inside": np.sqrt(var + cv.WHITEN_EPS), "std": np.sqrt(var) + cv.WHITEN_EPS, "none": np.sqrt(var),
+           "clamp": np.sqrt(max(var, cv.WHITEN_EPS))}[eps_place]
     if den == 0:
         return None
     out = (A0 - mu) / den
@@ -189,6 +258,16 @@ def agg_weights(ctx, kind):
         return m / m.shape[0]
     return m
 
+
+BASELINE_TEXT = {
+    "value": "the value head's V(s_t)",
+    "qvalue": "Σ_a π(a|s_t)·Q(s_t, a)",
+    "mean": "the mean of G over all actions of the batch, the row included",
+    "loo": "the mean of G over the other rows' actions",
+    "none": "0",
+    "group_mean": "the mean of the sequence returns S of the rows of the row's group, the row included",
+    "group_loo": "the mean of the sequence returns S of the OTHER rows of the row's group (rows weighted equally)",
+}
 
 AGG_TEXT = {
     "token_mean": "token_mean (Σ over actions / N actions)",
@@ -280,6 +359,26 @@ def _rewards_R_rows_without_action(ctx, q):
         if last[b] < 0:
             r[b, max(lengths[b] - 1, 0) if lengths[b] else r.shape[1] - 1] += R[b]
     return r
+
+
+def _rewards_R_after_last(ctx, q):
+    """−β·k_t with R one position after each row's last action (dropped where that is past T); only
+    when your raw rewards (off-mask entries included) hold R there."""
+    raw = getattr(ctx, "raw", {}).get("rewards")
+    if raw is None or np.shape(raw) != ctx.am.shape:
+        return None
+    T = ctx.am.shape[1]
+    after = [(b, t + 1) for b, t in _last(ctx) if t + 1 < T]
+    if not after:
+        return None
+    full = _with_R(ctx, on(ctx, -ctx.cfg["beta"] * ctx.g64("kl")), after)
+    raw = np.asarray(raw, np.float64)
+    atol, rtol = ctx.tol(q)
+    if not all(_close(raw[b, t], full[b, t], HINT_SLACK * atol, HINT_SLACK * rtol) and full[b, t] != 0
+               for b, t in after):
+        return None
+    got_off = np.asarray(ctx.got)[~ctx.am]
+    return full if np.any(got_off != 0) else on(ctx, full)
 
 
 def _rewards_seq_kl(ctx, q):
@@ -692,7 +791,8 @@ _GATE_ORDERS.sort(key=lambda o: (o not in (("i", "g", "f", "o"), ("f", "i", "g",
 
 _WHITEN_NAME = {"population": "the population variance (÷N)", "bessel": "Bessel's correction (÷(N−1))"}
 _PLACE = {"inside": "(A − μ)/sqrt(σ² + 1e-8)", "std": "(A − μ)/(σ + 1e-8) (eps added to the standard deviation)",
-          "none": "(A − μ)/σ with no eps (or a clamp such as OpenRLHF's max(σ², 1e-8))"}
+          "none": "(A − μ)/σ with no eps",
+          "clamp": "(A − μ)/sqrt(max(σ², 1e-8)) (a clamp, as OpenRLHF's)"}
 _LOSSES = ("loss_pg", "loss_ent", "loss_value", "loss", "sft_loss", "bt_loss")
 _M = Mistake
 _SCORED_NOT_TOKENS = tuple(q for q in SCORED if q != "rollout/tokens")
@@ -727,17 +827,17 @@ MISTAKES = (
     _M("rollout_mask_goes_on", ("rollout/mask", "rollout/action_mask"), _mask_length(False),
        "the mask goes on after the row's end (EOS ends a row)", "pattern"),
     # --- the forward pass
-    _M("read_one_position_late", ("scores", "values", "qvalues", "sft_logp"),
-       lambda ctx, q: on(ctx, shift_left(ctx.g64(q)), "pm"),
+    _M("read_one_position_late", ("scores", "values", "qvalues", "sft_logp"), _read_late,
        "{q}[:, t] matches the reference at t + 1: computed from h_t (the state after reading token t) instead of "
        "h_{{t−1}}; if your arrays use the Hugging Face shifted layout, declare it (layout='shifted')"),
-    _M("logits_labels_off_by_one", ("logp",), lambda ctx, q: on(ctx, np.take_along_axis(
-        shift_left(ctx.g64("logq")), ctx.g["tokens"][:, :, None], -1)[:, :, 0]),
-       "log-probs off by one between logits and labels: log π(tokens_t | s_{{t+1}}) (the logits were not shifted "
+    _M("logits_labels_off_by_one", ("logp",), _logits_not_shifted,
+       "log-probs off by one between logits and labels: log π(tokens_t | h_t) (the logits were not shifted "
        "against the labels; token-aligned logp[:, t] uses the scores of position t, computed from h_{{t−1}})"),
-    _M("labels_off_by_one", ("logp",), lambda ctx, q: on(ctx, np.take_along_axis(
-        ctx.g64("logq"), shift_left(ctx.g["tokens"])[:, :, None], -1)[:, :, 0]),
+    _M("labels_off_by_one", ("logp",), _labels_one_late,
        "log-probs off by one between logits and labels: log π(tokens_{{t+1}} | s_t)"),
+    _M("logits_labels_shifted_twice", ("logp",), _shifted_twice,
+       "log-probs shifted twice: log π(tokens_t | s_{{t−1}}) = logq[:, t−1, tokens_t] (a logits[:, :-1] / "
+       "labels[:, 1:] shift applied to arrays that were already token-aligned)"),
     _M("logp_is_ref_logp", ("logp",), lambda ctx, q: ctx.g64("ref_logp"),
        "logp holds the reference policy's log-probs (policy and reference swapped?)"),
     _M("ref_logp_is_logp", ("ref_logp",), lambda ctx, q: ctx.g64("logp"),
@@ -801,6 +901,9 @@ MISTAKES = (
     _M("R_at_first_action", ("rewards",), lambda ctx, q: _with_R(
         ctx, on(ctx, -ctx.cfg["beta"] * ctx.g64("kl")), [(b, int(np.argmax(ctx.am[b]))) for b, _ in _last(ctx)]),
        "R is added at each row's first action; it belongs to the last action"),
+    _M("R_after_last_action", ("rewards",), _rewards_R_after_last,
+       "masking: R is placed one position after each row's last action (after EOS, off the action mask: the "
+       "index is one too far, e.g. the sequence length instead of length − 1); it belongs to the last action"),
     _M("R_missing", ("rewards",), lambda ctx, q: cv.shaped_rewards(ctx.g64("kl"), 0 * ctx.g64("reward"), ctx.am,
                                                                     ctx.cfg["beta"]),
        "R is missing from the rewards (only −β·k_t)"),
@@ -861,8 +964,8 @@ MISTAKES = (
         ctx, np.full_like(ctx.g64("returns"), ctx.g64("returns").sum() / ctx.g64("returns").size)),
        "masking: the baseline matches the mean of G over all B·T positions (padding and prompt counted)"),
     _M("baseline_loo_of_row_means", ("baseline",), _baseline_loo_rows,
-       "the baseline matches the mean over the other rows of each row's mean return (rows weighted equally); 'loo' "
-       "here is the mean of G over the other rows' actions"),
+       "the baseline matches the mean over the other rows of each row's mean return (rows weighted equally); this "
+       "case's baseline is {baseline_text}"),
     _M("baseline_q_of_taken_action", ("baseline",), _baseline_q(
         lambda ctx, Q: np.take_along_axis(Q, ctx.g["tokens"][:, :, None], -1)[:, :, 0]),
        "the baseline matches Q(s_t, a_t) of the taken action; the qvalue baseline is Σ_a π(a|s_t)·Q(s_t, a)"),
@@ -1100,7 +1203,8 @@ def words(ctx, q):
     return {
         "q": q, "alpha": f"{cfg['alpha']:g}", "eps": f"{cfg['eps']:g}", "gamma": f"{cfg['gamma']:g}",
         "beta": f"{cfg['beta']:g}", "kl": cfg["kl"], "returns": cfg["returns"], "baseline": cfg["baseline"],
-        "eos_id": cfg["eos_id"], "whitening": whitening, "aggregation_text": AGG_TEXT[cfg["aggregation"]],
+        "eos_id": cfg["eos_id"], "whitening": whitening,
+        "baseline_text": f"'{cfg['baseline']}': " + BASELINE_TEXT.get(cfg["baseline"], "see docs/conventions.md §3"), "aggregation_text": AGG_TEXT[cfg["aggregation"]],
         "who": "the reference policy" if q == "ref_logp" else "the policy",
         "half_note": " (or lacks c_V = 0.5: both double it)" if cfg["value_coef"] == 0.5 else "",
         "loss": parts[1] if parts[0] == "grad" and len(parts) > 1 else q,

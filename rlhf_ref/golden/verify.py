@@ -306,6 +306,14 @@ def _recompute(ctx, q, val):
     compared values (the forward pass from the parameters, gradients) or the case's switches are
     ones this recomputation does not cover."""
     cfg = ctx.cfg
+    if q in ("rollout/mask", "rollout/action_mask"):
+        tok = np.asarray(val("rollout/tokens"))
+        pl = np.asarray(ctx.g["rollout/prompt_len"])[:, None]
+        tt = np.arange(tok.shape[1])[None, :]
+        eos = (tok == cfg["eos_id"]) & (tt >= pl)
+        first = np.where(eos.any(axis=1), np.argmax(eos, axis=1), tok.shape[1])[:, None]
+        m = (tt <= first).astype(np.int64)
+        return (m if q == "rollout/mask" else m * (tt >= pl)), ("rollout/tokens",)
     if gv.section_of(q) == "rollout":
         if q != "rollout/logp":
             return None, ()
@@ -487,6 +495,9 @@ def verify_case(entry, golden, outputs, layout=None, strict_mask=True):
             ctx.raw[n] = np.asarray(got)
             # masking: values that must be exactly 0 off a mask
             off = _zero_mask(ctx, n, want.shape)
+            if off is not None and gv.zero_off(n) in differing:      # off YOUR mask (it differs: found above)
+                off = np.broadcast_to(~(np.asarray(over.value(gv.zero_off(n))) > 0).reshape(
+                    want.shape[:2] + (1,) * (want.ndim - 2)), want.shape)
             if off is not None:
                 nz = off & (np.asarray(got) != 0)
                 if nz.any():
@@ -501,7 +512,7 @@ def verify_case(entry, golden, outputs, layout=None, strict_mask=True):
                         f"nonzero at {len(pos)} position(s) off {what} ({kinds}); e.g. {_where(ctx, n, first, layout)}"
                         f" = {_fmt(np.asarray(got)[first])}. Entries off the mask must be exactly 0 (DESIGN.md §2)",
                         index=first, **_masking_hint(ctx, n, got)))
-                    got = np.where(off, want, got)
+                    got = np.where(off, 0 if gv.zero_off(n) in differing else want, got)
             # compare
             if want.dtype.kind in "iub":
                 r = _compare_int(n, got, want)
