@@ -87,9 +87,8 @@ def check(outputs, case, golden=None, layout=None):
     if not isinstance(outputs, dict) or not outputs:
         raise TypeError("outputs must be a non-empty dict {golden name: array}, "
                         f"got {type(outputs).__name__}{' (empty)' if isinstance(outputs, dict) else ''}")
-    man, e = _entry(case, golden)
-    rep = _verify.verify(man["_manifest"], {case: dict(outputs)}, layout=layout, names=[case])
-    return rep.case(case)
+    man, _ = _entry(case, golden)
+    return _verify.verify_outputs(dict(outputs), case, man["_manifest"], layout=layout).case(case)
 
 
 def assert_matches_golden(outputs, case, golden=None, layout=None, require=()):
