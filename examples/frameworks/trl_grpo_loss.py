@@ -20,7 +20,8 @@ TRL receives the case's golden ``advantages`` (B, T) and ``logp`` in the respons
 (column 0 = each row's first action, ``completion_mask`` = the action mask moved alike) and
 ``old_per_token_logps=None`` (ratio 1: the golden cases are on-policy). Then
 
-    TRL's loss                 == −Σ w·A        (+ β·Σ w·k3 with kl_in="loss")
+    TRL's loss                 == −Σ w·A        (+ β·Σ w·k3 with kl_in="loss"; the golden loss_pg
+                                                 and loss_kl themselves when the case has them)
     d(TRL's loss)/d logp       == −w·A          (+ β·w·k3'(x))
 
 with w, A, k the golden ``weights``, ``advantages`` and ``kl`` (mapped to the response layout),
@@ -135,10 +136,13 @@ def expected(case, loss_type):
 
     cfg, g = case.config, case.expected
     w, A = g["weights"].astype(np.float64), g["advantages"].astype(np.float64)
-    loss, grad = float(np.sum(-w * A)), -w * A
+    grad = -w * A
+    # the value: with surrogate="ppo_clip" the golden loss_pg itself (at ratio 1 it is Σ w·(−A));
+    # with "reinforce" the golden loss_pg is −Σ w·A·logp, another function: Σ w·(−A) from the arrays
+    loss = float(g["loss_pg"]) if cfg.get("surrogate") == "ppo_clip" else float(np.sum(-w * A))
     if cfg.get("kl_in", "reward") == "loss":
         x = np.where(g["action_mask"] > 0, g["logp"].astype(np.float64) - g["ref_logp"], 0.0)
-        loss += cfg["beta"] * float(np.sum(w * g["kl"]))
+        loss += float(g["loss_kl"]) if "loss_kl" in g else cfg["beta"] * float(np.sum(w * g["kl"]))
         grad = grad + cfg["beta"] * w * ret.kl_estimate_grad(x, cfg["kl"])
     if loss_type == "grpo":
         am = g["action_mask"] > 0
