@@ -128,3 +128,21 @@ def test_pins_agree_with_pyproject_and_ci():
         assert f"{dist}=={ver}" in extra, extra
         assert f'"{dist}=={ver}"' in script
     assert "RLHF_REF_REQUIRE_FRAMEWORKS=1" in script
+
+
+def test_every_set_line_of_the_doc_is_a_valid_configuration():
+    """docs/frameworks.md §2: each `rlhf-ref vectors --set ...` command names existing switches with
+    allowed values (ReinforceConfig validates them from the table of conventions)."""
+    import re
+
+    from rlhf_ref import conventions as cv
+    from rlhf_ref import reinforce
+
+    block = (ROOT / "docs" / "frameworks.md").read_text().split("```sh")[1].split("```")[0]
+    commands = [c for c in re.sub(r"\\\n\s*", " ", block).splitlines() if c.startswith("rlhf-ref vectors")]
+    assert len(commands) >= 6
+    for c in commands:
+        kv = dict(s.split("=", 1) for s in re.findall(r"--set (\S+)", c))
+        assert kv and set(kv) <= set(cv.TABLE), c
+        conf = {k: (v == "true") if cv.TABLE[k].is_bool else cv.TABLE[k].type(v) for k, v in kv.items()}
+        reinforce.ReinforceConfig(**conf)
