@@ -146,3 +146,30 @@ def test_every_set_line_of_the_doc_is_a_valid_configuration():
         assert kv and set(kv) <= set(cv.TABLE), c
         conf = {k: (v == "true") if cv.TABLE[k].is_bool else cv.TABLE[k].type(v) for k, v in kv.items()}
         reinforce.ReinforceConfig(**conf)
+
+
+def test_trl_rloo_loss_gradient(trl_ex, tmp_path, monkeypatch):
+    """TRL's RLOOTrainer._compute_loss (a per-sequence ratio and loss): its gradient at ratio 1 is our
+    seq_sum gradient with returns="total" (one advantage per row) times (rows with an action)/B. The
+    shipped cases have no such configuration yet, so three are built here from the case table's
+    recipe (padding rows and float32 included); shipped ones are checked too when present."""
+    from rlhf_ref.golden import cases as gc
+
+    extra = (gc._c("fw_rloo_loo", "total returns, leave-one-out, seq_sum, beta 0.05", returns="total",
+                   baseline="loo", aggregation="seq_sum", beta=0.05),
+             gc._c("fw_rloo_padding", "padding rows, batch mean, Bessel whitening", edge="padding_rows",
+                   returns="total", baseline="mean", aggregation="seq_sum", whiten="bessel"),
+             gc._c("fw_rloo_f32", "float32, no baseline", dtype="float32", returns="total", baseline="none",
+                   aggregation="seq_sum"))
+    shipped = [c.name for c in gc.CASES if "rl" in c.sections and trl_ex.rloo_applicable(gc.config_of(c))]
+    monkeypatch.setattr(gc, "CASES", gc.CASES + extra)
+    monkeypatch.setattr(gv, "CASES", gc.CASES)
+    folder = testing.golden_dir(tmp_path / "golden", names=[c.name for c in extra] + shipped)
+    for n in [c.name for c in extra] + shipped:
+        assert trl_ex.check_rloo(n, folder) == ("rloo",)
+    # and it can fail: the token-weighted (token_mean) gradient is not RLOO's
+    case = testing.load_case("fw_rloo_loo", folder)
+    _, grad = trl_ex.trl_rloo_loss_and_grad(case)
+    am = case.expected["action_mask"] > 0
+    tm = np.where(am, 1.0 / am.sum(), 0.0)
+    assert not np.allclose(grad, -tm * case.expected["advantages"], rtol=1e-6, atol=1e-9)

@@ -151,6 +151,60 @@ def expected(case, loss_type):
     return loss, grad
 
 
+# ------------------------------------------------------------------ RLOO: a per-sequence loss
+
+def rloo_applicable(config):
+    """TRL RLOO's loss takes ONE advantage per sequence and weighs every row 1/B: our seq_sum with an
+    advantage constant over each row's actions (returns="total", no per-state baseline)."""
+    return (config.get("aggregation") == "seq_sum" and config.get("returns") == "total"
+            and config.get("baseline") not in ("value", "qvalue") and config.get("kl_in", "reward") == "reward")
+
+
+def trl_rloo_loss_and_grad(case):
+    """(loss, dloss/dlogp token-aligned) from TRL's ``RLOOTrainer._compute_loss`` on a stub."""
+    import torch
+    from trl import RLOOTrainer
+
+    g = case.expected
+    am = g["action_mask"] > 0
+    B, T = am.shape
+    A = np.array([g["advantages"][b, np.flatnonzero(am[b])[0]] if am[b].any() else 0.0 for b in range(B)],
+                 np.float64)
+    cmask = torch.tensor(to_response(am.astype(np.float64), am))
+    logp = torch.tensor(to_response(np.asarray(g["logp"], np.float64), am)).requires_grad_(True)
+    inputs = {"prompt_ids": torch.zeros((B, 1), dtype=torch.long), "prompt_mask": torch.ones((B, 1)),
+              "completion_ids": torch.zeros(cmask.shape, dtype=torch.long), "completion_mask": cmask,
+              "advantages": torch.tensor(A), "old_logps": (logp * cmask).sum(1).detach()}
+    stub = _stub("rloo", 0.0, logp, T, 0.0)
+    loss = RLOOTrainer._compute_loss(stub, None, inputs)
+    loss.backward()
+    grad = np.zeros((B, T))
+    for b in range(B):
+        ts = np.flatnonzero(am[b])
+        grad[b, ts] = logp.grad.numpy()[b, :ts.size]
+    return float(loss.detach()), grad
+
+
+def check_rloo(name, golden=None):
+    """TRL RLOO's gradient is −A_i/B on each action of row i: our seq_sum gradient −w·A times
+    (rows with an action)/B (TRL's ``.mean()`` counts every row, as its GRPO "grpo" does). Its
+    value is mean_i(−A_i ρ_i), which is NOT our loss_pg (that sums over a row's actions): only
+    the value TRL computes from the golden A is asserted, the comparison is on the gradient."""
+    case = testing.load_case(name, golden)
+    if not rloo_applicable(case.config):
+        raise ValueError(f"case {name!r}: not a configuration TRL RLOO's per-sequence loss implements")
+    g = case.expected
+    am = g["action_mask"] > 0
+    tol = dict(rtol=1e-10, atol=1e-12) if case.config["dtype"] == "float64" else dict(rtol=2e-5, atol=1e-6)
+    loss, grad = trl_rloo_loss_and_grad(case)
+    scale = am.any(1).sum() / am.shape[0]
+    np.testing.assert_allclose(grad, -g["weights"] * g["advantages"] * scale,
+                               err_msg=f"case {name}: TRL RLOO dloss/dlogp", **tol)
+    first = [g["advantages"][b, np.flatnonzero(am[b])[0]] for b in range(am.shape[0]) if am[b].any()]
+    np.testing.assert_allclose(loss, -np.sum(first) / am.shape[0], err_msg=f"case {name}: TRL RLOO loss", **tol)
+    return ("rloo",)
+
+
 def check(name, golden=None):
     """Assert TRL's GRPO loss (every matching loss_type) reproduces case ``name``; returns the loss types."""
     case = testing.load_case(name, golden)
@@ -169,8 +223,8 @@ def check(name, golden=None):
 def applicable_cases(golden=None):
     from rlhf_ref.golden import vectors as gv
     man = gv.load_manifest(testing.golden_dir() if golden is None else golden)
-    return [e["name"] for e in man["cases"] if "rl" in e["sections"] and applicable(e["config"])
-            and "old_logp" not in e["inputs"]]
+    return [e["name"] for e in man["cases"] if "rl" in e["sections"] and "old_logp" not in e["inputs"]
+            and (applicable(e["config"]) or rloo_applicable(e["config"]))]
 
 
 def main(argv=None):
@@ -180,8 +234,13 @@ def main(argv=None):
     a = p.parse_args(argv)
     names = a.case or applicable_cases(a.golden)
     for n in names:
-        print(f"ok   {n}: TRL GRPO loss_type {', '.join(check(n, a.golden))}: loss and dloss/dlogp match")
-    print(f"trl GRPOTrainer._compute_loss matches {len(names)} golden cases")
+        cfg = testing.load_case(n, a.golden).config
+        if applicable(cfg):
+            print(f"ok   {n}: TRL GRPO loss_type {', '.join(check(n, a.golden))}: loss and dloss/dlogp match")
+        if rloo_applicable(cfg):
+            check_rloo(n, a.golden)
+            print(f"ok   {n}: TRL RLOO loss: dloss/dlogp matches")
+    print(f"trl GRPOTrainer._compute_loss / RLOOTrainer._compute_loss match {len(names)} golden cases")
     return 0
 
 
