@@ -48,7 +48,9 @@ LOSS_TYPES = {"token_mean": ("bnpo", "dapo"), "seq_mean": ("grpo",), "fixed_len"
 
 
 def applicable(config):
-    return (config.get("aggregation") in LOSS_TYPES and config.get("surrogate", "reinforce") in ("reinforce", "ppo_clip")
+    """A TRL GRPO loss_type implements the aggregation; the KL, if in the loss, is GRPO's k3."""
+    return (config.get("aggregation") in LOSS_TYPES
+            and config.get("surrogate", "reinforce") in ("reinforce", "ppo_clip")
             and (config.get("kl_in", "reward") == "reward" or config.get("kl") == "k3"))
 
 
