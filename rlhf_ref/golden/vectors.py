@@ -473,9 +473,48 @@ def manifest_header():
     }
 
 
-def write_vectors(out_dir, names=None, log=None):
-    """Write the manifest and one ``.npz`` per case into ``out_dir``; returns the manifest dict."""
-    specs = CASES if names is None else [get_spec(n) for n in names]
+EDGES = ("", "single_token", "padding_rows", "small_variance", "off_policy", "ratio_one")
+
+
+def custom_spec(sets, name="custom", dtype="float64", edge=""):
+    """A CaseSpec from ``--set name=value`` assignments: the switches of the table of conventions
+    (typed and checked as ``rlhf-ref rl --set`` does: pipeline.commands.apply_sets), plus
+    ``policy=<decoding policy>`` for the rollout. Raises ValueError naming what is wrong."""
+    from ..conventions import POLICY
+    from ..pipeline.commands import CommandError, apply_sets
+    if not (isinstance(name, str) and name and name.replace("_", "").isalnum() and name.isascii()):
+        raise ValueError(f"--name must be letters, digits and '_', got {name!r}")
+    if dtype not in ("float32", "float64"):
+        raise ValueError(f"--dtype must be float32 or float64, got {dtype!r}")
+    if edge not in EDGES:
+        raise ValueError(f"--edge must be one of {', '.join(e or repr('') for e in EDGES)}, got {edge!r}")
+    kind, rest = POLICY.default, []
+    for s_ in sets or ():
+        key, eq, value = s_.partition("=")
+        if key.strip() == POLICY.name and eq:
+            if value not in POLICY.values:
+                raise ValueError(f"--set {s_!r}: policy must be one of {', '.join(POLICY.values)}")
+            kind = value
+        else:
+            rest.append(s_)
+    try:
+        cfg = apply_sets(reinforce.ReinforceConfig(), rest)
+    except CommandError as e:
+        raise ValueError(str(e)) from None
+    default = reinforce.ReinforceConfig()
+    config = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__ if getattr(cfg, k) != getattr(default, k)}
+    if kind == "greedy" and cfg.eps != 0:
+        raise ValueError(f"--set policy=greedy needs eps=0, got eps={cfg.eps}")
+    sw = ", ".join(f"{k}={v}" for k, v in config.items()) or "the defaults"
+    desc = f"custom case ({sw}{'' if kind == 'boltzmann' else ', policy=' + kind}{', edge ' + edge if edge else ''})"
+    return CaseSpec(name, desc, config, dtype, edge, ("rollout", "rl"), kind)
+
+
+def write_vectors(out_dir, names=None, log=None, specs=None):
+    """Write the manifest and one ``.npz`` per case into ``out_dir``; returns the manifest dict.
+    ``specs``: CaseSpecs to write instead of the shipped cases (``custom_spec``)."""
+    if specs is None:
+        specs = CASES if names is None else [get_spec(n) for n in names]
     os.makedirs(out_dir, exist_ok=True)
     manifest = manifest_header()
     manifest["cases"] = []
@@ -689,6 +728,14 @@ def add_arguments(parser):
     parser.add_argument("--case", action="append", metavar="NAME", dest="cases",
                         help="write only this case (repeatable); default: all")
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", dest="sets", default=None,
+                        help="build one case with this configuration instead of the shipped ones (repeatable): any "
+                             "switch of the table of conventions (e.g. baseline=group_loo), or policy=eps_greedy "
+                             "for the rollout; unset switches keep their defaults")
+    parser.add_argument("--name", default=None, help="the name of the --set case (letters, digits, '_'; default custom)")
+    parser.add_argument("--dtype", default="float64", choices=("float64", "float32"), help="dtype of the --set case")
+    parser.add_argument("--edge", default="", choices=EDGES, help="input recipe of the --set case (off_policy: a "
+                        "perturbed old_logp/old_values; ratio_one: old_logp = logp)")
     parser.add_argument("--max-file-mb", type=float, default=None, metavar="MB",
                         help="largest file (and declared array data of one .npz) rlhf_ref reads, in MiB")
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
@@ -705,7 +752,12 @@ def main(args) -> int:
     old = safe_read.limits()
     try:
         safe_read.set_max_file_mb(mb)
-        man = write_vectors(args.out, args.cases, log=None if args.quiet else print)
+        specs = None
+        if getattr(args, "sets", None) or getattr(args, "name", None):
+            if args.cases:
+                raise ValueError("--case and --set/--name exclude each other: --set builds one case of its own")
+            specs = [custom_spec(args.sets, args.name or "custom", args.dtype, args.edge)]
+        man = write_vectors(args.out, args.cases, log=None if args.quiet else print, specs=specs)
     except (KeyError, ValueError, OSError) as e:
         msg = e.args[0] if isinstance(e, KeyError) else str(e)
         print(f"rlhf-ref vectors: error: {msg}", file=sys.stderr)
