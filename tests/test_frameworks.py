@@ -49,6 +49,11 @@ def _cases(golden, applicable):
             and "old_logp" not in e["inputs"]]
 
 
+def _trl_cases(golden, trl_ex):
+    man = gv.load_manifest(golden)
+    return [e["name"] for e in man["cases"] if "rl" in e["sections"] and trl_ex.applicable(e["config"], e["inputs"])]
+
+
 # ------------------------------------------------------------------ Stable-Baselines3 GAE
 
 @pytest.fixture(scope="module")
@@ -91,7 +96,7 @@ def trl_ex(golden):
 
 
 def test_trl_grpo_loss_matches(trl_ex, golden):
-    names = _cases(golden, trl_ex.applicable)
+    names = _trl_cases(golden, trl_ex)
     aggs = {testing.load_case(n, golden).config["aggregation"] for n in names}
     assert {"token_mean", "seq_mean"} <= aggs and len(names) >= 20, names
     for n in names:
@@ -173,3 +178,20 @@ def test_trl_rloo_loss_gradient(trl_ex, tmp_path, monkeypatch):
     am = case.expected["action_mask"] > 0
     tm = np.where(am, 1.0 / am.sum(), 0.0)
     assert not np.allclose(grad, -tm * case.expected["advantages"], rtol=1e-6, atol=1e-9)
+
+
+def test_trl_off_policy_clipping_is_exercised(trl_ex, golden):
+    """The off-policy ppo_clip cases (an old_logp input) go through TRL's clipping with the case's
+    clip_low/clip_high; at least one of them has actions where the clipped branch is the min, so
+    the zero-gradient branch is compared, not only ratio-weighted REINFORCE."""
+    off = [n for n in _trl_cases(golden, trl_ex) if "old_logp" in testing.load_case(n, golden).inputs]
+    active = 0
+    for n in off:
+        case = testing.load_case(n, golden)
+        g, cfg = case.expected, case.config
+        rho, A = g["ratio"], g["advantages"]
+        clipped = np.clip(rho, 1 - cfg["clip_low"], 1 + cfg["clip_high"]) * A
+        active += int(np.sum((rho * A > clipped) & (g["action_mask"] > 0)))
+        trl_ex.check(n, golden)
+    assert off, "no off-policy ppo_clip golden case (ppo_clip, dapo_clip_higher, ppo: i9ref's issue-9 cases)"
+    assert active > 0

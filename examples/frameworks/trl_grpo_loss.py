@@ -18,11 +18,13 @@ What is compared, for each golden case whose aggregation a TRL ``loss_type`` imp
 
 TRL receives the case's golden ``advantages`` (B, T) and ``logp`` in the response-only layout
 (column 0 = each row's first action, ``completion_mask`` = the action mask moved alike) and
-``old_per_token_logps=None`` (ratio 1: the golden cases are on-policy). Then
+``old_per_token_logps=None`` (ratio 1) or, for the off-policy ppo_clip cases, the case's
+``old_logp`` input (TRL's ``epsilon_low``/``epsilon_high`` = the case's clip_low/clip_high). Then
 
     TRL's loss                 == −Σ w·A        (+ β·Σ w·k3 with kl_in="loss"; the golden loss_pg
                                                  and loss_kl themselves when the case has them)
-    d(TRL's loss)/d logp       == −w·A          (+ β·w·k3'(x))
+    d(TRL's loss)/d logp       == −w·A          (+ β·w·k3'(x)); off-policy: −w·A·ρ where ρA is the
+                                                 min of the two branches, else 0 (ρ the golden ratio)
 
 with w, A, k the golden ``weights``, ``advantages`` and ``kl`` (mapped to the response layout),
 i.e. at ratio 1 the PPO-clip surrogate's value is Σ w·(−A) and its gradient is REINFORCE's
@@ -47,11 +49,13 @@ from rlhf_ref import testing
 LOSS_TYPES = {"token_mean": ("bnpo", "dapo"), "seq_mean": ("grpo",), "fixed_len": ("dr_grpo",)}
 
 
-def applicable(config):
-    """A TRL GRPO loss_type implements the aggregation; the KL, if in the loss, is GRPO's k3."""
+def applicable(config, inputs=()):
+    """A TRL GRPO loss_type implements the aggregation; the KL, if in the loss, is GRPO's k3; an
+    ``old_logp`` input (ratio ≠ 1) only with our ppo_clip surrogate (TRL's is always PPO-clip)."""
     return (config.get("aggregation") in LOSS_TYPES
             and config.get("surrogate", "reinforce") in ("reinforce", "ppo_clip")
-            and (config.get("kl_in", "reward") == "reward" or config.get("kl") == "k3"))
+            and (config.get("kl_in", "reward") == "reward" or config.get("kl") == "k3")
+            and ("old_logp" not in inputs or config.get("surrogate") == "ppo_clip"))
 
 
 def to_response(a, am):
@@ -79,7 +83,7 @@ class _Accelerator:
         return x
 
 
-def _stub(loss_type, beta, logp, T, norm_len):
+def _stub(loss_type, beta, logp, T, norm_len, clip_low=0.2, clip_high=0.2):
     import torch
 
     def per_token_logps(model, input_ids, attention_mask, logits_to_keep, **kw):
@@ -88,7 +92,7 @@ def _stub(loss_type, beta, logp, T, norm_len):
 
     args = types.SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1)
     return types.SimpleNamespace(
-        loss_type=loss_type, beta=beta, epsilon_low=0.2, epsilon_high=0.2, importance_sampling_level="token",
+        loss_type=loss_type, beta=beta, epsilon_low=clip_low, epsilon_high=clip_high, importance_sampling_level="token",
         top_entropy_quantile=1.0, off_policy_mask_threshold=None, use_vllm=False,
         vllm_importance_sampling_correction=False, aux_loss_enabled=False, _entropy_bonus_enabled=False,
         current_gradient_accumulation_steps=1, max_completion_length=int(norm_len) if norm_len > 0 else T,
@@ -115,7 +119,10 @@ def trl_loss_and_grad(case, loss_type):
     beta = float(cfg["beta"]) if kl_loss else 0.0
     if beta:
         inputs["ref_per_token_logps"] = r(g["ref_logp"])
-    stub = _stub(loss_type, beta, logp, T, float(cfg.get("norm_len", 0.0)))
+    if "old_logp" in case.inputs:                  # off-policy: TRL's ratio exp(logp − old_logp)
+        inputs["old_per_token_logps"] = r(case.inputs["old_logp"])
+    stub = _stub(loss_type, beta, logp, T, float(cfg.get("norm_len", 0.0)),
+                 float(cfg.get("clip_low", 0.2)), float(cfg.get("clip_high", 0.2)))
     loss = GRPOTrainer._compute_loss(stub, None, inputs)
     loss.backward()
     grad = np.zeros((B, T))
@@ -139,6 +146,12 @@ def expected(case, loss_type):
     cfg, g = case.config, case.expected
     w, A = g["weights"].astype(np.float64), g["advantages"].astype(np.float64)
     grad = -w * A
+    if "old_logp" in case.inputs:
+        # PPO-clip off-policy (the golden ratio ρ): ∂ℓ/∂logp = −A·ρ where the unclipped branch is the
+        # min (ties: unclipped), else 0
+        rho = g["ratio"].astype(np.float64)
+        clipped = np.clip(rho, 1 - cfg["clip_low"], 1 + cfg["clip_high"]) * A
+        grad = np.where(rho * A <= clipped, -w * A * rho, 0.0)
     # the value: with surrogate="ppo_clip" the golden loss_pg itself (at ratio 1 it is Σ w·(−A));
     # with "reinforce" the golden loss_pg is −Σ w·A·logp, another function: Σ w·(−A) from the arrays
     loss = float(g["loss_pg"]) if cfg.get("surrogate") == "ppo_clip" else float(np.sum(-w * A))
@@ -210,7 +223,7 @@ def check_rloo(name, golden=None):
 def check(name, golden=None):
     """Assert TRL's GRPO loss (every matching loss_type) reproduces case ``name``; returns the loss types."""
     case = testing.load_case(name, golden)
-    if not applicable(case.config):
+    if not applicable(case.config, case.inputs):
         raise ValueError(f"case {name!r}: no TRL GRPO loss_type implements its configuration")
     tol = dict(rtol=1e-10, atol=1e-12) if case.config["dtype"] == "float64" else dict(rtol=2e-5, atol=1e-6)
     types_ = LOSS_TYPES[case.config["aggregation"]]
@@ -225,8 +238,9 @@ def check(name, golden=None):
 def applicable_cases(golden=None):
     from rlhf_ref.golden import vectors as gv
     man = gv.load_manifest(testing.golden_dir() if golden is None else golden)
-    return [e["name"] for e in man["cases"] if "rl" in e["sections"] and "old_logp" not in e["inputs"]
-            and (applicable(e["config"]) or rloo_applicable(e["config"]))]
+    return [e["name"] for e in man["cases"] if "rl" in e["sections"]
+            and (applicable(e["config"], e["inputs"])
+                 or (rloo_applicable(e["config"]) and "old_logp" not in e["inputs"]))]
 
 
 def main(argv=None):
@@ -236,10 +250,11 @@ def main(argv=None):
     a = p.parse_args(argv)
     names = a.case or applicable_cases(a.golden)
     for n in names:
-        cfg = testing.load_case(n, a.golden).config
-        if applicable(cfg):
+        case = testing.load_case(n, a.golden)
+        cfg = case.config
+        if applicable(cfg, case.inputs):
             print(f"ok   {n}: TRL GRPO loss_type {', '.join(check(n, a.golden))}: loss and dloss/dlogp match")
-        if rloo_applicable(cfg):
+        if rloo_applicable(cfg) and "old_logp" not in case.inputs:
             check_rloo(n, a.golden)
             print(f"ok   {n}: TRL RLOO loss: dloss/dlogp matches")
     print(f"trl GRPOTrainer._compute_loss / RLOOTrainer._compute_loss match {len(names)} golden cases")
