@@ -247,12 +247,18 @@ def group_scale(adv, returns, action_mask, group, kind="off", eps=1e-4):
     if kind == "off":
         return adv
     sd = group_std(returns, action_mask, group)
+    check_group_std(sd, action_mask, group, eps)
+    return np.where(action_mask > 0, adv / (sd[:, None] + eps), 0.0)
+
+
+def check_group_std(sd, action_mask, group, eps):
+    """σ_g + eps = 0 (a group of equal returns with group_eps = 0) is an error, never a nan."""
     has = (action_mask > 0).any(axis=1)
-    if np.any(has & (sd + eps == 0)):
-        g = int(group[np.argmax(has & (sd + eps == 0))])
+    bad = has & (sd + eps == 0)
+    if np.any(bad):
+        g = int(group[np.argmax(bad)])
         raise ValueError(f"group_scale='std' with group_eps=0 divides by σ_g = 0: every sequence return of "
                          f"group {g} of group is the same; set group_eps > 0")
-    return np.where(action_mask > 0, adv / (sd[:, None] + eps), 0.0)
 
 
 def whiten(adv, action_mask, kind="population", shift_mean=True):
