@@ -754,7 +754,6 @@ PLANTS.update({
         p.pen(), [(b, t + 1) for b, t in p.last() if t + 1 < p.am.shape[1]])}),
     "logits_labels_shifted_twice": ("base", "logp", lambda p: {"logp": np.where(p.am, np.take_along_axis(
         np.roll(p["logq"], 1, axis=1), p["tokens"][:, :, None], -1)[..., 0], 0.0)}),
-    "aggregation_fixed_len": ("padding_rows", "weights", lambda p: {"weights": _w_fixed(p, p.am.shape[1])}),
     "aggregation_fixed_len_longest": ("agg_fixed_len_norm", "weights", lambda p: {
         "weights": _w_fixed(p, p.am.sum(1).max())}),
     "aggregation_fixed_len_width": ("agg_fixed_len_norm", "weights", lambda p: {

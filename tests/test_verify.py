@@ -180,7 +180,7 @@ def test_report_is_short_and_ordered(golden):
     outs["gamma_0_9"]["returns"] = np.zeros_like(outs["gamma_0_9"]["returns"])
     text = vf.verify(GOLDEN, outs).format()
     lines = text.splitlines()
-    assert lines[0].startswith("rlhf-ref verify: 36 cases, 2 pass, 1 fail")
+    assert lines[0].startswith(f"rlhf-ref verify: {len(golden)} cases, 2 pass, 1 fail")
     assert lines[1].startswith("FAIL gamma_0_9")                           # failures first
     assert "[rl] returns:" in lines[2] and "worst [" in lines[2]
     assert len(lines) <= 8, text
@@ -384,12 +384,13 @@ def _backend_outputs(mod, e, a):
 
     def rollout():
         ro = mod.rollout(pol, a["rollout/prompt_tokens"], a["rollout/prompt_len"], a["rollout/u"], cfg["alpha"],
-                         cfg["eps"], eos_id=cfg["eos_id"])
+                         cfg["eps"], kind=cfg.get("policy_kind", "boltzmann"), eos_id=cfg["eos_id"])
         o.update({"rollout/" + k: ro[k] for k in ("tokens", "mask", "action_mask", "logp")})
 
     def rl():
+        extra = {k: a[k] for k in ("group", "old_logp", "old_values") if k in e["inputs"]}
         out, g = mod.reinforce_loss_and_grad(pol, a["tokens"], a["mask"], a["prompt_len"], a["reward"], rc,
-                                             ref_params=ref)
+                                             ref_params=ref, **extra)
         # the interface's logq is the raw full distribution (the golden one is 0 off the position mask)
         o.update({k: v for k, v in out.items() if k in e["outputs"] and k != "logq"})
         o.update({f"grad/loss/policy/{k}": v for k, v in g.items()})

@@ -1230,10 +1230,10 @@ MISTAKES = (
 ) + tuple(
     _M(f"aggregation_{k}", ("weights",) + RL_TERMS, _aggregation(k),
        f"{{q}} matches the aggregation {AGG_TEXT[k]}; this case uses {{aggregation_text}}")
-    for k in cv.AGGREGATIONS + _WRONG_AGG
+    for k in cv.AGGREGATIONS + _WRONG_AGG if k != "fixed_len"      # fixed_len with L = T: mean_over_all_positions
 ) + (
     _M("mean_over_all_positions", ("weights",) + RL_TERMS, _aggregation("all_positions"),
-       "masking: {q} matches " + AGG_TEXT["all_positions"]),
+       "masking: {q} matches " + AGG_TEXT["all_positions"] + " (the same as aggregation fixed_len with L = T)"),
     # --- the losses
     _M("loss_pg_unwhitened_advantages", ("loss_pg",), lambda ctx, q: -np.sum(
         ctx.g64("weights") * A0(ctx) * ctx.g64("logp")) if ctx.cfg["whiten"] != "off" else None,
