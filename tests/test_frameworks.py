@@ -135,22 +135,55 @@ def test_pins_agree_with_pyproject_and_ci():
     assert "RLHF_REF_REQUIRE_FRAMEWORKS=1" in script
 
 
-def test_every_set_line_of_the_doc_is_a_valid_configuration():
-    """docs/frameworks.md §2: each `rlhf-ref vectors --set ...` command names existing switches with
-    allowed values (ReinforceConfig validates them from the table of conventions)."""
+def _doc_commands():
     import re
-
-    from rlhf_ref import conventions as cv
-    from rlhf_ref import reinforce
-
     block = (ROOT / "docs" / "frameworks.md").read_text().split("```sh")[1].split("```")[0]
-    commands = [c for c in re.sub(r"\\\n\s*", " ", block).splitlines() if c.startswith("rlhf-ref vectors")]
-    assert len(commands) >= 6
-    for c in commands:
-        kv = dict(s.split("=", 1) for s in re.findall(r"--set (\S+)", c))
-        assert kv and set(kv) <= set(cv.TABLE), c
-        conf = {k: (v == "true") if cv.TABLE[k].is_bool else cv.TABLE[k].type(v) for k, v in kv.items()}
-        reinforce.ReinforceConfig(**conf)
+    return [c for c in re.sub(r"\\\n\s*", " ", block).splitlines() if c.startswith("rlhf-ref vectors")]
+
+
+@pytest.fixture(scope="module")
+def doc_cases(tmp_path_factory):
+    """Each `rlhf-ref vectors --out DIR --set ...` command of docs/frameworks.md §2, run as written
+    (rlhf_ref.cli.main): one folder per framework configuration."""
+    from rlhf_ref import cli
+
+    out = []
+    for i, c in enumerate(_doc_commands()):
+        d = tmp_path_factory.mktemp(f"doc{i}")
+        args = [str(d) if a == "DIR" else a for a in c.split()[1:]]
+        assert cli.main(args) == 0, c
+        out.append((c, d))
+    return out
+
+
+def test_every_set_line_of_the_doc_builds_a_case(doc_cases):
+    from rlhf_ref import conventions as cv
+
+    assert len(doc_cases) >= 6
+    for c, d in doc_cases:
+        (e,) = gv.load_manifest(d)["cases"]
+        for s in c.split("--set ")[1:]:
+            k, v = s.split()[0].split("=", 1)
+            want = (v == "true") if cv.TABLE[k].is_bool else cv.TABLE[k].type(v)
+            assert e["config"][k] == want, (c, k)
+
+
+def test_the_docs_framework_configurations_match_the_frameworks(doc_cases, sb3, trl_ex):
+    """The doc's TRL GRPO / TRL RLOO / PPO-style --set lines build cases that the real TRL loss and
+    SB3 GAE reproduce (each command's case goes through every check that applies to it)."""
+    checked = set()
+    for c, d in doc_cases:
+        (e,) = gv.load_manifest(d)["cases"]
+        if trl_ex.applicable(e["config"], e["inputs"]):
+            trl_ex.check(e["name"], d)
+            checked.add("trl_grpo")
+        if trl_ex.rloo_applicable(e["config"]) and "old_logp" not in e["inputs"]:
+            trl_ex.check_rloo(e["name"], d)
+            checked.add("trl_rloo")
+        if sb3.applicable(e["config"]):
+            sb3.check(e["name"], d)
+            checked.add("sb3")
+    assert checked == {"trl_grpo", "trl_rloo", "sb3"}
 
 
 def test_trl_rloo_loss_gradient(trl_ex, tmp_path, monkeypatch):
