@@ -648,3 +648,24 @@ def test_shift_candidates_match_real_off_by_one_implementations(golden):
             assert all(np.any(planted[q][b, last_real[b]] != 0) for b in range(a["mask"].shape[0]))
         f = check(golden, "base", dict(outputs(golden, "base"), **planted)).first("rl")
         assert f.quantity == q and f.mistake == name, (name, f.format())
+
+
+def test_every_later_difference_follows_when_the_user_is_consistent(golden):
+    """On every case: an implementation whose only mistake is the KL estimator (k2 for k1, k1 for
+    the others) and that computes everything downstream consistently from its own values: kl is
+    the root, every later value difference follows from it (recomputed with the reference math
+    from the user's values, under every switch of the table), gradients are downstream."""
+    n_follow = 0
+    for name, (e, a) in golden.items():
+        if "rl" not in e["sections"] or e["config"]["beta"] == 0:
+            continue
+        cfg = dict(e["config"], kl="k2" if e["config"]["kl"] == "k1" else "k1")
+        out = {k: v for k, v in gv.compute(gv.inputs_of(e, a), cfg, ["rl"]).items()}
+        rep = check(golden, name, out)
+        diff = rep.differing("rl")
+        assert diff and diff[0].quantity == "kl" and diff[0].root, (name, rep.format())
+        for f in diff[1:]:
+            want = "downstream" if f.quantity.startswith("grad/") else "follows"
+            assert f.relation == want, (name, f.format())
+            n_follow += f.relation == "follows"
+    assert n_follow > 100

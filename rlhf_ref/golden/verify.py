@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .. import conventions as _table
 from .. import model, policy, safe_read
+from .. import returns as _ret
 from . import conventions as cv
 from . import mistakes as mk
 from . import vectors as gv
@@ -335,9 +335,8 @@ def _recompute(ctx, q, val):
     if "action_mask" not in ctx.g:
         return None, ()
     am = np.asarray(val("action_mask")) > 0
-    extra = {k for k in ("kl_in", "surrogate", "value_clip", "group_scale") if k in cfg}
-    if any(cfg[k] != _table.TABLE[k].default for k in extra if k in _table.TABLE):
-        return None, ()                  # new conventions: not recomputed here
+    inp = ctx.inputs
+    group = np.asarray(inp["group"]).astype(np.int64) if "group" in inp else None
     if q == "logq":
         return _on(ctx.pm, policy.logprobs(val("scores"), cfg["alpha"], cfg["eps"])), ("scores",)
     if q == "logp":
@@ -349,10 +348,12 @@ def _recompute(ctx, q, val):
     if q == "kl":
         return cv.kl_per_token(val("logp"), val("ref_logp"), am, cfg["kl"]), ("logp", "ref_logp", "action_mask")
     if q == "rewards":
-        return cv.shaped_rewards(val("kl"), ctx.g64("reward"), am, cfg["beta"]), ("kl", "action_mask")
+        beta = cfg["beta"] if cfg.get("kl_in", "reward") == "reward" else 0.0
+        return cv.shaped_rewards(val("kl"), ctx.g64("reward"), am, beta), ("kl", "action_mask")
     if q == "returns":
-        if cfg["returns"] not in ("rtg", "total"):
-            return None, ()
+        if cfg["returns"] == "gae":
+            return _ret.discounted_returns(val("rewards"), am, cfg["gamma"], "gae", values=val("values"),
+                                           lam=cfg["lam"]), ("rewards", "values", "action_mask")
         return cv.discounted_returns(val("rewards"), am, cfg["gamma"], cfg["returns"]), ("rewards", "action_mask")
     if q == "baseline":
         k = cfg["baseline"]
@@ -362,30 +363,49 @@ def _recompute(ctx, q, val):
             return _on(am, val("values")), ("values", "action_mask")
         if k == "qvalue":
             return _on(am, np.sum(np.exp(val("logq")) * val("qvalues"), -1)), ("logq", "qvalues", "action_mask")
-        if k in ("mean", "loo"):
-            return cv.baseline(k, val("returns"), am), ("returns", "action_mask")
-        return None, ()
+        if k in ("group_mean", "group_loo"):
+            return _ret.baseline(k, val("returns"), am, group=group), ("returns", "action_mask")
+        return cv.baseline(k, val("returns"), am), ("returns", "action_mask")
     if q == "advantages":
-        a0 = _on(am, val("returns") - val("baseline"))
+        G = val("returns")
+        a0 = _on(am, G - val("baseline"))
+        if cfg.get("group_scale", "off") != "off":
+            a0 = _ret.group_scale(a0, G, am, group, cfg["group_scale"], cfg["group_eps"])
         if cfg["whiten"] != "off":
             a0 = cv.whiten(a0, am, cfg["whiten"], cfg["shift_mean"])
         return a0, ("returns", "baseline", "action_mask")
+    if q == "ratio":
+        lp = val("logp")
+        old = np.asarray(inp["old_logp"], np.float64) if "old_logp" in inp else lp
+        return _on(am, np.exp(lp - old)), ("logp", "action_mask")
     if q == "weights":
-        if cfg["aggregation"] not in ("token_mean", "seq_mean", "seq_sum"):
-            return None, ()
+        if cfg["aggregation"] == "fixed_len":
+            return cv.aggregation_weights(am, "fixed_len", cfg.get("norm_len", 0.0)), ("action_mask",)
         return cv.aggregation_weights(am, cfg["aggregation"]), ("action_mask",)
     if q == "loss_pg":
-        return -float(np.sum(val("weights") * val("advantages") * val("logp"))), ("weights", "advantages", "logp")
+        w, A = val("weights"), val("advantages")
+        if cfg.get("surrogate", "reinforce") == "ppo_clip":
+            rho = val("ratio") if "ratio" in ctx.g else np.ones(am.shape)
+            per = -np.minimum(rho * A, np.clip(rho, 1 - cfg["clip_low"], 1 + cfg["clip_high"]) * A)
+            return float(np.sum(w * _on(am, per))), ("weights", "advantages", "ratio")
+        return -float(np.sum(w * A * val("logp"))), ("weights", "advantages", "logp")
     if q == "loss_ent":
         return -cfg["entropy_coef"] * float(np.sum(val("weights") * val("entropy"))), ("weights", "entropy")
+    if q == "loss_kl":
+        return cfg["beta"] * float(np.sum(val("weights") * val("kl"))), ("weights", "kl")
     if q == "loss_value":
         if cfg["critic"] == "value":
             pred, dep = _on(am, val("values")), "values"
         else:
             pred = _on(am, np.take_along_axis(val("qvalues"), ctx.g["tokens"][:, :, None], -1)[:, :, 0])
             dep = "qvalues"
-        return cfg["value_coef"] * float(np.sum(val("weights") * 0.5 * (pred - val("returns")) ** 2)), \
-            ("weights", dep, "returns")
+        G = val("returns")
+        per = (pred - G) ** 2
+        c = cfg.get("value_clip", 0.0)
+        if c > 0:
+            old = _on(am, np.asarray(inp["old_values"], np.float64))
+            per = np.maximum(per, (old + np.clip(pred - old, -c, c) - G) ** 2)
+        return cfg["value_coef"] * float(np.sum(val("weights") * 0.5 * _on(am, per))), ("weights", dep, "returns")
     if q == "loss":
         terms = tuple(t for t in ctx.entry["outputs"] if t.startswith("loss_"))
         return float(sum(float(val(t)) for t in terms)), terms
