@@ -43,7 +43,7 @@ import numpy as np
 from .. import model, reinforce, reward_model, sft
 from . import _blas, _config
 from ._host import c as _c, complete, dtype as _dtype, head_stack, head_grads, reinforce_codes, CODES
-from ._host import kernel_chain_covers, reference_chain
+from ._host import chain_codes, check_group_sd
 from ._host import stack_pairs, reward_head_backward, reward_head_grads
 
 NAME = "numba"
@@ -296,9 +296,7 @@ def reinforce_loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, 
                             *, group=None, old_logp=None, old_values=None):
     """``rlhf_ref.reinforce.loss_and_grad`` (without term_grads and the (B, T, V) arrays scores/logq).
 
-    The per-token chain runs in the kernel ``reinforce_chain`` for the conventions it has
-    (``_host.kernel_chain_covers``); for issue 9's (kl_in='loss', gae, group baselines, ppo_clip,
-    value_clip, fixed_len) it is ``reinforce.chain``, the reference's O(B·T) NumPy chain."""
+    Every convention, issue 9's included, runs in the kernel ``reinforce_chain``."""
     cfg, V, tokens, mask, prompt_len, reward, am, ref_logp, group, old_logp, old_values = reinforce.prepare(
         params, tokens, mask, prompt_len, reward, cfg, ref_params, ref_logp, logprobs=sequence_logprobs,
         group=group, old_logp=old_logp, old_values=old_values)
@@ -327,20 +325,20 @@ def reinforce_loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, 
             pred_q = np.where(am > 0, np.take_along_axis(qvalues, tokens[:, :, None], -1)[:, :, 0], 0.0)
 
     # KL-shaped rewards, returns, baseline, advantages, the losses and their upstream gradients
-    ratio, loss_kl = None, 0.0
-    if kernel_chain_covers(cfg):
-        kl, rewards, G, bl, adv, w, pred, d_logp, d_ent, d_pred = (np.empty((B, T)) for _ in range(10))
-        kl_code, ret_code, base_code, wh_code, agg_code = reinforce_codes(cfg)
-        loss_pg, loss_ent, loss_value = K.train.reinforce_chain(
-            logp, ref_logp, am, reward, values, qb, pred_q, has_q,
-            float(cfg.beta), kl_code, float(cfg.gamma), ret_code, base_code, wh_code, bool(cfg.shift_mean),
-            agg_code, float(cfg.entropy_coef), float(cfg.value_coef), ent,
-            kl, rewards, G, bl, adv, w, pred, d_logp, d_ent, d_pred)
-    else:                                   # issue 9's conventions: the reference's O(B·T) chain
-        v64 = np.where(am > 0, values, 0.0) if "value" in net.off else None
-        (kl, rewards, G, bl, adv, w, ratio, d_logp, d_ent, d_pred, loss_pg, loss_ent, loss_value,
-         loss_kl) = reference_chain(cfg, am, logp, ref_logp, ent, reward, v64, pred_q if has_q else v64,
-                                    qb if has_q else None, group, old_logp, old_values)
+    kl, rewards, G, bl, adv, w, pred, d_logp, d_ent, d_pred, ratio = (np.empty((B, T)) for _ in range(11))
+    S, sd = np.zeros(B), np.zeros(B)
+    codes = chain_codes(cfg)
+    v64 = np.ascontiguousarray(np.where(am > 0, values, 0.0))
+    loss_pg, loss_ent, loss_value, loss_kl = K.train.reinforce_chain(
+        logp, ref_logp, am, reward, v64, qb, pred_q, has_q,
+        float(cfg.beta), codes["kl"], float(cfg.gamma), codes["returns"], codes["baseline"], codes["whiten"],
+        bool(cfg.shift_mean), codes["aggregation"], float(cfg.entropy_coef), float(cfg.value_coef), ent,
+        kl, rewards, G, bl, adv, w, pred, d_logp, d_ent, d_pred,
+        cfg.kl_in == "loss", float(cfg.lam), np.zeros(B, np.int64) if group is None else group,
+        codes["group_scale"], float(cfg.group_eps), codes["surrogate"], float(cfg.clip_low), float(cfg.clip_high),
+        logp if old_logp is None else old_logp, float(cfg.value_clip),
+        np.zeros((B, T)) if old_values is None else old_values, float(cfg.norm_len), ratio, S, sd)
+    check_group_sd(cfg, am, group, sd)
 
     # pass 2: ∂L/∂logits in place, then the backward pass
     pred_col = net.off[cfg.critic][0]

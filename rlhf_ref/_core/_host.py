@@ -25,27 +25,6 @@ def reinforce_codes(cfg):
             CODES["whiten"][cfg.whiten], CODES["aggregation"][cfg.aggregation])
 
 
-def kernel_chain_covers(cfg):
-    """Whether the kernels' ``reinforce_chain`` computes ``cfg``: the conventions of issue 9 (kl_in
-    'loss', returns 'gae', the group baselines, group_scale, ppo_clip, value_clip, fixed_len) are not
-    in the kernels yet; for them the facades run ``reinforce.chain`` — the reference's own O(B·T)
-    chain, in float64 on the kernels' per-token outputs — and the kernels do the O(B·T·V·H) rest."""
-    return (cfg.kl_in == "reward" and cfg.returns in ("rtg", "total") and cfg.baseline in
-            ("value", "qvalue", "mean", "loo", "none") and cfg.group_scale == "off" and cfg.surrogate == "reinforce"
-            and cfg.value_clip == 0 and cfg.aggregation in ("token_mean", "seq_mean", "seq_sum"))
-
-
-def reference_chain(cfg, am, logp, ref_logp, ent, reward, values, pred, qb, group, old_logp, old_values):
-    """``reinforce.chain`` on the kernels' per-token outputs: (kl, rewards, G, bl, adv, w, ratio, d_logp,
-    d_ent, d_pred, loss_pg, loss_ent, loss_value, loss_kl), the upstreams contiguous float64."""
-    from .. import reinforce
-    ch = reinforce.chain(cfg, am, logp, ref_logp, ent, reward, values, pred, qb, group, old_logp, old_values)
-    d_logp = c(ch["d_logp_pg"] + ch["d_logp_kl"], np.float64)
-    return (ch["kl"], ch["rewards"], ch["returns"], ch["baseline"], ch["advantages"], ch["weights"], ch["ratio"],
-            d_logp, c(ch["d_ent"], np.float64), c(ch["d_pred"], np.float64),
-            ch["loss_pg"], ch["loss_ent"], ch["loss_value"], ch["loss_kl"])
-
-
 def chain_codes(cfg):
     """{switch: code} of every choice of a ReinforceConfig (what the kernels' chains receive)."""
     return {name: CODES[name][getattr(cfg, name)] for name in ("kl", "returns", "baseline", "whiten", "aggregation",
