@@ -1455,10 +1455,11 @@ def words(ctx, q):
     values = [n for n in ctx.checked if not n.startswith("grad/") and ctx.g[n].dtype.kind == "f"]
     parts = q.split("/")
     return {
-        "q": q, "lam": f"{cfg.get('lam', 1.0):g}", "alpha": f"{cfg['alpha']:g}", "eps": f"{cfg['eps']:g}", "gamma": f"{cfg['gamma']:g}",
-        "beta": f"{cfg['beta']:g}", "kl": cfg["kl"], "returns": cfg["returns"], "baseline": cfg["baseline"],
-        "eos_id": cfg["eos_id"], "whitening": whitening,
-        "baseline_text": f"'{cfg['baseline']}': " + BASELINE_TEXT.get(cfg["baseline"], "see docs/conventions.md §3"), "aggregation_text": AGG_TEXT[cfg["aggregation"]],
+        "q": q, "lam": f"{cfg.get('lam', 1.0):g}", "alpha": f"{cfg['alpha']:g}", "eps": f"{cfg['eps']:g}",
+        "gamma": f"{cfg['gamma']:g}", "beta": f"{cfg['beta']:g}", "kl": cfg["kl"], "returns": cfg["returns"],
+        "baseline": cfg["baseline"], "eos_id": cfg["eos_id"], "whitening": whitening,
+        "baseline_text": f"'{cfg['baseline']}': " + BASELINE_TEXT.get(cfg["baseline"], "see docs/conventions.md §3"),
+        "aggregation_text": AGG_TEXT.get(cfg["aggregation"], cfg["aggregation"]),
         "who": "the reference policy" if q == "ref_logp" else "the policy",
         "half_note": " (or lacks c_V = 0.5: both double it)" if cfg["value_coef"] == 0.5 else "",
         "loss": parts[1] if parts[0] == "grad" and len(parts) > 1 else q,

@@ -1,23 +1,27 @@
-"""Check another implementation against the golden vectors: the first quantity that differs, where,
-by how much, and what usually causes that pattern.
+"""Check another implementation against the golden vectors: every quantity that differs, where,
+by how much, whether it follows from an earlier difference, and what usually causes that pattern.
 
-    rlhf-ref verify CASES OUTPUTS [--layout shifted] [--case NAME] [--max-file-mb MB] [-v]
+    rlhf-ref verify CASES OUTPUTS [--layout {shifted,response}] [--case NAME] [--max-file-mb MB] [-v]
     rlhf-ref verify --list-mistakes
 
 CASES is a folder written by ``rlhf-ref vectors``; OUTPUTS a folder with one ``<case>.npz`` per
 case holding the implementation's outputs under the golden names (docs/golden-vectors.md). From
-Python: ``verify(cases, outputs)`` with a folder or a ``{case: {name: array}}`` dict; it returns a
-``Report`` (``.ok``, ``.exit_code``, ``str(report)``).
+Python: ``verify(cases, outputs)`` with a folder or a ``{case: {name: array}}`` dict, or
+``verify_outputs(outputs, case, golden=None)`` for one case's dict; both return a ``Report``
+(``.ok``, ``.exit_code``, ``.format()``: the text to raise an AssertionError with).
 
-Per case and section (rollout, rl, sft, rm) the outputs are compared in data-flow order, so the
-first quantity that differs is where the implementation first goes wrong; the section stops
-there (what follows depends on it). For that quantity the verifier recomputes the usual mistakes
+Per case and section (rollout, rl, sft, rm) every quantity given is compared in data-flow order.
+The first that differs is the section's root: for it the verifier recomputes the usual mistakes
 from the golden values just upstream of it (which matched) — k1/k3 with the ratio reversed,
 returns shifted by one step, whitening with the other variance or another eps placement, α
 missing from the log-probs, the LSTM gate blocks in another order, a missing stop-gradient, ... —
-each a named entry of rlhf_ref.golden.mistakes, and names the closest one. Separately, values that
-should be exactly 0 off a mask but are not are a *masking* finding; the comparison then goes on
-with the on-mask values.
+each a named entry of rlhf_ref.golden.mistakes, and names the closest one. Each later difference
+is recomputed with the reference math from the implementation's OWN upstream values: when that
+matches, it *follows* from them (a consequence, listed compactly); otherwise it is a second,
+independent mistake, diagnosed the same way from those values. Gradients, which values cannot
+recompute, are *downstream* after an earlier difference. Separately, values that should be
+exactly 0 off a mask but are not are a *masking* finding; the comparison then goes on with the
+on-mask values.
 
 The package: rlhf_ref.golden.cases (the case table), .vectors (inputs, compute, files, reading),
 .compare (a case's context: tolerances, tie-aware comparison), .mistakes (the catalogue of named
@@ -613,8 +617,9 @@ def verify(cases, outputs, layout=None, names=None, strict_mask=True):
 
     cases    a golden folder (or its manifest.json)
     outputs  a folder of ``<case>.npz``, or ``{case: {name: array}}``
-    layout   "token-aligned" (default) or "shifted" (the (B, T−1) layout of Hugging Face); an
-             output array named ``layout`` holding the string sets it per case
+    layout   "token-aligned" (default), "shifted" (the (B, T−1) layout of Hugging Face) or
+             "response" ((B, L), column 0 = each row's first generated token: TRL PPO, OpenRLHF,
+             SB3); an output array named ``layout`` holding the string sets it per case
     names    verify only these cases
     strict_mask  off-mask values count as failures (default); False turns them into notes
     """
