@@ -220,7 +220,7 @@ def chain(cfg, am, logp, ref_logp, ent, reward, values, pred, qbaseline=None, gr
 
     Returns a dict: kl, rewards, returns, baseline, advantages, ratio, weights, the four losses and
     d_logp_pg, d_logp_kl, d_ent (the upstream of H), d_pred. Everything here is O(B·T); the
-    compiled backends run their own copy of it (or this one, ``_core`` facades say when).
+    compiled backends run their own copy of it (``reinforce_chain`` of _train_cy.pyx, _train_nb.py).
     """
     m = am > 0
     w = aggregation_weights(am, cfg.aggregation, cfg.norm_len)

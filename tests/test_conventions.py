@@ -169,3 +169,16 @@ def test_group_is_validated_even_when_unused_and_ignored_otherwise():
                                      old_values=np.ones((3, 4)))
     assert all(np.array_equal(g1[k], g2[k]) for k in g1) and o1["loss"] == o2["loss"]
     assert o1["loss_kl"] == 0.0 and np.array_equal(o1["ratio"], o1["action_mask"])
+
+
+@pytest.mark.parametrize("kw", [dict(kl_in="loss"), dict(returns="gae"), dict(baseline="group_loo"),
+                                dict(surrogate="ppo_clip"), dict(value_clip=0.1), dict(aggregation="fixed_len")])
+def test_the_distributed_stage_refuses_what_it_does_not_compute(kw):
+    """pipeline/distributed.py has its own copy of the batch statistics: a convention it lacks is an
+    error there, never a silently different objective."""
+    from rlhf_ref.pipeline import distributed
+    am = np.array([[0, 1, 1.0], [0, 1, 0.0]])
+    z = np.zeros((2, 3))
+    with pytest.raises(ValueError, match="run without --workers"):
+        distributed.global_statistics(am, z, z, z, z, np.zeros(2), reinforce.ReinforceConfig(**kw))
+    distributed.global_statistics(am, z, z, z, z, np.zeros(2), reinforce.ReinforceConfig())
