@@ -579,6 +579,14 @@ def test_response_layout_is_accepted_when_declared(golden):
     f = check(golden, "padding_rows", dict(out, kl=kl), layout="response").first("rl")
     t = int(a["prompt_len"][b]) + 1
     assert f.quantity == "kl" and f"[{b}, 1] (response layout; token-aligned [{b}, {t}])" in f.message, f.format()
+    # anything past a row's response is accepted under a 0 of the user's own action_mask (same layout)
+    junk = dict(out)
+    am_r = out["action_mask"] > 0
+    for k in ("logp", "kl", "advantages"):
+        junk[k] = np.where(am_r, out[k], 7.0)
+    assert check(golden, "padding_rows", junk, layout="response").ok
+    f = check(golden, "padding_rows", dict(junk, action_mask=np.ones_like(out["action_mask"])), layout="response")
+    assert not f.ok
     short = dict(out, kl=out["kl"][:, :L - 2])
     f = check(golden, "padding_rows", short, layout="response").first("rl")
     assert f.kind == "shape" and "L ≥" in f.message, f.format()
