@@ -50,9 +50,11 @@ class Mistake:
     def line(self):
         """One line for the table: the hint up to its first ':' or ';', switches by name."""
         t = self.text.format_map(_Generic())
+        pre = "masking: " if t.startswith("masking: ") else ""
+        t = t[len(pre):]
         for sep in (": ", "; "):
             t = t.split(sep)[0]
-        return t
+        return pre + t
 
     def applies_to(self, q):
         return q in self.quantity or ANY in self.quantity or (GRAD in self.quantity and q.startswith("grad/"))
