@@ -841,3 +841,94 @@ def test_share_of_planted_mistakes_named_right(golden, capsys):
     assert len(names) >= 60
     assert caught == len(names), [n for n, r in res.items() if not r[0]]
     assert right >= 0.95 * len(names), [n for n, r in res.items() if not r[1]]
+
+
+def chain(a, cfg, f):
+    """The REINFORCE chain from the forward outputs ``f``, written here from docs/conventions.md:
+    kl, rewards, returns, baseline, advantages, ratio, weights and the losses."""
+    am = a["action_mask"] > 0
+    B, T = am.shape
+    on = lambda x: np.where(am, x, 0.0)  # noqa: E731
+    x = on(f["logp"] - f["ref_logp"])
+    k = {"k1": x, "k2": 0.5 * x ** 2, "k3": np.expm1(-x) + x}[cfg["kl"]]
+    kl = on(k)
+    last = [(b, int(np.nonzero(am[b])[0][-1])) for b in range(B) if am[b].any()]
+    r = on(-cfg["beta"] * kl) if cfg["kl_in"] == "reward" else np.zeros((B, T))
+    for b, t in last:
+        r[b, t] += a["reward"][b]
+    V = f.get("values")
+    if cfg["returns"] == "gae":
+        G = np.zeros((B, T))
+        for b in range(B):
+            a_next = v_next = 0.0
+            for t in reversed(np.nonzero(am[b])[0]):
+                a_next = r[b, t] + cfg["gamma"] * v_next - V[b, t] + cfg["gamma"] * cfg["lam"] * a_next
+                v_next = V[b, t]
+                G[b, t] = a_next + V[b, t]
+    else:
+        G = returns(r, am, cfg["gamma"], cfg["returns"])
+    has = am.any(1)
+    S = np.where(has, G[np.arange(B), np.argmax(am, 1)], 0.0)
+    grp = np.asarray(a["group"]) if "group" in a else None
+    kind = cfg["baseline"]
+    if kind == "value":
+        bl = on(V)
+    elif kind == "qvalue":
+        bl = on((np.exp(f["logq"]) * f["qvalues"]).sum(-1))
+    elif kind == "none":
+        bl = np.zeros((B, T))
+    elif kind == "mean":
+        bl = on(np.full((B, T), G[am].mean()))
+    elif kind == "loo":
+        bl = on(np.array([G[am & (np.arange(B) != b)[:, None]].mean() for b in range(B)])[:, None])
+    else:
+        bl = np.zeros(B)
+        for i in np.nonzero(has)[0]:
+            o = has & (grp == grp[i])
+            if kind == "group_loo":
+                o[i] = False
+            bl[i] = S[o].mean()
+        bl = on(bl[:, None])
+    A = on(G - bl)
+    if cfg["group_scale"] == "std":
+        sd = np.zeros(B)
+        for i in np.nonzero(has)[0]:
+            sd[i] = S[has & (grp == grp[i])].std(ddof=1)
+        A = on(A / (sd[:, None] + cfg["group_eps"]))
+    if cfg["whiten"] != "off":
+        A = whitened(A, am, cfg["whiten"], shift=cfg["shift_mean"])
+    old = a["old_logp"] if "old_logp" in a else f["logp"]
+    rho = on(np.exp(f["logp"] - old))
+    if cfg["aggregation"] == "fixed_len":
+        w = np.where(am, 1.0 / (B * (cfg["norm_len"] or T)), 0.0)
+    else:
+        w = weights(am, cfg["aggregation"])
+    if cfg["surrogate"] == "ppo_clip":
+        per = -np.minimum(rho * A, np.clip(rho, 1 - cfg["clip_low"], 1 + cfg["clip_high"]) * A)
+    else:
+        per = -A * f["logp"]
+    pred = on(V) if cfg["critic"] == "value" else on(np.take_along_axis(
+        f["qvalues"], a["tokens"][:, :, None], -1)[..., 0])
+    err2 = (pred - G) ** 2
+    if cfg["value_clip"] > 0:
+        ov, c = a["old_values"], cfg["value_clip"]
+        err2 = np.maximum(err2, (ov + np.clip(pred - ov, -c, c) - G) ** 2)
+    out = {"kl": kl, "rewards": r, "returns": G, "baseline": bl, "advantages": A, "ratio": rho, "weights": w,
+           "loss_pg": np.sum(w * on(per)), "loss_ent": -cfg["entropy_coef"] * np.sum(w * f["entropy"]),
+           "loss_value": cfg["value_coef"] * 0.5 * np.sum(w * on(err2)),
+           "loss_kl": cfg["beta"] * np.sum(w * kl) if cfg["kl_in"] == "loss" else 0.0}
+    out["loss"] = out["loss_pg"] + out["loss_ent"] + out["loss_value"] + out["loss_kl"]
+    return out
+
+
+def test_the_independent_chain_unplanted_is_clean_on_every_case(golden):
+    """0 false alarms on the whole objective: the forward pass, the sampler and the chain above
+    (every switch of the table), on every case, give a clean report with every value compared."""
+    for name, (e, a) in golden.items():
+        if "rl" not in e["sections"]:
+            continue
+        f = forward(a, e["config"])
+        out = {**f, **chain(a, e["config"], f)}
+        out = {k: v for k, v in out.items() if k in e["outputs"]}
+        rep = vf.verify_case(e, a, out)
+        assert rep.ok and not rep.findings and len(rep.checked) == len(out), (name, rep.format())
