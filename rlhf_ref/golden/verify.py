@@ -62,7 +62,7 @@ class Finding:
     quantity: str
     message: str
     hint: str = ""
-    index: tuple = ()    #: where (the worst entry), when it applies
+    index: tuple = ()    #: where (the worst entry), token-aligned coordinates; the message gives yours
     mistake: str = ""    #: the name of the mistake the hint describes (rlhf_ref.golden.mistakes), if any
     #: for a difference after the first of its section: "follows" (recomputed with the reference math
     #: from your own upstream values, it matches: a consequence), "independent" (it does not: a second
@@ -101,7 +101,7 @@ class CaseReport:
     findings: list = field(default_factory=list)
     checked: list = field(default_factory=list)
     not_checked: list = field(default_factory=list)      #: golden outputs the implementation did not give
-    not_compared: list = field(default_factory=list)     #: after a section's first difference
+    not_compared: list = field(default_factory=list)     #: kept for old callers: every given quantity is compared
     ignored: list = field(default_factory=list)          #: given but not golden outputs
     missing: bool = False                                #: no outputs at all for this case
 
