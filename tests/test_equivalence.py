@@ -359,15 +359,21 @@ def test_reinforce_loss_and_grad(be, data):
     kappa = whitening_condition(ref_out, cfg)
     # the per-token chain mixes values across the batch (returns, baselines, whitening): its entries
     # carry the rounding of the batch's largest terms; the advantages are differences G − b
-    chain = max(scale_of(ref_out[k]) for k in ("logp", "ref_logp", "kl", "rewards", "returns", "baseline"))
+    # log π = α·z_a − max − log Σ: rounding of order eps·max|α·z| (as in test_sequence_logprobs), which
+    # the log-prob of a near-certain token (|log π| ≪ 1) does not show
+    zscale = cfg.alpha * scale_of(ref_out["scores"])
+    chain = max([zscale] + [scale_of(ref_out[k]) for k in ("logp", "ref_logp", "kl", "rewards", "returns", "baseline")])
     for k in OUT_KEYS + tuple(k for k in ("values", "qvalues") if k in ref_out):
         assert k in out, f"reinforce out lacks {k!r}"
-        sc = None
+        sc = zscale if k == "logp" else None
         if k in ("kl", "rewards", "returns", "baseline", "advantages", "loss_pg", "loss_kl", "loss"):
             sc = chain * (kappa if k in ("advantages", "loss_pg", "loss") else 1.0)
         close(out[k], ref_out[k], dt, n, f"reinforce {k}", scale=sc)
     assert set(g) == set(p64), f"grads keys {sorted(g)} != params keys {sorted(p64)}"
-    gs = grad_scale(ref_g) * kappa
+    # ∂log π_a/∂z = α·(onehot(a) − π): for a near-certain token 1 − π_a cancels, so a gradient entry
+    # carries rounding of order eps·α·|w·A·ρ| (the upstream of the policy-gradient term) even when small
+    upstream = cfg.alpha * scale_of(ref_out["weights"] * ref_out["advantages"] * ref_out["ratio"])
+    gs = max(grad_scale(ref_g), upstream) * kappa
     for k in ref_g:
         if k == "terms":
             continue
