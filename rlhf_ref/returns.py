@@ -248,7 +248,8 @@ def group_scale(adv, returns, action_mask, group, kind="off", eps=1e-4):
         return adv
     sd = group_std(returns, action_mask, group)
     check_group_std(sd, action_mask, group, eps)
-    return np.where(action_mask > 0, adv / (sd[:, None] + eps), 0.0)
+    den = np.where((action_mask > 0).any(axis=1), sd + eps, 1.0)        # rows without an action: no division
+    return np.where(action_mask > 0, adv / den[:, None], 0.0)
 
 
 def check_group_std(sd, action_mask, group, eps):

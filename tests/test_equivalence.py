@@ -372,8 +372,11 @@ def test_reinforce_loss_and_grad(be, data):
     assert set(g) == set(p64), f"grads keys {sorted(g)} != params keys {sorted(p64)}"
     # ∂log π_a/∂z = α·(onehot(a) − π): for a near-certain token 1 − π_a cancels, so a gradient entry
     # carries rounding of order eps·α·|w·A·ρ| (the upstream of the policy-gradient term) even when small
+    # and ∂H/∂z_j = −α·π_j·(log π_j + H) (× the ε-mixture's factor) cancels near the uniform distribution:
+    # terms of order c_H·w·α·max|log π_ε|
     upstream = cfg.alpha * scale_of(ref_out["weights"] * ref_out["advantages"] * ref_out["ratio"])
-    gs = max(grad_scale(ref_g), upstream) * kappa
+    upstream_ent = cfg.entropy_coef * cfg.alpha * scale_of(ref_out["weights"]) * scale_of(ref_out["logq"])
+    gs = max(grad_scale(ref_g), upstream, upstream_ent) * kappa
     for k in ref_g:
         if k == "terms":
             continue
