@@ -18,9 +18,13 @@ The pieces (each a small function, so that the tests can plant a mistake in one 
     policy_log_probs           log π = log_softmax(α·z), ε-mixture by logaddexp (sampling and the reference)
     learner_log_probs          the same, for the policy being trained (kept separate on purpose)
     rollout                    inverse-CDF sampling with the given uniforms, EOS ends a row
+    decode_log_probs           the rollout's decoding policy: Boltzmann, ε-greedy or greedy
     kl_estimate                k1 = x, k2 = x²/2, k3 = expm1(−x) + x with x = logπ − logπ_ref
     shaped_rewards, discounted_returns, compute_baseline, whiten, aggregation_weights
-    rl_objective               the three losses and, by autograd, every gradient of each and of the total
+    gae_returns, group_baseline, group_scale, fixed_len_weights, kl_loss, ppo_clip_loss, clipped_value_loss
+                               the field's conventions (GAE, GRPO/RLOO groups, Dr. GRPO, PPO), from the
+                               equations of docs/conventions.md §3
+    rl_objective               the losses and, by autograd, every gradient of each and of the total
     sft_objective, bt_objective
 """
 
@@ -120,6 +124,16 @@ def learner_log_probs(z, alpha, eps):
     return policy_log_probs(z, alpha, eps)
 
 
+def decode_log_probs(z, alpha, eps, kind):
+    """The rollout's log-distribution: Boltzmann (as above), or ε-greedy (1−ε)·onehot(argmax z) + ε/V
+    (greedy: ε = 0; ties go to the lowest id, torch.argmax's first maximum)."""
+    if kind == "boltzmann":
+        return policy_log_probs(z, alpha, eps)
+    V = z.shape[-1]
+    onehot = F.one_hot(torch.argmax(z, dim=-1), V).to(z.dtype)
+    return torch.log((1 - eps) * onehot + eps / V)
+
+
 def entropy(logq):
     q = logq.exp()
     return -torch.where(q > 0, q * logq, torch.zeros_like(q)).sum(-1)
@@ -149,7 +163,7 @@ def inverse_cdf(q, u):
 
 
 @torch.no_grad()
-def rollout(net, prompt_tokens, prompt_len, u, alpha, eps, eos_id):
+def rollout(net, prompt_tokens, prompt_len, u, alpha, eps, eos_id, kind="boltzmann"):
     """Sample responses token by token from the given uniforms (u[:, t] draws token t)."""
     B, T = prompt_tokens.shape
     t_idx = torch.arange(T)[None, :]
@@ -162,7 +176,7 @@ def rollout(net, prompt_tokens, prompt_len, u, alpha, eps, eos_id):
     state = None
     for t in range(1, T):
         out, state = net.lstm(net.embedding(tokens[:, t - 1:t]), state)      # feed token t−1: h_{t−1}
-        lq = policy_log_probs(net.head(out[:, 0]), alpha, eps)
+        lq = decode_log_probs(net.head(out[:, 0]), alpha, eps, kind)
         live = ~done
         in_prompt = t < prompt_len
         act = live & ~in_prompt
@@ -259,6 +273,82 @@ def aggregation_weights(am, kind):
     return am / n_row.clamp(min=1) / n_rows
 
 
+def gae_returns(r, values, am, gamma, lam):
+    """GAE over each row's actions: δ_j = r_j + γ·V_{j+1} − V_j (V after the last action: 0),
+    A_j = Σ_l (γλ)^l δ_{j+l}; the returns are A + V (V a constant)."""
+    B, T = r.shape
+    V = values.detach() * am
+    G = torch.zeros_like(r)
+    for b in range(B):
+        acts = torch.nonzero(am[b] > 0)[:, 0].tolist()
+        a_next, v_next = 0.0, 0.0
+        for t in reversed(acts):
+            delta = r[b, t] + gamma * v_next - V[b, t]
+            a_next = delta + gamma * lam * a_next
+            v_next = V[b, t]
+            G[b, t] = a_next + V[b, t]
+    return G
+
+
+def sequence_returns(G, am):
+    """S_i: each row's return at its first action (rows without an action: 0)."""
+    first = torch.argmax((am > 0).to(torch.int64), dim=1)
+    return G.gather(1, first[:, None])[:, 0] * (am.sum(1) > 0)
+
+
+def group_baseline(kind, G, am, group):
+    """group_mean: the mean of S over the rows of the row's group that have an action (itself
+    included); group_loo: over the others. Broadcast to the row's actions."""
+    S = sequence_returns(G, am).detach()
+    has = am.sum(1) > 0
+    B = G.shape[0]
+    b = torch.zeros(B, dtype=G.dtype)
+    for i in range(B):
+        mates = has & (group == group[i])
+        if kind == "group_loo":
+            mates[i] = False
+        if has[i]:
+            b[i] = S[mates].mean()
+    return b[:, None] * am
+
+
+def group_scale(A, G, am, group, eps):
+    """GRPO: A / (σ_g + eps), σ_g the unbiased std of S over the row's group (rows with an action)."""
+    S = sequence_returns(G, am).detach()
+    has = am.sum(1) > 0
+    sd = torch.ones(G.shape[0], dtype=G.dtype)
+    for i in range(G.shape[0]):
+        if has[i]:
+            sd[i] = S[has & (group == group[i])].std(correction=1)
+    return A / (sd[:, None] + eps) * am
+
+
+def fixed_len_weights(am, norm_len):
+    """Dr. GRPO: m / (B·L), L = norm_len, or the array width when norm_len is 0."""
+    B, T = am.shape
+    return am / (B * (norm_len if norm_len > 0 else T))
+
+
+def kl_loss(w, logp, ref_logp, kind, beta):
+    """β·Σ w·k(x), x = logπ − logπ_ref NOT detached (the penalty in the loss, GRPO's placement)."""
+    x = logp - ref_logp.detach()
+    k = {"k1": x, "k2": 0.5 * x * x, "k3": torch.expm1(-x) + x}[kind]
+    return beta * (w * k).sum()
+
+
+def ppo_clip_loss(w, adv, logp, old_logp, clip_low, clip_high, am):
+    """Σ w·−min(ρA, clip(ρ, 1 − clip_low, 1 + clip_high)·A), ρ = exp(logπ − logπ_old); ρ (B, T)."""
+    ratio = torch.exp(logp - old_logp) * am
+    surr = torch.minimum(ratio * adv, torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * adv)
+    return -(w * surr).sum(), ratio
+
+
+def clipped_value_loss(w, pred, G, old_values, clip, coef):
+    """c_V·½·Σ w·max((V − G)², (V_old + clip(V − V_old, ±c) − G)²)."""
+    v_clip = old_values + torch.clamp(pred - old_values, -clip, clip)
+    return coef * 0.5 * (w * torch.maximum((pred - G) ** 2, (v_clip - G) ** 2)).sum()
+
+
 def pg_loss(w, adv, logp):
     """L_pg = −Σ w·A·log π (minimised)."""
     return -(w * adv * logp).sum()
@@ -273,11 +363,12 @@ def grads_of(loss, named, prefix):
     return {f"{prefix}{n}": (torch.zeros_like(p) if g is None else g) for (n, p), g in zip(named, gs)}
 
 
-def rl_objective(pol, ref, tokens, mask, prompt_len, R, cfg):
+def rl_objective(pol, ref, tokens, mask, prompt_len, R, cfg, group=None, old_logp=None, old_values=None):
     """Every RL intermediate in data-flow order, the losses and their gradients.
 
     The stop-gradients live where the constants are made: kl_estimate (β·k), compute_baseline (b),
     whiten (μ, σ); R is data. So A and G carry no gradient, and the entropy keeps its own."""
+    get = lambda k, d: cfg.get(k, d)  # noqa: E731  (a manifest of schema 1 has no issue-9 switches)
     alpha, eps = cfg["alpha"], cfg["eps"]
     T = tokens.shape[1]
     am = mask * (torch.arange(T)[None, :] >= prompt_len[:, None]).to(mask.dtype)        # (B, T)
@@ -290,26 +381,55 @@ def rl_objective(pol, ref, tokens, mask, prompt_len, R, cfg):
         ref_logp = policy_log_probs(rheads["scores"], alpha, eps).gather(2, tokens[..., None])[..., 0] * am
     ent = entropy(learner_log_probs(z, alpha, eps)) * am
     kl = kl_estimate(logp, ref_logp, cfg["kl"]) * am
-    rewards = shaped_rewards(kl, R, am, cfg["beta"])
-    G = discounted_returns(rewards, am, cfg["gamma"], cfg["returns"])
-    b = compute_baseline(cfg["baseline"], G, am, heads.get("values"), heads.get("qvalues"), logq)
-    adv = whiten((G - b) * am, am, cfg["whiten"], cfg["shift_mean"])
-    w = aggregation_weights(am, cfg["aggregation"])
+    in_loss = get("kl_in", "reward") == "loss"
+    rewards = shaped_rewards(kl, R, am, 0.0 if in_loss else cfg["beta"])
+    if cfg["returns"] == "gae":
+        G = gae_returns(rewards, heads["values"], am, cfg["gamma"], cfg["lam"])
+    else:
+        G = discounted_returns(rewards, am, cfg["gamma"], cfg["returns"])
+    if cfg["baseline"] in ("group_mean", "group_loo"):
+        b = group_baseline(cfg["baseline"], G, am, group)
+    else:
+        b = compute_baseline(cfg["baseline"], G, am, heads.get("values"), heads.get("qvalues"), logq)
+    adv = (G - b) * am
+    if get("group_scale", "off") == "std":
+        adv = group_scale(adv, G, am, group, cfg["group_eps"])
+    adv = whiten(adv, am, cfg["whiten"], cfg["shift_mean"])
+    if cfg["aggregation"] == "fixed_len":
+        w = fixed_len_weights(am, cfg["norm_len"])
+    else:
+        w = aggregation_weights(am, cfg["aggregation"])
     if "values" in heads:
         pred = heads["values"] * am
     else:
         pred = heads["qvalues"].gather(2, tokens[..., None])[..., 0] * am
-    loss_pg = pg_loss(w, adv, logp)
+    ratio = None
+    if get("surrogate", "reinforce") == "ppo_clip":
+        old = logp.detach() if old_logp is None else old_logp
+        loss_pg, ratio = ppo_clip_loss(w, adv, logp, old, cfg["clip_low"], cfg["clip_high"], am)
+    else:
+        loss_pg = pg_loss(w, adv, logp)
     loss_ent = -cfg["entropy_coef"] * (w * ent).sum()
-    loss_value = cfg["value_coef"] * 0.5 * (w * (pred - G) ** 2).sum()
-    loss = loss_pg + loss_ent + loss_value
+    if get("value_clip", 0.0) > 0:
+        loss_value = clipped_value_loss(w, pred, G, old_values, cfg["value_clip"], cfg["value_coef"])
+    else:
+        loss_value = cfg["value_coef"] * 0.5 * (w * (pred - G) ** 2).sum()
+    loss_kl = kl_loss(w, logp, ref_logp, cfg["kl"], cfg["beta"]) if in_loss else None
+    loss = loss_pg + loss_ent + loss_value + (loss_kl if in_loss else 0.0)
     out = {"action_mask": am.long(), "scores": z, "logq": logq, "logp": logp, "ref_logp": ref_logp,
            "entropy": ent, "kl": kl, "rewards": rewards, "returns": G}
     out.update({k: v for k, v in heads.items() if k != "scores"})
-    out.update({"baseline": b, "advantages": adv, "weights": w, "loss_pg": loss_pg, "loss_ent": loss_ent,
-                "loss_value": loss_value, "loss": loss})
+    out.update({"baseline": b, "advantages": adv})
+    if ratio is not None:
+        out["ratio"] = ratio
+    out.update({"weights": w, "loss_pg": loss_pg, "loss_ent": loss_ent, "loss_value": loss_value})
+    if in_loss:
+        out["loss_kl"] = loss_kl
+    out["loss"] = loss
     named = list(pol.named_parameters())
-    for name, L in (("loss_pg", loss_pg), ("loss_ent", loss_ent), ("loss_value", loss_value), ("loss", loss)):
+    terms = (("loss_pg", loss_pg), ("loss_ent", loss_ent), ("loss_value", loss_value)) + (
+        (("loss_kl", loss_kl),) if in_loss else ()) + (("loss", loss),)
+    for name, L in terms:
         out.update(grads_of(L, named, f"grad/{name}/policy/"))
     return out
 
@@ -345,10 +465,11 @@ def run_case(entry, arrays):
     out = {}
     if "rollout" in entry["sections"]:
         out.update(rollout(pol, T_("rollout/prompt_tokens"), T_("rollout/prompt_len"), fl("rollout/u"),
-                           cfg["alpha"], cfg["eps"], cfg["eos_id"]))
+                           cfg["alpha"], cfg["eps"], cfg["eos_id"], cfg.get("policy_kind", "boltzmann")))
     if "rl" in entry["sections"]:
         mask = fl("mask")
-        out.update(rl_objective(pol, ref, T_("tokens"), mask, T_("prompt_len"), fl("reward"), cfg))
+        opt = {k: (T_(k) if k == "group" else fl(k)) for k in ("group", "old_logp", "old_values") if k in arrays}
+        out.update(rl_objective(pol, ref, T_("tokens"), mask, T_("prompt_len"), fl("reward"), cfg, **opt))
     if "sft" in entry["sections"]:
         out.update(sft_objective(pol, T_("tokens"), fl("mask")))
     if "rm" in entry["sections"]:
@@ -363,7 +484,7 @@ def load_golden(folder):
     """(manifest, {case: arrays}) read with json and numpy only."""
     with open(os.path.join(folder, "manifest.json"), encoding="utf-8") as f:
         manifest = json.load(f)
-    assert manifest["schema"] == "rlhf_ref.golden_vectors" and manifest["schema_version"] == 1, manifest["schema"]
+    assert manifest["schema"] == "rlhf_ref.golden_vectors" and manifest["schema_version"] in (1, 2), manifest["schema"]
     cases = {}
     for e in manifest["cases"]:
         with np.load(os.path.join(folder, e["file"]), allow_pickle=False) as z:

@@ -74,11 +74,14 @@ class Backend(Protocol):
         """(B, T): ``rlhf_ref.reinforce.sequence_logprobs``."""
 
     def reinforce_loss_and_grad(self, params, tokens, mask, prompt_len, reward, cfg=None, ref_params=None,
-                                ref_logp=None) -> tuple[dict, dict]:
+                                ref_logp=None, *, group=None, old_logp=None, old_values=None) -> tuple[dict, dict]:
         """The RL training step (forward and backward), ``rlhf_ref.reinforce.loss_and_grad``: ``out``
         holds at least action_mask, logp, ref_logp, entropy, kl, rewards, returns, baseline,
-        advantages, loss_pg, loss_ent, loss_value, loss (and values or qvalues; it may omit the
-        (B, T, V) arrays scores/logq); ``grads`` has exactly the keys of params."""
+        advantages, ratio, weights, loss_pg, loss_ent, loss_value, loss_kl, loss (and values or
+        qvalues; it may omit the (B, T, V) arrays scores/logq); ``grads`` has exactly the keys of
+        params. group (B,) int: the rows' prompt ids (baseline group_mean/group_loo); old_logp (B, T):
+        the sampling policy's log-probs (surrogate ppo_clip; None: ratio 1); old_values (B, T): the
+        value head at sampling time (value_clip > 0)."""
 
     def sft_loss_and_grad(self, params, tokens, mask) -> tuple[dict, dict]:
         """(out {"logp", "loss"}, grads): ``rlhf_ref.sft.loss_and_grad``."""

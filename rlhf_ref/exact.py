@@ -13,6 +13,26 @@ p(y) = Π_t π_ε(y_t|s_t) (DESIGN.md §3)::
 
 With seq_sum aggregation, whitening off and k1 (or β = 0), E[−∇L_pg] = ∇E[Σ_j γ^j r_j]; at γ = 1
 that is ∇(J − β·KL), with the value, qvalue, loo or none baseline. No anchor library has this.
+
+Issue 9's conventions (tests/test_exact.py holds each statement by enumeration):
+
+* surrogate="ppo_clip" with old_logp = log π_θ (ratio ρ = 1): −min(ρA, clip(ρ)A) has the gradient
+  −A·∇log π for any A (both branches tie; the unclipped one is taken), so it IS REINFORCE's estimator,
+  batch by batch, and every statement here carries over to it.
+* group_loo (RLOO), groups of k rows: b_i is a function of the other rows only, independent of row
+  i's response, so E[b_i ∇log p(y_i)] = 0: unbiased. group_mean includes the row's own S_i with
+  weight 1/k: E[ĝ_group_mean] = E[ĝ_none] − (1/k)·∇E[Σ_j γ^j r_j]; at γ = 1 (or returns="total")
+  that is (1 − 1/k)·∇(J − β·KL), a shrinking by the row's own share (Dr. GRPO).
+* returns="gae" with λ = 1 is returns="rtg" (the δ's telescope; V_next = 0 after the last action).
+* kl_in="loss" (GRPO's placement): L_kl = β·Σ_t w_t·k(x_t) differentiated only through log π_θ(a_t|s_t)
+  (the sampling is not differentiated), so with seq_sum and one row
+      E_y[∇L_kl] = β·E_y[Σ_t k'(x_t)·∇log π_θ(a_t|s_t)] = β·E_y[Σ_t ∇_θ D(s_t)]   (states s_t held fixed)
+  with, per state, since E_{a~π}[∇log π(a)] = 0 and E_{a~π}[(π_ref/π)(a)·∇log π(a)] = Σ_a π_ref ∇log π:
+      k1: k' = 1          → D = 0: the expected gradient is ZERO (k1 in the loss does nothing on average)
+      k2: k' = x          → D = KL(π_θ(·|s_t) ‖ π_ref(·|s_t))  (the forward KL, per state)
+      k3: k' = 1 − e^{−x} → D = KL(π_ref(·|s_t) ‖ π_θ(·|s_t))  (the REVERSE KL, per state)
+  None of them is ∇KL(π‖π_ref) of the sequence, which also has the future terms E[Σ_t Σ_{s>t} x_s ∇log π_t];
+  for one-token responses k2 in the loss gives ∇KL exactly and k3 gives ∇KL(π_ref‖π) instead.
 """
 
 from __future__ import annotations
@@ -94,19 +114,25 @@ def exact_objective(params, ref_params, prompt, max_len, reward_fn, alpha=1.0, e
             "token_logp": logp_tok, "token_ref_logp": ref_tok}
 
 
-def expected_estimator(params, ref_params, prompt, max_len, reward_fn, cfg, batch_size=1, eos_id=EOS):
+def expected_estimator(params, ref_params, prompt, max_len, reward_fn, cfg, batch_size=1, eos_id=EOS,
+                       group=None):
     """The exact expectation of the REINFORCE estimator over batches of ``batch_size`` responses.
 
-    Returns {'grad': E[∇L], 'terms': {'pg', 'ent', 'value'}: E[∇ of each term],
+    ``group`` (batch_size,) ids for the group baselines (default: one group, every row answers the one
+    prompt). old_logp is the policy's own (ratio 1), old_values none.
+
+    Returns {'grad': E[∇L], 'terms': {'pg', 'ent', 'value', 'kl'}: E[∇ of each term],
              'loss_pg': E[L_pg], 'kl_seq': {each of returns.KL_ESTIMATORS: E[Σ_t k_t]}}.
     """
+    if group is None:
+        group = np.zeros(batch_size, np.int64)
     ex = exact_objective(params, ref_params, prompt, max_len, reward_fn, cfg.alpha, cfg.eps, eos_id)
     n = len(ex["responses"])
     if n ** batch_size > MAX_RESPONSES:
         raise ValueError(f"{n} responses in batches of {batch_size} give {n ** batch_size} batches; "
                          f"the limit is {MAX_RESPONSES}")
     zero = {k: np.zeros_like(v) for k, v in params.items()}
-    acc = {"grad": dict(zero), "terms": {t: dict(zero) for t in ("pg", "ent", "value")}, "loss_pg": 0.0}
+    acc = {"grad": dict(zero), "terms": {t: dict(zero) for t in ("pg", "ent", "value", "kl")}, "loss_pg": 0.0}
     for idx in itertools.product(range(n), repeat=batch_size):
         idx = list(idx)
         weight = float(np.prod(ex["probs"][idx]))
@@ -114,7 +140,7 @@ def expected_estimator(params, ref_params, prompt, max_len, reward_fn, cfg, batc
             continue
         out, g = reinforce.loss_and_grad(params, ex["tokens"][idx], ex["mask"][idx], ex["prompt_len"][idx],
                                          ex["rewards"][idx], cfg, ref_logp=ex["token_ref_logp"][idx],
-                                         term_grads=True)
+                                         term_grads=True, group=group)
         for k in params:
             acc["grad"][k] = acc["grad"][k] + weight * g[k]
             for t in acc["terms"]:

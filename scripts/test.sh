@@ -51,6 +51,9 @@ step "install torch==2.13.0 (test-only: PyTorch cross-checks)"
 step "install the ray extra (not in all: ~240 MB; tests/test_distributed.py runs on a local Ray cluster)"
 "${PIP[@]}" install "ray==2.60.0"    # the version the tests were run with; the extra says ray>=2.40
 
+step "install the frameworks extra (not in all: ~470 MB; tests/test_frameworks.py checks SB3's and TRL's real functions)"
+"${PIP[@]}" install "stable-baselines3==2.9.2" "trl==1.16.0"
+
 step "rlhf-ref info"
 "$VENV/bin/rlhf-ref" info
 
@@ -66,6 +69,7 @@ export RLHF_REF_REQUIRE_BACKENDS
 export HYPOTHESIS_PROFILE=ci
 export RLHF_REF_REQUIRE_TORCH=1     # torch was installed above: its cross-checks must run
 export RLHF_REF_REQUIRE_RAY=1       # and ray: its tests must run, never skip
+export RLHF_REF_REQUIRE_FRAMEWORKS=1  # and the frameworks extra: tests/test_frameworks.py must run
 SLOW=()
 if [ "${RLHF_REF_RUNSLOW:-1}" != 0 ]; then SLOW=(--runslow); fi
 

@@ -135,7 +135,7 @@ CASES = [
     ("shaped_rewards reward shape", lambda: returns.shaped_rewards(np.zeros((2, 4)), np.zeros(3), AM, 0.1), ValueError,
      r"sequence_reward must have shape \(2\), got \(3,\)"),
     ("returns gamma", lambda: returns.discounted_returns(np.zeros((2, 4)), AM, 2.0), ValueError, r"gamma must be <= 1.0, got 2.0"),
-    ("returns kind", lambda: returns.discounted_returns(np.zeros((2, 4)), AM, 1.0, "gae"), ValueError, r"returns must be one of"),
+    ("returns kind", lambda: returns.discounted_returns(np.zeros((2, 4)), AM, 1.0, "vtrace"), ValueError, r"returns must be one of"),
     ("baseline kind", lambda: returns.baseline("avg", np.zeros((2, 4)), AM), ValueError, r"baseline must be one of"),
     ("value baseline without values", lambda: returns.baseline("value", np.zeros((2, 4)), AM), ValueError,
      r"baseline='value' needs values"),

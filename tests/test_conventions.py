@@ -102,3 +102,83 @@ def test_tuning_parameters_compiled_into_the_kernels_equal_the_config():
     pxd = _read("_common_cy.pxd")
     assert int(re.search(r"SMM_MIN_ROWS = (\d+)", pxd).group(1)) == _config.CYTHON_SMM_MIN_ROWS
     assert int(re.search(r"SMM_MAX_ROWS = (\d+)", pxd).group(1)) == _config.CYTHON_SMM_MAX_ROWS
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 9: the combinations ReinforceConfig refuses and the new inputs' checks (messages name them)
+
+def test_config_refuses_combinations_that_have_no_meaning():
+    with pytest.raises(ValueError, match=r"returns='gae' needs baseline='value'.*baseline='mean'"):
+        reinforce.ReinforceConfig(returns="gae", baseline="mean")
+    with pytest.raises(ValueError, match=r"group_scale='std' needs baseline='group_mean' or 'group_loo'"):
+        reinforce.ReinforceConfig(group_scale="std", baseline="value")
+    with pytest.raises(ValueError, match="lam must be <= 1.0"):
+        reinforce.ReinforceConfig(lam=1.5)
+    with pytest.raises(ValueError, match="clip_high must be >= 0"):
+        reinforce.ReinforceConfig(clip_high=-0.1)
+    with pytest.raises(ValueError, match="surrogate must be one of"):
+        reinforce.ReinforceConfig(surrogate="ppo")
+    with pytest.raises(ValueError, match="kl_in must be one of"):
+        RLConfig(kl_in="advantage")
+    rc = RLConfig(returns="gae", lam=0.95, surrogate="ppo_clip", clip_high=0.28).reinforce_config()
+    assert (rc.returns, rc.lam, rc.surrogate, rc.clip_high) == ("gae", 0.95, "ppo_clip", 0.28)
+
+
+def _tiny():
+    from rlhf_ref import lstm
+    p = lstm.init_params(5, 3, 4, np.random.default_rng(0), heads=("head", "value"))
+    tokens = np.array([[1, 3, 4, 2], [1, 4, 3, 0], [1, 2, 3, 3]])
+    mask = np.array([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1.0]])
+    return p, tokens, mask, np.array([1, 1, 2]), np.array([1.0, -1.0, 0.5]), np.zeros((3, 4))
+
+
+@pytest.mark.parametrize("cfg,kw,err,msg", [
+    (dict(baseline="group_mean"), {}, ValueError, r"baseline='group_mean' needs group"),
+    (dict(baseline="group_loo"), dict(group=np.array([0, 0, 1])), ValueError,
+     r"group_loo.*two or more rows with an action in every group; group 1 of group has 1"),
+    (dict(baseline="group_mean", group_scale="std"), dict(group=np.array([0, 1, 1])), ValueError,
+     r"group_scale='std' needs two or more rows.*group 0 of group"),
+    (dict(baseline="group_mean"), dict(group=np.array([0.0, 0.0, 1.0])), TypeError, r"group must be an integer array"),
+    (dict(), dict(group=np.array([0, 0])), ValueError, r"group must have shape \(3,\)"),
+    (dict(surrogate="ppo_clip"), dict(old_logp=np.zeros((3, 3))), ValueError, r"old_logp must have shape"),
+    (dict(surrogate="ppo_clip"), dict(old_logp=np.full((3, 4), np.nan)), ValueError, r"old_logp must be finite"),
+    (dict(value_clip=0.2), {}, ValueError, r"value_clip=0.2 needs old_values"),
+    (dict(value_clip=0.2), dict(old_values=np.zeros((4, 3))), ValueError, r"old_values must have shape"),
+    (dict(baseline="group_mean", group_scale="std", group_eps=0.0, beta=0.0), dict(group=np.array([0, 0, 0])),
+     None, None),
+])
+def test_new_inputs_are_checked_with_messages_naming_them(cfg, kw, err, msg):
+    p, tokens, mask, pl, R, rl = _tiny()
+    c = reinforce.ReinforceConfig(**cfg)
+    if err is None:             # σ_g = 0 and group_eps = 0: refused, never a silent inf/nan
+        with pytest.raises(ValueError, match="group_eps=0 divides by σ_g = 0"):
+            reinforce.loss_and_grad(p, tokens, mask, pl, np.ones(3), c, ref_logp=rl, **kw)
+        out, _ = reinforce.loss_and_grad(p, tokens, mask, pl, R, c, ref_logp=rl, **kw)
+        assert np.all(np.isfinite(out["advantages"]))
+        return
+    with pytest.raises(err, match=msg):
+        reinforce.loss_and_grad(p, tokens, mask, pl, R, c, ref_logp=rl, **kw)
+
+
+def test_group_is_validated_even_when_unused_and_ignored_otherwise():
+    p, tokens, mask, pl, R, rl = _tiny()
+    with pytest.raises(ValueError, match=r"group must have shape \(3,\)"):
+        reinforce.loss_and_grad(p, tokens, mask, pl, R, ref_logp=rl, group=np.zeros(4, int))
+    o1, g1 = reinforce.loss_and_grad(p, tokens, mask, pl, R, ref_logp=rl)
+    o2, g2 = reinforce.loss_and_grad(p, tokens, mask, pl, R, ref_logp=rl, group=np.array([0, 1, 2]),
+                                     old_values=np.ones((3, 4)))
+    assert all(np.array_equal(g1[k], g2[k]) for k in g1) and o1["loss"] == o2["loss"]
+    assert o1["loss_kl"] == 0.0 and np.array_equal(o1["ratio"], o1["action_mask"])
+
+
+@pytest.mark.parametrize("kw", [dict(kl_in="loss"), dict(returns="gae"), dict(baseline="group_loo"),
+                                dict(surrogate="ppo_clip"), dict(value_clip=0.1), dict(aggregation="fixed_len")])
+def test_the_distributed_stage_refuses_what_it_does_not_compute(kw):
+    """pipeline/distributed.py has its own copy of the batch statistics: a convention it lacks is an
+    error there, never a silently different objective."""
+    from rlhf_ref.pipeline import distributed
+    am = np.array([[0, 1, 1.0], [0, 1, 0.0]])
+    z = np.zeros((2, 3))
+    with pytest.raises(ValueError, match="run without --workers"):
+        distributed.global_statistics(am, z, z, z, z, np.zeros(2), reinforce.ReinforceConfig(**kw))
+    distributed.global_statistics(am, z, z, z, z, np.zeros(2), reinforce.ReinforceConfig())

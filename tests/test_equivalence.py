@@ -293,6 +293,12 @@ NUMERIC = {
     "beta": st.one_of(st.just(0.0), st.floats(0.0, 1.0)),
     "entropy_coef": st.one_of(st.just(0.0), st.floats(0.0, 1.0)),
     "value_coef": st.one_of(st.just(0.0), st.just(0.5), st.floats(0.0, 2.0)),
+    "lam": st.one_of(st.just(1.0), st.just(0.95), st.floats(0.0, 1.0)),
+    "group_eps": st.one_of(st.just(1e-4), st.floats(0.0, 1.0)),
+    "clip_low": st.one_of(st.just(0.2), st.floats(0.0, 1.0)),
+    "clip_high": st.one_of(st.just(0.2), st.just(0.28), st.floats(0.0, 1.0)),
+    "value_clip": st.one_of(st.just(0.0), st.floats(0.01, 1.0)),
+    "norm_len": st.one_of(st.just(0.0), st.floats(1.0, 16.0)),
 }
 SWITCH_STRATEGIES = {sw.name: (st.sampled_from(sw.values) if sw.values is not None else NUMERIC[sw.name])
                      for sw in conventions.SWITCHES}
@@ -300,11 +306,17 @@ SWITCH_STRATEGIES = {sw.name: (st.sampled_from(sw.values) if sw.values is not No
 
 @st.composite
 def configs(draw):
-    return reinforce.ReinforceConfig(**{name: draw(s) for name, s in SWITCH_STRATEGIES.items()})
+    kw = {name: draw(s) for name, s in SWITCH_STRATEGIES.items()}
+    # the table's combinations ReinforceConfig refuses (its own test: tests/test_conventions.py)
+    if kw["returns"] == "gae":
+        kw["baseline"] = "value"
+    if kw["baseline"] not in ("group_mean", "group_loo"):
+        kw["group_scale"] = "off"
+    return reinforce.ReinforceConfig(**kw)
 
 
 OUT_KEYS = ("action_mask", "logp", "ref_logp", "entropy", "kl", "rewards", "returns", "baseline", "advantages",
-            "loss_pg", "loss_ent", "loss_value", "loss")
+            "ratio", "weights", "loss_pg", "loss_ent", "loss_value", "loss_kl", "loss")
 
 
 @pytest.mark.parametrize("be", params_for("reinforce_loss_and_grad"))
@@ -329,6 +341,13 @@ def test_reinforce_loss_and_grad(be, data):
     else:
         rl = -np.abs(rng.standard_normal((B, T))) * 2
         kw = kw64 = dict(ref_logp=rl)
+    # issue 9's inputs: group ids (groups of the drawn rows), a perturbed old_logp, old_values
+    kw["group"] = kw64["group"] = np.array(d(st.lists(st.integers(0, 2), min_size=B, max_size=B), label="group"))
+    if d(st.booleans(), label="old_logp"):
+        lp = reinforce.sequence_logprobs(p64, tokens, mask, pl, cfg.alpha, cfg.eps)
+        kw["old_logp"] = kw64["old_logp"] = lp + rng.normal(0, 0.3, (B, T))
+    if cfg.value_clip > 0 or d(st.booleans(), label="old_values"):
+        kw["old_values"] = kw64["old_values"] = rng.standard_normal((B, T))
     args64 = (p64, tokens, mask, pl, reward, cfg)
     ref = same_error(be, "reinforce_loss_and_grad", reinforce.loss_and_grad, args64, kw64)
     if ref is None:
@@ -340,15 +359,24 @@ def test_reinforce_loss_and_grad(be, data):
     kappa = whitening_condition(ref_out, cfg)
     # the per-token chain mixes values across the batch (returns, baselines, whitening): its entries
     # carry the rounding of the batch's largest terms; the advantages are differences G − b
-    chain = max(scale_of(ref_out[k]) for k in ("logp", "ref_logp", "kl", "rewards", "returns", "baseline"))
+    # log π = α·z_a − max − log Σ: rounding of order eps·max|α·z| (as in test_sequence_logprobs), which
+    # the log-prob of a near-certain token (|log π| ≪ 1) does not show
+    zscale = cfg.alpha * scale_of(ref_out["scores"])
+    chain = max([zscale] + [scale_of(ref_out[k]) for k in ("logp", "ref_logp", "kl", "rewards", "returns", "baseline")])
     for k in OUT_KEYS + tuple(k for k in ("values", "qvalues") if k in ref_out):
         assert k in out, f"reinforce out lacks {k!r}"
-        sc = None
-        if k in ("kl", "rewards", "returns", "baseline", "advantages", "loss_pg", "loss"):
+        sc = zscale if k == "logp" else None
+        if k in ("kl", "rewards", "returns", "baseline", "advantages", "loss_pg", "loss_kl", "loss"):
             sc = chain * (kappa if k in ("advantages", "loss_pg", "loss") else 1.0)
         close(out[k], ref_out[k], dt, n, f"reinforce {k}", scale=sc)
     assert set(g) == set(p64), f"grads keys {sorted(g)} != params keys {sorted(p64)}"
-    gs = grad_scale(ref_g) * kappa
+    # ∂log π_a/∂z = α·(onehot(a) − π): for a near-certain token 1 − π_a cancels, so a gradient entry
+    # carries rounding of order eps·α·|w·A·ρ| (the upstream of the policy-gradient term) even when small
+    # and ∂H/∂z_j = −α·π_j·(log π_j + H) (× the ε-mixture's factor) cancels near the uniform distribution:
+    # terms of order c_H·w·α·max|log π_ε|
+    upstream = cfg.alpha * scale_of(ref_out["weights"] * ref_out["advantages"] * ref_out["ratio"])
+    upstream_ent = cfg.entropy_coef * cfg.alpha * scale_of(ref_out["weights"]) * scale_of(ref_out["logq"])
+    gs = max(grad_scale(ref_g), upstream, upstream_ent) * kappa
     for k in ref_g:
         if k == "terms":
             continue

@@ -334,6 +334,154 @@ def test_whitening_is_biased(kind):
 
 
 # ---------------------------------------------------------------------------------------------
+# issue 9: ppo_clip at ratio 1, the group baselines, GAE at λ = 1, the KL term in the loss
+
+def log_mix(scores, alpha, eps):
+    """log π_ε(·|s) = log((1−ε)·softmax(α z) + ε/V), written out (not policy.logprobs)."""
+    a = alpha * scores
+    e = np.exp(a - a.max(-1, keepdims=True))
+    return np.log((1 - eps) * e / e.sum(-1, keepdims=True) + eps / scores.shape[-1])
+
+
+def with_(cfg, **kw):
+    return Cfg(**{**cfg.to_dict(), **kw})
+
+
+PPO_AT_ONE = [
+    # (baseline, returns, aggregation, whiten, batch size)
+    ("value", "rtg", "seq_sum", "off", 1),
+    ("qvalue", "total", "token_mean", "off", 1),
+    ("none", "rtg", "seq_mean", "off", 1),
+    ("value", "gae", "fixed_len", "off", 1),
+    ("loo", "total", "seq_sum", "population", 2),
+    ("mean", "rtg", "token_mean", "off", 2),
+    ("group_loo", "rtg", "seq_sum", "off", 2),
+    ("group_mean", "total", "seq_sum", "bessel", 2),
+]
+
+
+@pytest.mark.parametrize("bl,ret,agg,wh,bs", PPO_AT_ONE, ids=[f"{b}-{r}-{a}-{w}-B{n}" for b, r, a, w, n in PPO_AT_ONE])
+def test_ppo_clip_at_ratio_one_is_reinforce(bl, ret, agg, wh, bs):
+    """old_logp = log π_θ: ρ = 1, both branches of the min tie, the gradient is −w·A·∇log π, batch by
+    batch (bit for bit) and so in expectation: every unbiasedness result carries over."""
+    heads = ("head", "qvalue") if bl == "qvalue" else ("head", "value")
+    pr = Problem(3, 3 if bs == 2 else 3, alpha=1.2, eps=0.1, seed=60, heads=heads)
+    cfg = Cfg(alpha=1.2, eps=0.1, beta=0.2, returns=ret, baseline=bl, aggregation=agg, whiten=wh, lam=0.9,
+              clip_low=0.1, clip_high=0.3, entropy_coef=0.05)
+    ppo = with_(cfg, surrogate="ppo_clip")
+    rows = [0, 3] if bs == 2 else [5]
+    args = (pr.p, pr.tokens[rows], pr.mask[rows], pr.pl[rows], pr.R[rows])
+    kw = dict(ref_logp=pr.ref_lp[rows], group=np.zeros(len(rows), np.int64))
+    o_r, g_r = reinforce.loss_and_grad(*args, cfg, **kw)
+    lp = pr.token_logp(pr.p)[rows]
+    for old in (None, lp):                                  # the default, and old_logp = logp given
+        o_p, g_p = reinforce.loss_and_grad(*args, ppo, old_logp=old, **kw)
+        assert np.array_equal(o_p["ratio"], o_r["action_mask"])
+        assert all(np.array_equal(g_p[k], g_r[k]) for k in pr.p), "ppo_clip at ρ = 1 is not REINFORCE's gradient"
+    got = pr.expected(ppo, bs)["terms"]["pg"]
+    want = pr.expected(cfg, bs)["terms"]["pg"]
+    assert all(np.array_equal(got[k], want[k]) for k in pr.p)
+    assert gnorm(want) > 1e-3
+
+
+@pytest.mark.parametrize("ret,gamma", [("rtg", 1.0), ("total", 0.8), ("rtg", 0.8)])
+def test_group_loo_is_unbiased(ret, gamma):
+    """RLOO over a group of 2: E[ĝ_group_loo] = E[ĝ_none] (the other row's return is independent of
+    the row's response); with total returns or γ = 1 that is ∇E[Σγ^j r_j]."""
+    pr = Problem(3, 3, seed=41)
+    cfg = Cfg(beta=0.2, gamma=gamma, returns=ret, baseline="group_loo", aggregation="seq_sum")
+    acc = pr.expected(cfg, 2)
+    got = neg(acc["terms"]["pg"])
+    none = neg(pr.expected(with_(cfg, baseline="none"), 1)["terms"]["pg"])
+    assert_same_exact_sums(got, none, len(pr.ys) ** 2, "group_loo vs none")
+    if ret == "total" or gamma == 1.0:
+        compare_gradients(got, pr.grad(lambda q: pr.discounted(q, gamma, 0.2)), name="group_loo unbiased")
+    # the baseline is not vacuous: it changes the estimator batch by batch
+    rows = [1, 4]
+    a = reinforce.loss_and_grad(pr.p, pr.tokens[rows], pr.mask[rows], pr.pl[rows], pr.R[rows], cfg,
+                                ref_logp=pr.ref_lp[rows], group=np.zeros(2, np.int64))[1]
+    b = reinforce.loss_and_grad(pr.p, pr.tokens[rows], pr.mask[rows], pr.pl[rows], pr.R[rows],
+                                with_(cfg, baseline="none"), ref_logp=pr.ref_lp[rows])[1]
+    assert max_diff(a, b) > 1e-3
+
+
+@pytest.mark.parametrize("ret,gamma", [("rtg", 1.0), ("total", 0.8), ("rtg", 0.8)])
+def test_group_mean_is_biased_by_the_rows_own_share(ret, gamma):
+    """group_mean over a group of k = 2 includes S_i with weight 1/k:
+    E[ĝ_group_mean] = E[ĝ_none] − (1/k)·∇E[Σ_j γ^j r_j]  (at γ = 1 or total returns: (1 − 1/k)·∇)."""
+    k, beta = 2, 0.3
+    pr = Problem(3, 3, seed=42)
+    cfg = Cfg(beta=beta, gamma=gamma, returns=ret, baseline="group_mean", aggregation="seq_sum")
+    got = neg(pr.expected(cfg, k)["terms"]["pg"])
+    none = neg(pr.expected(with_(cfg, baseline="none"), 1)["terms"]["pg"])
+    grad_total = pr.grad(lambda q: pr.discounted(q, gamma, beta))
+    compare_gradients(got, {n: none[n] - grad_total[n] / k for n in pr.p}, name="group_mean bias formula")
+    if ret == "total" or gamma == 1.0:
+        compare_gradients(got, {n: (1 - 1 / k) * grad_total[n] for n in pr.p}, name="(1 − 1/k)·∇")
+    assert max_diff(got, none) > 1e-2 * gnorm(none)
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.7])
+def test_gae_with_lambda_one_is_rtg(gamma):
+    """λ = 1: Σ_l γ^l δ_{t+l} telescopes to rtg_t − V_t, so G^GAE = rtg and A = rtg − V, for every batch;
+    λ < 1 changes them (not vacuous)."""
+    pr = Problem(4, 3, seed=43)
+    base = dict(beta=0.2, gamma=gamma, baseline="value", aggregation="token_mean")
+    args = (pr.p, pr.tokens, pr.mask, pr.pl, pr.R)
+    o_rtg, g_rtg = reinforce.loss_and_grad(*args, Cfg(returns="rtg", **base), ref_logp=pr.ref_lp)
+    o_gae, g_gae = reinforce.loss_and_grad(*args, Cfg(returns="gae", lam=1.0, **base), ref_logp=pr.ref_lp)
+    n = len(pr.ys)
+    for key in ("returns", "advantages"):
+        assert_close(o_gae[key], o_rtg[key], n=8, scale=max(1.0, float(np.max(np.abs(o_rtg[key])))), name=key)
+    assert_same_exact_sums(g_gae, g_rtg, n, "gae λ=1 vs rtg gradients")
+    o_95, _ = reinforce.loss_and_grad(*args, Cfg(returns="gae", lam=0.95, **base), ref_logp=pr.ref_lp)
+    assert np.max(np.abs(o_95["returns"] - o_rtg["returns"])) > 1e-3
+
+
+def _per_state_kl_grad(pr, kind):
+    """∇_θ E_{y~p_θ0}[Σ_t D(s_t)] with the states' distribution frozen at θ0 (central differences):
+    D = KL(π_θ‖π_ref) ('forward') or KL(π_ref‖π_θ) ('reverse') at each action's state."""
+    p0 = pr.probs(pr.p)
+    logr = log_mix(model.forward(pr.ref, pr.tokens, pr.mask)[0]["scores"], pr.alpha, pr.eps)
+
+    def f(q):
+        logq = log_mix(model.forward(q, pr.tokens, pr.mask)[0]["scores"], pr.alpha, pr.eps)
+        if kind == "forward":
+            D = np.sum(np.exp(logq) * (logq - logr), -1)
+        else:
+            D = np.sum(np.exp(logr) * (logr - logq), -1)
+        return float(p0 @ np.where(pr.am, D, 0.0).sum(1))
+    return pr.grad(f)
+
+
+@pytest.mark.parametrize("kl", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("L", [1, 3])
+def test_kl_in_the_loss_expected_gradient(kl, L):
+    """kl_in='loss' (GRPO), seq_sum, one row: E[∇L_kl] = β·E[Σ_t k'(x_t)∇log π_t] =
+    k1: 0;  k2: β·E[Σ_t ∇KL(π_θ‖π_ref)(s_t)];  k3: β·E[Σ_t ∇KL(π_ref‖π_θ)(s_t)]  (states frozen).
+    None equals β·∇KL(π‖π_ref) of the sequence, except k2 on one-token responses (L = 1)."""
+    beta = 0.5
+    pr = Problem(4, L, alpha=1.3, eps=0.05, seed=44)
+    cfg = Cfg(alpha=1.3, eps=0.05, beta=beta, kl=kl, kl_in="loss", baseline="none", returns="total",
+              aggregation="seq_sum")
+    acc = pr.expected(cfg)
+    got = acc["terms"]["kl"]
+    zero = {k: np.zeros_like(v) for k, v in pr.p.items()}
+    want = zero if kl == "k1" else {k: beta * v for k, v in _per_state_kl_grad(
+        pr, "forward" if kl == "k2" else "reverse").items()}
+    compare_gradients(got, want, name=f"E[∇L_kl] with {kl} in the loss")
+    kl_grad = {k: beta * v for k, v in acc["exact"]["grad_KL"].items()}
+    if kl == "k2" and L == 1:
+        assert_same_exact_sums(got, kl_grad, len(pr.ys), "k2 in the loss, one token: β∇KL")
+    else:
+        assert max_diff(got, kl_grad) > 1e-2 * gnorm(kl_grad), f"{kl} in the loss is not β∇KL"
+    if kl != "k1":
+        assert gnorm(got) > 1e-3                                          # not vacuous
+    # the rewards carry no −β·k: the policy-gradient term estimates ∇J alone
+    compare_gradients(neg(acc["terms"]["pg"]), acc["exact"]["grad_J"], name="pg term = ∇J")
+
+
+# ---------------------------------------------------------------------------------------------
 # Monte Carlo: sampled estimates (rollout with seeded uniforms, then loss_and_grad) average to the
 # exact expectation
 

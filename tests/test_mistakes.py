@@ -106,6 +106,17 @@ def forward(a, cfg, order="ifgo", edit=None, alpha=None, eps=None):
     return out
 
 
+def decode_log_probs(z, cfg):
+    """The decoding policy's log-probs: Boltzmann (α, ε), or (ε-)greedy (1 − ε)·onehot(argmax z) + ε/V."""
+    kind = cfg.get("policy_kind", "boltzmann")
+    if kind == "boltzmann":
+        return log_probs(z, cfg["alpha"], cfg["eps"])
+    eps = cfg["eps"] if kind == "eps_greedy" else 0.0
+    q = (1 - eps) * (np.arange(z.shape[-1]) == np.argmax(z, -1)[..., None]) + eps / z.shape[-1]
+    with np.errstate(divide="ignore"):
+        return np.log(q)
+
+
 def sample(a, cfg, u):
     """Inverse-CDF sampling: a = #{k : cdf_k ≤ u}; EOS ends a row. (tokens, mask, action_mask, logp)"""
     pol = params(a, "policy/")
@@ -122,7 +133,7 @@ def sample(a, cfg, u):
             continue
         m2 = mask.copy()
         m2[go, t] = 1
-        lq = log_probs(head(pol, "head", tok, m2), cfg["alpha"], cfg["eps"])[:, t]
+        lq = decode_log_probs(head(pol, "head", tok, m2), cfg)[:, t]
         cdf = np.cumsum(np.exp(lq), -1)
         for b in np.nonzero(go)[0]:
             k = min(int(np.sum(cdf[b] <= u[b, t])), cdf.shape[1] - 1)
@@ -150,7 +161,8 @@ def whitened(A, am, kind, place="inside", shift=True, stats=None):
     x = A[s]
     mu = x.mean()
     var = ((x - mu) ** 2).sum() / (x.size - 1 if kind == "bessel" else x.size)
-    den = {"inside": np.sqrt(var + 1e-8), "std": np.sqrt(var) + 1e-8, "none": np.sqrt(var)}[place]
+    den = {"inside": np.sqrt(var + 1e-8), "std": np.sqrt(var) + 1e-8, "none": np.sqrt(var),
+           "clamp": np.sqrt(max(var, 1e-8))}[place]
     return np.where(am, (A - mu) / den + (0 if shift else mu), 0.0)
 
 
@@ -201,6 +213,13 @@ class P:
 
     def grads(self, term):
         return {k: self[k] for k in self.e["outputs"] if k.startswith(f"grad/{term}/")}
+
+
+def _head_at_h_t(p, name):
+    """The off-by-one of a model read at h_t (the state after token t), at every real position."""
+    pol = params(p.a, "policy/")
+    hs = lstm_states(pol, p["tokens"])
+    return np.where(position_mask(p["mask"])[:, :, None], hs @ pol[name + ".weight"].T + pol[name + ".bias"], 0.0)
 
 
 def _permute(order):
@@ -351,16 +370,14 @@ PLANTS = {
     "one_minus_u": ("base", "rollout/tokens", _rollout(one_minus=True)),
     "rollout_mask_ends_early": ("base", "rollout/mask", _mask_change(False)),
     "rollout_mask_goes_on": ("base", "rollout/mask", _mask_change(True)),
-    "read_one_position_late": ("base", "scores", lambda p: {"scores": np.where(
-        position_mask(p["mask"])[:, :, None], np.roll(p["scores"], -1, axis=1) * (np.arange(p["scores"].shape[1]) <
-                                                                                   p["scores"].shape[1] - 1)[:, None],
-        0.0)}),
+    "read_one_position_late": ("base", "scores", lambda p: {"scores": _head_at_h_t(p, "head")}),
     "logits_labels_off_by_one": ("base", "logp", lambda p: {"logp": np.where(p.am, np.take_along_axis(
-        np.concatenate([p["logq"][:, 1:], np.zeros_like(p["logq"][:, :1])], 1), p["tokens"][:, :, None], -1)[..., 0],
+        log_probs(_head_at_h_t(p, "head"), p.cfg["alpha"], p.cfg["eps"]), p["tokens"][:, :, None], -1)[..., 0],
         0.0)}),
     "labels_off_by_one": ("base", "logp", lambda p: {"logp": np.where(p.am, np.take_along_axis(
-        p["logq"], np.concatenate([p["tokens"][:, 1:], np.zeros_like(p["tokens"][:, :1])], 1)[:, :, None], -1)[..., 0],
-        0.0)}),
+        p["logq"], np.roll(p["tokens"], -1, axis=1)[:, :, None], -1)[..., 0], 0.0)}),
+    "logits_labels_shifted_twice": ("base", "logp", lambda p: {"logp": np.where(p.am, np.take_along_axis(
+        np.roll(p["logq"], 1, axis=1), p["tokens"][:, :, None], -1)[..., 0], 0.0)}),
     "logp_is_ref_logp": ("base", "logp", lambda p: {"logp": p["ref_logp"]}),
     "ref_logp_is_logp": ("base", "ref_logp", lambda p: {"ref_logp": p["logp"]}),
     "entropy_of_sampled_token": ("base", "entropy", lambda p: {"entropy": -p["logp"]}),
@@ -383,6 +400,8 @@ PLANTS = {
     "R_at_every_action": ("base", "rewards", lambda p: {"rewards": p.pen() + np.where(p.am, p["reward"][:, None], 0)}),
     "R_at_first_action": ("base", "rewards", lambda p: {"rewards": p.with_R(
         p.pen(), [(b, int(np.argmax(p.am[b]))) for b, _ in p.last()])}),
+    "R_after_last_action": ("padding_rows", "rewards", lambda p: {"rewards": p.with_R(
+        p.pen(), [(b, t + 1) for b, t in p.last() if t + 1 < p.am.shape[1]])}),
     "R_missing": ("base", "rewards", lambda p: {"rewards": p.pen()}),
     "kl_penalty_sign": ("base", "rewards", lambda p: {"rewards": p.with_R(p.pen(+1.0), p.last())}),
     "kl_penalty_without_beta": ("base", "rewards", lambda p: {"rewards": p.with_R(
@@ -425,7 +444,7 @@ PLANTS = {
     "advantages_not_whitened": ("whiten_population", "advantages", lambda p: {"advantages": np.where(
         p.am, p["returns"] - p["baseline"], 0.0)}),
     **{f"whiten_{k}_{pl}" + ("" if s else "_no_shift"): (_whiten_case(k, pl, s), "advantages", _whiten_plant(k, pl, s))
-       for k in ("population", "bessel") for pl in ("inside", "std", "none") for s in (True, False)},
+       for k in ("population", "bessel") for pl in ("inside", "std", "none", "clamp") for s in (True, False)},
     "whiten_stats_off_mask": ("whiten_population", "advantages", lambda p: {"advantages": whitened(
         np.where(p.am, p["returns"] - p["baseline"], 0.0), p.am, "population", stats=np.ones_like(p.am))}),
     "whiten_per_row": ("whiten_population", "advantages", _per_row_whitening),
@@ -649,3 +668,267 @@ def test_verbose_lists_what_was_not_checked_once(golden):
     outs.pop("base")
     text = vf.verify(GOLDEN, outs).format(verbose=True)
     assert text.count("not checked (not produced)") == 1 and "in every case" in text, text
+
+
+# ============================================================================ issue 9: the new conventions' slips
+
+def _w_fixed(p, L):
+    return np.where(p.am, 1.0 / (p.am.shape[0] * L), 0.0)
+
+
+def _S(p):
+    first = np.argmax(p.am, axis=1)
+    return p["returns"][np.arange(p.am.shape[0]), first], p.am.any(axis=1)
+
+
+def _group_b(p, loo, per_group=True):
+    S, has = _S(p)
+    g = np.asarray(p["group"])
+    b = np.zeros(len(S))
+    for i in np.nonzero(has)[0]:
+        o = has & (g == g[i]) if per_group else has.copy()
+        if loo:
+            o[i] = False
+        b[i] = S[o].mean()
+    return np.where(p.am, b[:, None], 0.0)
+
+
+def _group_sd(p, per_group=True, ddof=1):
+    S, has = _S(p)
+    g = np.asarray(p["group"])
+    sd = np.zeros(len(S))
+    for i in np.nonzero(has)[0]:
+        x = S[has & (g == g[i])] if per_group else S[has]
+        sd[i] = x.std(ddof=ddof)
+    return sd[:, None]
+
+
+def _A0(p):
+    return np.where(p.am, p["returns"] - p["baseline"], 0.0)
+
+
+def _gae_plant(variant):
+    def plant(p):
+        r, am, V = p["rewards"], p.am, p["values"]
+        gamma, lam = p.cfg["gamma"], p.cfg["lam"]
+        pol = params(p.a, "policy/")
+        v_after = lstm_states(pol, p["tokens"]) @ pol["value.weight"][0] + pol["value.bias"][0]   # V(h_t)
+        G = np.zeros_like(r)
+        for b in range(r.shape[0]):
+            acts = list(np.nonzero(am[b])[0])
+            a_next = v_next = 0.0
+            for i in reversed(range(len(acts))):
+                t = acts[i]
+                if variant == "bootstrap" and i == len(acts) - 1:
+                    v_next = v_after[b, t]
+                lam_d, lam_a = (lam, 1.0) if variant == "lambda_in_delta" else (1.0, lam)
+                a = r[b, t] + gamma * lam_d * v_next - V[b, t] + gamma * lam_a * a_next
+                G[b, t] = a if variant == "no_value" else a + V[b, t]
+                a_next, v_next = a, V[b, t]
+        return {"returns": G}
+    return plant
+
+
+def _ratio(p, rev=False):
+    d = p["old_logp"] - p["logp"] if rev else p["logp"] - p["old_logp"]
+    return np.where(p.am, np.exp(d), 0.0)
+
+
+def _ppo_loss(p, pick=np.minimum, low=None, high=None, clip=True, rev=False):
+    rho, A = _ratio(p, rev), p["advantages"]
+    low = p.cfg["clip_low"] if low is None else low
+    high = p.cfg["clip_high"] if high is None else high
+    per = -pick(rho * A, np.clip(rho, 1 - low, 1 + high) * A) if clip else -rho * A
+    return {"loss_pg": np.sum(p["weights"] * np.where(p.am, per, 0.0))}
+
+
+def _vclip_loss(p, around_new=False, pick=np.maximum, off=False):
+    c, V, G, old = p.cfg["value_clip"], p["values"], p["returns"], p["old_values"]
+    vc = V + np.clip(old - V, -c, c) if around_new else old + np.clip(V - old, -c, c)
+    per = (V - G) ** 2 if off else pick((V - G) ** 2, (vc - G) ** 2)
+    return {"loss_value": p.cfg["value_coef"] * 0.5 * np.sum(p["weights"] * np.where(p.am, per, 0.0))}
+
+
+PLANTS.update({
+    "R_after_last_action": ("padding_rows", "rewards", lambda p: {"rewards": p.with_R(
+        p.pen(), [(b, t + 1) for b, t in p.last() if t + 1 < p.am.shape[1]])}),
+    "logits_labels_shifted_twice": ("base", "logp", lambda p: {"logp": np.where(p.am, np.take_along_axis(
+        np.roll(p["logq"], 1, axis=1), p["tokens"][:, :, None], -1)[..., 0], 0.0)}),
+    "aggregation_fixed_len_longest": ("agg_fixed_len_norm", "weights", lambda p: {
+        "weights": _w_fixed(p, p.am.sum(1).max())}),
+    "aggregation_fixed_len_width": ("agg_fixed_len_norm", "weights", lambda p: {
+        "weights": _w_fixed(p, p.am.shape[1])}),
+    "kl_in_reward_not_loss": ("kl_in_loss_k1", "rewards", lambda p: {"rewards": p.with_R(p.pen(), p.last())}),
+    "kl_in_loss_not_reward": ("base", "rewards", lambda p: {"rewards": p.with_R(np.zeros_like(p["kl"]), p.last())}),
+    "gae_lambda_in_delta": ("gae_lam_0_95", "returns", _gae_plant("lambda_in_delta")),
+    "gae_returns_are_advantages": ("gae_lam_0_95", "returns", _gae_plant("no_value")),
+    "gae_value_next_not_zeroed": ("gae_lam_0_95", "returns", _gae_plant("bootstrap")),
+    "baseline_group_mean": ("group_loo", "baseline", lambda p: {"baseline": _group_b(p, loo=False)}),
+    "baseline_group_loo": ("group_mean", "baseline", lambda p: {"baseline": _group_b(p, loo=True)}),
+    "group_baseline_over_batch": ("group_mean", "baseline", lambda p: {
+        "baseline": _group_b(p, loo=False, per_group=False)}),
+    "group_std_over_batch": ("group_std", "advantages", lambda p: {
+        "advantages": np.where(p.am, _A0(p) / (_group_sd(p, per_group=False) + p.cfg["group_eps"]), 0.0)}),
+    "group_std_population": ("group_std", "advantages", lambda p: {
+        "advantages": np.where(p.am, _A0(p) / (_group_sd(p, ddof=0) + p.cfg["group_eps"]), 0.0)}),
+    "group_eps_inside_sqrt": ("group_std_eps", "advantages", lambda p: {
+        "advantages": np.where(p.am, _A0(p) / np.sqrt(_group_sd(p) ** 2 + p.cfg["group_eps"]), 0.0)}),
+    "group_scale_missing": ("group_std", "advantages", lambda p: {"advantages": _A0(p)}),
+    "ppo_clip_max_not_min": ("ppo_clip", "loss_pg", lambda p: _ppo_loss(p, pick=np.maximum)),
+    "ppo_clip_bounds_swapped": ("dapo_clip_higher", "loss_pg", lambda p: _ppo_loss(
+        p, low=p.cfg["clip_high"], high=p.cfg["clip_low"])),
+    "ppo_unclipped": ("ppo_clip", "loss_pg", lambda p: _ppo_loss(p, clip=False)),
+    "ppo_ratio_reversed": ("ppo_clip", "ratio", lambda p: {"ratio": _ratio(p, rev=True)}),
+    "reinforce_instead_of_ppo": ("ppo_clip", "loss_pg", lambda p: {
+        "loss_pg": -np.sum(p["weights"] * p["advantages"] * p["logp"])}),
+    "value_clip_around_new": ("value_clip", "loss_value", lambda p: _vclip_loss(p, around_new=True)),
+    "value_clip_min_not_max": ("value_clip", "loss_value", lambda p: _vclip_loss(p, pick=np.minimum)),
+    "value_clip_missing": ("value_clip", "loss_value", lambda p: _vclip_loss(p, off=True)),
+    "loss_kl_without_beta": ("kl_in_loss_k1", "loss_kl", lambda p: {"loss_kl": np.sum(p["weights"] * p["kl"])}),
+    "loss_kl_sign": ("kl_in_loss_k1", "loss_kl", lambda p: {"loss_kl": -p["loss_kl"]}),
+    "loss_without_loss_kl": ("kl_in_loss_k1", "loss", lambda p: {
+        "loss": p["loss_pg"] + p["loss_ent"] + p["loss_value"]}),
+    "ppo_old_logp_not_detached": ("ppo_clip_ratio_one", "grad/loss_pg/", lambda p: {
+        k: 0 * v for k, v in p.grads("loss_pg").items()}),
+})
+
+
+# ============================================================================ issue 9: the measurement
+
+def test_the_independent_implementation_unplanted_is_clean_on_every_case(golden):
+    """0 false alarms: its forward pass and sampler, on every case, give a clean report."""
+    for name, (e, a) in golden.items():
+        out = {}
+        if "rl" in e["sections"]:
+            out.update(forward(a, e["config"]))
+        if "rollout" in e["sections"]:
+            out.update(sample(a, e["config"], a["rollout/u"].astype(np.float64)))
+        rep = vf.verify_case(e, a, out)
+        assert rep.ok and not rep.findings, (name, rep.format())
+
+
+def _named(golden, name):
+    """(caught, named right, named or tied as equally close) for one planted mistake."""
+    case, quantity, plant = PLANTS[name]
+    e, a = golden[case]
+    out = dict(gv.outputs_of(e, a))
+    for k, v in plant(P(e, a)).items():
+        if k in out:
+            v = np.asarray(v)
+            out[k] = v if v.dtype == np.float32 else v.astype(out[k].dtype)
+    rep = vf.verify_case(e, a, out)
+    f = next((f for f in rep.findings if f.failing and f.section == gv.section_of(quantity)), None)
+    if f is None:
+        return False, False, False
+    tied = "(as close: " in f.hint and name in f.hint.split("(as close: ")[-1]
+    return True, f.mistake == name, f.mistake == name or tied
+
+
+def test_share_of_planted_mistakes_named_right(golden, capsys):
+    """Issue 9's measurement over the whole catalogue (docs/golden-vectors.md §4): every planted
+    mistake caught, ≥ 95 % named right (the exact entry; ties, where two entries give the same
+    numbers on the case, count as wrong here)."""
+    names = [m.name for m in mk.MISTAKES if m.name not in TORCH_PLANTS]
+    res = {n: _named(golden, n) for n in names}
+    caught = sum(r[0] for r in res.values())
+    right = sum(r[1] for r in res.values())
+    tied = sum(r[2] for r in res.values())
+    with capsys.disabled():
+        print(f"\nplanted mistakes: {len(names)}; caught {caught} ({caught / len(names):.1%}); named right "
+              f"{right} ({right / len(names):.1%}); named or tied as equally close {tied} "
+              f"({tied / len(names):.1%}); not named right: "
+              + ", ".join(n for n, r in res.items() if not r[1]))
+    assert len(names) >= 60
+    assert caught == len(names), [n for n, r in res.items() if not r[0]]
+    assert right >= 0.95 * len(names), [n for n, r in res.items() if not r[1]]
+
+
+def chain(a, cfg, f):
+    """The REINFORCE chain from the forward outputs ``f``, written here from docs/conventions.md:
+    kl, rewards, returns, baseline, advantages, ratio, weights and the losses."""
+    am = a["action_mask"] > 0
+    B, T = am.shape
+    on = lambda x: np.where(am, x, 0.0)  # noqa: E731
+    x = on(f["logp"] - f["ref_logp"])
+    k = {"k1": x, "k2": 0.5 * x ** 2, "k3": np.expm1(-x) + x}[cfg["kl"]]
+    kl = on(k)
+    last = [(b, int(np.nonzero(am[b])[0][-1])) for b in range(B) if am[b].any()]
+    r = on(-cfg["beta"] * kl) if cfg["kl_in"] == "reward" else np.zeros((B, T))
+    for b, t in last:
+        r[b, t] += a["reward"][b]
+    V = f.get("values")
+    if cfg["returns"] == "gae":
+        G = np.zeros((B, T))
+        for b in range(B):
+            a_next = v_next = 0.0
+            for t in reversed(np.nonzero(am[b])[0]):
+                a_next = r[b, t] + cfg["gamma"] * v_next - V[b, t] + cfg["gamma"] * cfg["lam"] * a_next
+                v_next = V[b, t]
+                G[b, t] = a_next + V[b, t]
+    else:
+        G = returns(r, am, cfg["gamma"], cfg["returns"])
+    has = am.any(1)
+    S = np.where(has, G[np.arange(B), np.argmax(am, 1)], 0.0)
+    grp = np.asarray(a["group"]) if "group" in a else None
+    kind = cfg["baseline"]
+    if kind == "value":
+        bl = on(V)
+    elif kind == "qvalue":
+        bl = on((np.exp(f["logq"]) * f["qvalues"]).sum(-1))
+    elif kind == "none":
+        bl = np.zeros((B, T))
+    elif kind == "mean":
+        bl = on(np.full((B, T), G[am].mean()))
+    elif kind == "loo":
+        bl = on(np.array([G[am & (np.arange(B) != b)[:, None]].mean() for b in range(B)])[:, None])
+    else:
+        bl = np.zeros(B)
+        for i in np.nonzero(has)[0]:
+            o = has & (grp == grp[i])
+            if kind == "group_loo":
+                o[i] = False
+            bl[i] = S[o].mean()
+        bl = on(bl[:, None])
+    A = on(G - bl)
+    if cfg["group_scale"] == "std":
+        sd = np.zeros(B)
+        for i in np.nonzero(has)[0]:
+            sd[i] = S[has & (grp == grp[i])].std(ddof=1)
+        A = on(A / (sd[:, None] + cfg["group_eps"]))
+    if cfg["whiten"] != "off":
+        A = whitened(A, am, cfg["whiten"], shift=cfg["shift_mean"])
+    old = a["old_logp"] if "old_logp" in a else f["logp"]
+    rho = on(np.exp(f["logp"] - old))
+    if cfg["aggregation"] == "fixed_len":
+        w = np.where(am, 1.0 / (B * (cfg["norm_len"] or T)), 0.0)
+    else:
+        w = weights(am, cfg["aggregation"])
+    if cfg["surrogate"] == "ppo_clip":
+        per = -np.minimum(rho * A, np.clip(rho, 1 - cfg["clip_low"], 1 + cfg["clip_high"]) * A)
+    else:
+        per = -A * f["logp"]
+    pred = on(V) if cfg["critic"] == "value" else on(np.take_along_axis(
+        f["qvalues"], a["tokens"][:, :, None], -1)[..., 0])
+    err2 = (pred - G) ** 2
+    if cfg["value_clip"] > 0:
+        ov, c = a["old_values"], cfg["value_clip"]
+        err2 = np.maximum(err2, (ov + np.clip(pred - ov, -c, c) - G) ** 2)
+    out = {"kl": kl, "rewards": r, "returns": G, "baseline": bl, "advantages": A, "ratio": rho, "weights": w,
+           "loss_pg": np.sum(w * on(per)), "loss_ent": -cfg["entropy_coef"] * np.sum(w * f["entropy"]),
+           "loss_value": cfg["value_coef"] * 0.5 * np.sum(w * on(err2)),
+           "loss_kl": cfg["beta"] * np.sum(w * kl) if cfg["kl_in"] == "loss" else 0.0}
+    out["loss"] = out["loss_pg"] + out["loss_ent"] + out["loss_value"] + out["loss_kl"]
+    return out
+
+
+def test_the_independent_chain_unplanted_is_clean_on_every_case(golden):
+    """0 false alarms on the whole objective: the forward pass, the sampler and the chain above
+    (every switch of the table), on every case, give a clean report with every value compared."""
+    for name, (e, a) in golden.items():
+        if "rl" not in e["sections"]:
+            continue
+        f = forward(a, e["config"])
+        out = {**f, **chain(a, e["config"], f)}
+        out = {k: v for k, v in out.items() if k in e["outputs"]}
+        rep = vf.verify_case(e, a, out)
+        assert rep.ok and not rep.findings and len(rep.checked) == len(out), (name, rep.format())

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from _tol import assert_close
-from rlhf_ref import model, policy, reinforce, returns as ret, vectors as gv
+from rlhf_ref import conventions, model, policy, reinforce, returns as ret, vectors as gv
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
 
@@ -96,7 +96,7 @@ def test_manifest_hashes_match_files(manifest):
 
 def test_total_size_is_small():
     total = sum(os.path.getsize(os.path.join(GOLDEN, f)) for f in os.listdir(GOLDEN))
-    assert total < 2_000_000, total
+    assert total < 3_500_000, total          # 70 cases of ~43 kB (issue 9 doubled the cases)
 
 
 # ------------------------------------------------------------------------------------ the format
@@ -126,7 +126,7 @@ def test_manifest_schema_and_config(manifest):
         cfg = e["config"]
         assert fields <= set(cfg), e["name"]
         assert cfg["layout"] == "token-aligned" and cfg["dtype"] in ("float32", "float64")
-        assert cfg["whiten_eps"] == ret.WHITEN_EPS and cfg["policy_kind"] == "boltzmann"
+        assert cfg["whiten_eps"] == ret.WHITEN_EPS and cfg["policy_kind"] in conventions.values("policy")
         reinforce.ReinforceConfig(**{k: cfg[k] for k in fields})          # valid
         for k, v in e["switches"].items():
             assert cfg[k] == v
@@ -137,8 +137,8 @@ def test_manifest_schema_and_config(manifest):
 def test_outputs_follow_data_flow_order(manifest):
     order = ["rollout/tokens", "rollout/mask", "rollout/action_mask", "rollout/logp", "action_mask", "scores", "logq",
              "logp", "ref_logp", "entropy", "kl", "rewards", "returns", "values|qvalues", "baseline", "advantages",
-             "weights", "loss_pg", "loss_ent", "loss_value", "loss", "grad/loss_pg", "grad/loss_ent",
-             "grad/loss_value", "grad/loss/", "sft_logp", "sft_loss", "grad/sft_loss", "reward_chosen",
+             "ratio", "weights", "loss_pg", "loss_ent", "loss_value", "loss_kl", "loss", "grad/loss_pg",
+             "grad/loss_ent", "grad/loss_value", "grad/loss_kl", "grad/loss/", "sft_logp", "sft_loss", "grad/sft_loss", "reward_chosen",
              "reward_rejected", "bt_loss", "grad/bt_loss"]
 
     def rank(n):
@@ -178,9 +178,12 @@ def test_gradients_of_every_parameter_and_term(stored):
             for loss in ("loss_pg", "loss_ent", "loss_value", "loss"):
                 for p in params:
                     assert f"grad/{loss}/policy/{p}" in a
-            # the total's gradient is the sum of the terms' (to rounding)
+            # the total's gradient is the sum of the terms' (to rounding); loss_kl only with kl_in="loss"
+            terms = ("loss_pg", "loss_ent", "loss_value") + (("loss_kl",) if e["config"]["kl_in"] == "loss" else ())
+            assert ("loss_kl" in e["outputs"]) == (e["config"]["kl_in"] == "loss"), name
+            assert ("ratio" in e["outputs"]) == (e["config"]["surrogate"] == "ppo_clip"), name
             for p in params:
-                s = sum(a[f"grad/{t}/policy/{p}"].astype(np.float64) for t in ("loss_pg", "loss_ent", "loss_value"))
+                s = sum(a[f"grad/{t}/policy/{p}"].astype(np.float64) for t in terms)
                 assert_close(a[f"grad/loss/policy/{p}"], s, dtype=a[f"grad/loss/policy/{p}"].dtype, n=4,
                              name=f"{name} {p}")
 
@@ -198,12 +201,23 @@ def test_every_convention_switch_is_covered(manifest):
     assert any(c["eps"] > 0 for c in cfgs) and any(c["gamma"] < 1 for c in cfgs)
     assert any(c["beta"] == 0 for c in cfgs) and any(c["entropy_coef"] > 0 for c in cfgs)
     assert any(c["value_coef"] != 0.5 for c in cfgs)
+    # issue 9: every value of the new choices, and the interactions of i9-spec / the field's defaults
+    for key in ("kl_in", "group_scale", "surrogate"):
+        assert {c[key] for c in cfgs} == set(conventions.values(key)), key
+    assert {c["kl"] for c in cfgs if c["kl_in"] == "loss" and c["beta"] > 0} == set(ret.KL_ESTIMATORS)
+    assert {c["lam"] for c in cfgs if c["returns"] == "gae"} >= {0.0, 0.95, 1.0}
+    assert {c["policy_kind"] for c in cfgs} == set(conventions.values("policy"))
+    assert any(c["value_clip"] > 0 for c in cfgs) and any(c["clip_high"] != c["clip_low"] for c in cfgs)
+    assert any(c["aggregation"] == "fixed_len" and c["norm_len"] > 0 for c in cfgs)
+    names = {e["name"] for e in manifest["cases"]}
+    assert {"grpo", "rloo", "dr_grpo", "ppo", "trl_grpo", "trl_rloo", "trl_ppo", "openrlhf_ppo",
+            "openrlhf_grpo"} <= names
     # interactions
     assert any(c["returns"] == "total" and c["gamma"] < 1 for c in cfgs)
     assert any(c["baseline"] == "qvalue" and c["eps"] > 0 for c in cfgs)
     assert any(c["whiten"] != "off" and c["baseline"] in ("none", "loo") for c in cfgs)
     edges = {e["edge"] for e in manifest["cases"]}
-    assert {"single_token", "padding_rows", "small_variance"} <= edges
+    assert {"single_token", "padding_rows", "small_variance", "off_policy", "ratio_one"} <= edges
     sections = {s for e in manifest["cases"] for s in e["sections"]}
     assert sections == {"rollout", "rl", "sft", "rm"}
 
@@ -226,6 +240,28 @@ def test_edge_cases_hold_what_they_say(stored):
     e, a = stored["whiten_small_variance"]
     A0 = (a["returns"] - a["baseline"])[a["action_mask"] > 0]
     assert 1e-10 < A0.var() < 1e-7
+    # issue 9: clipping active on both sides with a perturbed old_logp; the clipped value branch taken;
+    # ratio exactly 1 where old_logp = logp; group rows share a prompt; the decoding cases decode
+    for name in ("ppo_clip", "ppo", "grpo"):
+        e, a = stored[name]
+        am, A, r, c = a["action_mask"] > 0, a["advantages"], a["ratio"], e["config"]
+        assert np.any(am & (A > 0) & (r > 1 + c["clip_high"])) and np.any(am & (A < 0) & (r < 1 - c["clip_low"])), name
+    for name in ("value_clip", "ppo"):
+        e, a = stored[name]
+        c, G, v, ov = e["config"]["value_clip"], a["returns"], a["values"], a["old_values"]
+        assert np.any((a["action_mask"] > 0) & ((ov + np.clip(v - ov, -c, c) - G) ** 2 > (v - G) ** 2)), name
+    e, a = stored["ppo_clip_ratio_one"]
+    assert np.array_equal(a["ratio"], a["action_mask"].astype(a["ratio"].dtype))
+    for name, (e, a) in stored.items():
+        if "group" in a:
+            g = a["group"][:e["dims"].get("B_rollout", e["dims"]["B"])]
+            for i in range(0, len(g), 2):
+                assert g[i] == g[i + 1] and np.array_equal(a["rollout/prompt_tokens"][i], a["rollout/prompt_tokens"][i + 1])
+    e, a = stored["decode_greedy"]
+    assert np.all(a["rollout/logp"] == 0)                                     # argmax: probability 1
+    e, a = stored["decode_eps_greedy"]
+    lp = a["rollout/logp"][a["rollout/action_mask"] > 0]
+    assert np.allclose(np.unique(np.round(lp, 6)), np.round(np.log([0.1 / 7, 0.9 + 0.1 / 7]), 6))
 
 
 def test_padding_rows_and_columns_change_nothing(stored):
@@ -253,7 +289,8 @@ def test_used_uniforms_keep_away_from_cdf_boundaries(stored):
             continue
         pol = {k.split("/", 1)[1]: a[k].astype(np.float64) for k in e["inputs"] if k.startswith("policy/")}
         fwd, _ = model.forward(pol, a["rollout/tokens"], a["rollout/mask"])
-        cdf = np.cumsum(np.exp(policy.logprobs(fwd["scores"], e["config"]["alpha"], e["config"]["eps"])), -1)
+        cdf = np.cumsum(np.exp(policy.logprobs(fwd["scores"], e["config"]["alpha"], e["config"]["eps"],
+                                               e["config"]["policy_kind"])), -1)
         d = np.min(np.abs(a["rollout/u"].astype(np.float64)[:, :, None] - cdf), -1)
         assert np.all(d[a["rollout/action_mask"] > 0] >= gv.U_MARGIN / 2), name
 
@@ -313,3 +350,87 @@ def test_cli_vectors_max_file_mb(tmp_path, capsys):
     assert gv.main(args) == 2
     assert "--max-file-mb: must be a positive number" in capsys.readouterr().err
     assert gv.main(Namespace(**{**vars(args), "max_file_mb": 8.0})) == 0
+
+
+# ------------------------------------------------------------------------------------ every backend
+
+def _backend_outputs(mod, e, a):
+    """One case's outputs by a backend, through the backend interface, with every input the case has
+    (group, old_logp, old_values; the rollout's decoding policy)."""
+    cfg = e["config"]
+    rc = reinforce.ReinforceConfig(**{k: cfg[k] for k in reinforce.ReinforceConfig.__dataclass_fields__})
+    split = lambda p: {k.split("/", 1)[1]: a[k] for k in e["inputs"] if k.startswith(p)}  # noqa: E731
+    pol, ref = split("policy/"), split("ref/")
+    o = {}
+    if "rollout" in e["sections"]:
+        ro = mod.rollout(pol, a["rollout/prompt_tokens"], a["rollout/prompt_len"], a["rollout/u"], cfg["alpha"],
+                         cfg["eps"], kind=cfg["policy_kind"], eos_id=cfg["eos_id"])
+        o.update({"rollout/" + k: ro[k] for k in ("tokens", "mask", "action_mask", "logp")})
+    if "rl" in e["sections"]:
+        extra = {k: a[k] for k in ("group", "old_logp", "old_values") if k in a}
+        out, g = mod.reinforce_loss_and_grad(pol, a["tokens"], a["mask"], a["prompt_len"], a["reward"], rc,
+                                             ref_params=ref, **extra)
+        o.update({k: v for k, v in out.items() if k in e["outputs"] and k != "logq"})
+        o.update({f"grad/loss/policy/{k}": v for k, v in g.items()})
+    if "sft" in e["sections"]:
+        out, g = mod.sft_loss_and_grad(pol, a["tokens"], a["mask"])
+        o.update({"sft_logp": out["logp"], "sft_loss": out["loss"]})
+        o.update({f"grad/sft_loss/policy/{k}": v for k, v in g.items()})
+    if "rm" in e["sections"]:
+        out, g = mod.bt_loss_and_grad(split("rm/"), a["chosen"], a["chosen_mask"], a["rejected"], a["rejected_mask"])
+        o.update({"reward_chosen": out["reward_chosen"], "reward_rejected": out["reward_rejected"],
+                  "bt_loss": out["loss"]})
+        o.update({f"grad/bt_loss/rm/{k}": v for k, v in g.items()})
+    return o
+
+
+@pytest.mark.parametrize("backend", ["numpy", "cython", pytest.param("numba", marks=pytest.mark.slow)])
+def test_every_training_backend_passes_every_case(stored, backend):
+    """numpy, cython and numba (numba compiles for ~40 s on its first call: --runslow) pass every
+    golden case through the backend interface, the issue-9 inputs included."""
+    from rlhf_ref import backends
+    from rlhf_ref.golden import verify as vf
+    st = backends.available()[backend]
+    if not st.available:
+        pytest.skip(f"backend {backend} unavailable: {st.reason}")
+    mod = backends.get(backend)
+    outs = {n: _backend_outputs(mod, e, a) for n, (e, a) in stored.items()}
+    rep = vf.verify(GOLDEN, outs)
+    assert rep.ok, rep.format()
+
+
+def test_cli_vectors_set_builds_a_case_of_any_configuration(tmp_path, capsys):
+    """`rlhf-ref vectors --out DIR --set k=v ...`: one case, typed and checked by the table, written with
+    its sha256 and manifest like the shipped ones; the reference reproduces it; bad values name the switch."""
+    from rlhf_ref import cli
+    out = tmp_path / "c"
+    assert cli.main(["vectors", "--out", str(out), "--set", "baseline=group_loo", "--set", "group_scale=std",
+                     "--set", "kl_in=loss", "--set", "kl=k3", "--set", "beta=0.04", "--set", "surrogate=ppo_clip",
+                     "--set", "shift_mean=false", "--set", "policy=eps_greedy", "--set", "eps=0.1",
+                     "--edge", "off_policy", "--name", "my_grpo", "-q"]) == 0
+    man = gv.load_manifest(out)
+    (e,) = man["cases"]
+    assert e["name"] == "my_grpo" and e["file"] == "my_grpo.npz"
+    assert e["switches"] == {"eps": 0.1, "beta": 0.04, "kl": "k3", "baseline": "group_loo", "shift_mean": False,
+                             "kl_in": "loss", "group_scale": "std", "surrogate": "ppo_clip"}
+    assert e["config"]["policy_kind"] == "eps_greedy" and e["edge"] == "off_policy"
+    a = gv.load_case(man, e)                                                  # sha256 checked
+    assert {"group", "old_logp"} <= set(e["inputs"]) and {"ratio", "loss_kl"} <= set(e["outputs"])
+    got = gv.compute(gv.inputs_of(e, a), e["config"], e["sections"])
+    assert all(np.array_equal(got[k], a[k]) for k in e["outputs"])
+    # the default name, float32
+    assert cli.main(["vectors", "--out", str(tmp_path / "d"), "--set", "aggregation=fixed_len", "--dtype", "float32",
+                     "-q"]) == 0
+    (e,) = gv.load_manifest(tmp_path / "d")["cases"]
+    assert e["name"] == "custom" and e["config"]["dtype"] == "float32"
+    capsys.readouterr()
+    for bad, msg in ((["--set", "lam=2"], "lam must be <= 1.0"),
+                     (["--set", "returns=gae", "--set", "baseline=mean"], "returns='gae' needs baseline='value'"),
+                     (["--set", "surrogate=ppo"], "surrogate must be one of"),
+                     (["--set", "nope=1"], "expected name=value with name one of"),
+                     (["--set", "policy=sampled"], "policy must be one of"),
+                     (["--set", "gamma=0.5", "--name", "bad-name"], "--name must be letters"),
+                     (["--set", "gamma=0.5", "--case", "base"], "--case and --set/--name exclude each other")):
+        assert cli.main(["vectors", "--out", str(tmp_path / "e"), *bad, "-q"]) == 2, bad
+        assert msg in capsys.readouterr().err, bad
+    assert not os.path.exists(tmp_path / "e")

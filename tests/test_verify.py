@@ -180,7 +180,7 @@ def test_report_is_short_and_ordered(golden):
     outs["gamma_0_9"]["returns"] = np.zeros_like(outs["gamma_0_9"]["returns"])
     text = vf.verify(GOLDEN, outs).format()
     lines = text.splitlines()
-    assert lines[0].startswith("rlhf-ref verify: 36 cases, 2 pass, 1 fail")
+    assert lines[0].startswith(f"rlhf-ref verify: {len(golden)} cases, 2 pass, 1 fail")
     assert lines[1].startswith("FAIL gamma_0_9")                           # failures first
     assert "[rl] returns:" in lines[2] and "worst [" in lines[2]
     assert len(lines) <= 8, text
@@ -384,12 +384,13 @@ def _backend_outputs(mod, e, a):
 
     def rollout():
         ro = mod.rollout(pol, a["rollout/prompt_tokens"], a["rollout/prompt_len"], a["rollout/u"], cfg["alpha"],
-                         cfg["eps"], eos_id=cfg["eos_id"])
+                         cfg["eps"], kind=cfg.get("policy_kind", "boltzmann"), eos_id=cfg["eos_id"])
         o.update({"rollout/" + k: ro[k] for k in ("tokens", "mask", "action_mask", "logp")})
 
     def rl():
+        extra = {k: a[k] for k in ("group", "old_logp", "old_values") if k in e["inputs"]}
         out, g = mod.reinforce_loss_and_grad(pol, a["tokens"], a["mask"], a["prompt_len"], a["reward"], rc,
-                                             ref_params=ref)
+                                             ref_params=ref, **extra)
         # the interface's logq is the raw full distribution (the golden one is 0 off the position mask)
         o.update({k: v for k, v in out.items() if k in e["outputs"] and k != "logq"})
         o.update({f"grad/loss/policy/{k}": v for k, v in g.items()})
@@ -432,3 +433,247 @@ def test_every_backend_passes_the_golden_vectors(golden, backend):
     outs = {n: _backend_outputs(mod, e, a) for n, (e, a) in golden.items()}
     rep = vf.verify(GOLDEN, outs)
     assert rep.ok, rep.format()
+
+
+# ============================================================================ issue 9: every difference, related
+
+def _kl_reversed_chain(golden, name="base", second=False):
+    """KL with the ratio reversed, and everything downstream recomputed from it (the user's own
+    consistent values); ``second``: the advantages' sign flipped as well (an independent mistake)."""
+    from rlhf_ref import returns as ret
+    e, a = golden[name]
+    out = outputs(golden, name)
+    am = a["action_mask"] > 0
+    cfg = e["config"]
+    kl = ret.kl_per_token(a["ref_logp"], a["logp"], am, cfg["kl"])
+    r = ret.shaped_rewards(kl, a["reward"], am, cfg["beta"])
+    G = ret.discounted_returns(r, am, cfg["gamma"], cfg["returns"])
+    adv = np.where(am, G - a["values"], 0.0)
+    if second:
+        adv = -adv
+    out.update(kl=kl, rewards=r, returns=G, advantages=adv, loss_pg=-np.sum(a["weights"] * adv * a["logp"]))
+    out["loss"] = out["loss_pg"] + a["loss_ent"] + a["loss_value"]
+    return out
+
+
+def test_every_difference_is_reported_and_related_to_the_root(golden):
+    rep = check(golden, "base", _kl_reversed_chain(golden))
+    diff = rep.differing("rl")
+    assert [f.quantity for f in diff[:6]] == ["kl", "rewards", "returns", "advantages", "loss_pg", "loss"], rep.format()
+    assert diff[0].root and diff[0].mistake == "kl_k1_ratio_reversed"
+    assert all(f.relation == "follows" for f in diff[1:6]), rep.format(verbose=True)
+    assert diff[1].upstream == ("kl",) and diff[3].upstream == ("returns",)
+    # the gradients of L_pg differ too (the golden ones were kept: they do not follow the user's values)
+    assert all(f.relation == "downstream" for f in diff[6:])
+    text = rep.format()
+    assert text.count("hint:") == 1 and "follow from your values above" in text, text
+
+
+def test_a_second_independent_mistake_is_named_from_the_users_upstream_values(golden):
+    rep = check(golden, "base", _kl_reversed_chain(golden, second=True))
+    adv = next(f for f in rep.differing("rl") if f.quantity == "advantages")
+    assert adv.relation == "independent" and adv.mistake == "advantages_sign", adv.format()
+    text = rep.format()
+    assert "a second, independent mistake" in text and text.count("hint:") == 2, text
+    loss_pg = next(f for f in rep.differing("rl") if f.quantity == "loss_pg")
+    assert loss_pg.relation == "follows" and loss_pg.upstream == ("advantages",)
+
+
+def test_a_later_difference_whose_inputs_match_is_independent(golden):
+    """Two mistakes far apart: kl right, entropy in bits (independent of kl)."""
+    e, a = golden["base"]
+    out = outputs(golden, "base")
+    out["kl"] = -out["kl"]                       # root, nothing recomputed downstream: rewards match golden
+    out["loss_value"] = 2 * out["loss_value"]    # the value loss without its ½
+    rep = check(golden, "base", out)
+    lv = next(f for f in rep.differing("rl") if f.quantity == "loss_value")
+    assert lv.relation == "independent" and lv.mistake == "loss_value_without_half", lv.format()
+
+
+def test_rollout_masks_follow_from_the_tokens(golden):
+    mod = _independent()
+    e, a = golden["alpha_2"]
+    out = outputs(golden, "alpha_2")
+    out.update(mod.sample(a, e["config"], np.roll(a["rollout/u"].astype(np.float64), 1, axis=1)))
+    rep = check(golden, "alpha_2", out)
+    fs = {f.quantity: f for f in rep.differing("rollout")}
+    assert fs["rollout/tokens"].mistake == "u_one_step_late", rep.format()
+    assert fs["rollout/mask"].relation == "follows" and fs["rollout/action_mask"].relation == "follows"
+    assert "rollout/logp" not in fs or fs["rollout/logp"].relation == "follows", rep.format(verbose=True)
+    assert not any(f.kind == "masking" for f in rep.findings), rep.format()
+
+
+def test_the_u_hint_needs_consistent_sampling_logprobs(golden):
+    """Tokens drawn with u[:, t−1] but log-probs that are not those of the tokens drawn: no u hint."""
+    mod = _independent()
+    e, a = golden["alpha_2"]
+    u = np.roll(a["rollout/u"].astype(np.float64), 1, axis=1)
+    s = mod.sample(a, e["config"], u)
+    for lp in (s["rollout/logp"] * 1.1, mod.sample(a, dict(e["config"], alpha=1.0), u)["rollout/logp"]):
+        out = dict(outputs(golden, "alpha_2"), **s)
+        out["rollout/logp"] = lp
+        f = check(golden, "alpha_2", out).first("rollout")
+        assert f.quantity == "rollout/tokens" and not f.mistake.startswith("u_"), f.format()
+
+
+def test_default_report_has_one_not_checked_summary(golden):
+    outs = {n: {k: v for k, v in outputs(golden, n).items() if k in ("logp", "kl")} for n in ("base", "kl_k2")}
+    text = vf.verify(GOLDEN, outs).format()
+    assert text.count("not checked") == 1 and "-v lists them" in text, text
+
+
+def _independent():
+    spec = importlib.util.spec_from_file_location("test_mistakes_impl", os.path.join(HERE, "test_mistakes.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# ============================================================================ issue 9: the public API
+
+def test_verify_outputs_returns_a_report_for_a_dict_and_a_case_name(golden):
+    out = outputs(golden, "base")
+    for g in (None, GOLDEN):
+        rep = vf.verify_outputs(out, "base", golden=g)
+        assert isinstance(rep, vf.Report) and rep.ok and len(rep.case("base").checked) == len(out), rep.format()
+    e, _ = golden["base"]
+    bad = dict(out, kl=-out["kl"])
+    rep = vf.verify_outputs(bad, e)              # a manifest entry works as the case
+    assert not rep.ok and rep.case("base").first().mistake == "kl_k1_ratio_reversed"
+    with pytest.raises(AssertionError, match=r"(?s)FAIL base.*kl: .*hint: KL matches k1"):
+        assert rep.ok, rep.format()
+    with pytest.raises(KeyError, match="case: no golden case named 'nope'"):
+        vf.verify_outputs(out, "nope")
+    with pytest.raises(TypeError, match="outputs must be a dict"):
+        vf.verify_outputs([out], "base")
+
+
+# ============================================================================ issue 9: layouts
+
+def _to_response(a, pl, L):
+    out = np.zeros((a.shape[0], L) + a.shape[2:], a.dtype)
+    for b in range(a.shape[0]):
+        k = min(L, a.shape[1] - pl[b])
+        out[b, :k] = a[b, pl[b]:pl[b] + k]
+    return out
+
+
+def test_response_layout_is_accepted_when_declared(golden):
+    e, a = golden["padding_rows"]
+    L = int((a["action_mask"] > 0).sum(1).max()) + 1
+    out = {}
+    for k, v in outputs(golden, "padding_rows").items():
+        if gv.time_aligned(k):
+            pl = a["rollout/prompt_len" if k.startswith("rollout/") else "prompt_len"]
+            v = _to_response(v, pl, L)
+        out[k] = v
+    rep = check(golden, "padding_rows", out, layout="response")
+    assert rep.ok, rep.format()
+    assert check(golden, "padding_rows", dict(out, layout=np.array("response"))).ok
+    f = check(golden, "padding_rows", out).first("rl")      # undeclared: the shape says what to declare
+    assert f.kind == "shape" and "--layout response" in f.message, f.format()
+    # an index is reported in the response layout's coordinates, and says so
+    kl = out["kl"].copy()
+    b = int(np.nonzero((a["action_mask"] > 0).any(1))[0][0])
+    kl[b, 1] += 1.0
+    f = check(golden, "padding_rows", dict(out, kl=kl), layout="response").first("rl")
+    t = int(a["prompt_len"][b]) + 1
+    assert f.quantity == "kl" and f"[{b}, 1] (response layout; token-aligned [{b}, {t}])" in f.message, f.format()
+    # anything past a row's response is accepted under a 0 of the user's own action_mask (same layout)
+    junk = dict(out)
+    am_r = out["action_mask"] > 0
+    for k in ("logp", "kl", "advantages"):
+        junk[k] = np.where(am_r, out[k], 7.0)
+    assert check(golden, "padding_rows", junk, layout="response").ok
+    f = check(golden, "padding_rows", dict(junk, action_mask=np.ones_like(out["action_mask"])), layout="response")
+    assert not f.ok
+    short = dict(out, kl=out["kl"][:, :L - 2])
+    f = check(golden, "padding_rows", short, layout="response").first("rl")
+    assert f.kind == "shape" and "L ≥" in f.message, f.format()
+
+
+def test_shifted_layout_reports_shifted_coordinates(golden):
+    out = {k: (v[:, 1:] if gv.time_aligned(k) else v) for k, v in outputs(golden, "base").items()}
+    e, a = golden["base"]
+    b, t = [int(i) for i in np.argwhere(a["action_mask"] > 0)[0]]
+    out["kl"] = out["kl"].copy()
+    out["kl"][b, t - 1] += 1.0
+    f = check(golden, "base", out, layout="shifted").first("rl")
+    assert f"[{b}, {t - 1}] (shifted layout; token-aligned [{b}, {t}])" in f.message, f.format()
+
+
+# ============================================================================ issue 9: right diagnoses
+
+def test_reward_one_position_after_the_last_action_is_named_not_padding(golden):
+    e, a = golden["padding_rows"]
+    out = outputs(golden, "padding_rows")
+    am = a["action_mask"] > 0
+    r = np.where(am, -e["config"]["beta"] * a["kl"], 0.0)
+    for b in np.nonzero(am.any(1))[0]:
+        t = int(np.nonzero(am[b])[0][-1]) + 1
+        if t < am.shape[1]:
+            r[b, t] += a["reward"][b]
+    rep = check(golden, "padding_rows", dict(out, rewards=r))
+    fs = [f for f in rep.findings if f.quantity == "rewards"]
+    assert fs and all(f.mistake == "R_after_last_action" for f in fs), rep.format()
+    assert "padding leaks" not in rep.format()
+
+
+def test_loo_row_means_hint_names_the_cases_own_baseline(golden):
+    e, a = golden["base"]
+    G, am = a["returns"], a["action_mask"] > 0
+    means = np.array([G[b, am[b]].mean() for b in range(G.shape[0])])
+    bl = np.where(am, np.array([np.delete(means, b).mean() for b in range(G.shape[0])])[:, None], 0.0)
+    f = check(golden, "base", dict(outputs(golden, "base"), baseline=bl)).first("rl")
+    assert f.mistake == "baseline_loo_of_row_means", f.format()
+    assert "'loo' here" not in f.hint and "'value'" in f.hint, f.hint
+
+
+def test_whitening_clamp_is_a_candidate(golden):
+    mod = _independent()
+    e, a = golden["whiten_small_variance"]
+    am = a["action_mask"] > 0
+    A0 = np.where(am, a["returns"].astype(np.float64) - a["baseline"], 0.0)
+    x = A0[am]
+    assert np.mean((x - x.mean()) ** 2) < 1e-8          # the clamp differs from no eps on this case
+    adv = mod.whitened(A0, am, "population", "clamp")
+    f = check(golden, "whiten_small_variance", dict(outputs(golden, "whiten_small_variance"), advantages=adv)
+              ).first("rl")
+    assert f.mistake == "whiten_population_clamp" and "max(σ², 1e-8)" in f.hint, f.format()
+
+
+def test_shift_candidates_match_real_off_by_one_implementations(golden):
+    """A model read at h_t has a value at each row's last real token too (no 0 there); a double
+    shift logq[:, t−1, tokens_t] is named."""
+    mod = _independent()
+    e, a = golden["base"]
+    p = mod.P(e, a)
+    for name, q in (("read_one_position_late", "scores"), ("logits_labels_off_by_one", "logp"),
+                    ("labels_off_by_one", "logp"), ("logits_labels_shifted_twice", "logp")):
+        planted = mod.PLANTS[name][2](p)
+        last_real = (a["mask"].sum(1) - 1).astype(int)
+        if q == "scores":
+            assert all(np.any(planted[q][b, last_real[b]] != 0) for b in range(a["mask"].shape[0]))
+        f = check(golden, "base", dict(outputs(golden, "base"), **planted)).first("rl")
+        assert f.quantity == q and f.mistake == name, (name, f.format())
+
+
+def test_every_later_difference_follows_when_the_user_is_consistent(golden):
+    """On every case: an implementation whose only mistake is the KL estimator (k2 for k1, k1 for
+    the others) and that computes everything downstream consistently from its own values: kl is
+    the root, every later value difference follows from it (recomputed with the reference math
+    from the user's values, under every switch of the table), gradients are downstream."""
+    n_follow = 0
+    for name, (e, a) in golden.items():
+        if "rl" not in e["sections"] or e["config"]["beta"] == 0:
+            continue
+        cfg = dict(e["config"], kl="k2" if e["config"]["kl"] == "k1" else "k1")
+        out = {k: v for k, v in gv.compute(gv.inputs_of(e, a), cfg, ["rl"]).items()}
+        rep = check(golden, name, out)
+        diff = rep.differing("rl")
+        assert diff and diff[0].quantity == "kl" and diff[0].root, (name, rep.format())
+        for f in diff[1:]:
+            want = "downstream" if f.quantity.startswith("grad/") else "follows"
+            assert f.relation == want, (name, f.format())
+            n_follow += f.relation == "follows"
+    assert n_follow > 100

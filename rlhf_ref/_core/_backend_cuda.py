@@ -69,7 +69,8 @@ def _missing(name):
                               f"'cython' or 'numpy' for it (the cuda backend does rollout and sequence_logprobs)")
 
 
-def reinforce_loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, ref_params=None, ref_logp=None):
+def reinforce_loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, ref_params=None, ref_logp=None,
+                            *, group=None, old_logp=None, old_values=None):
     """Not implemented on CUDA: raises NotImplementedError."""
     _missing("reinforce_loss_and_grad")
 

@@ -59,6 +59,7 @@ import numpy as np
 from .. import model, policy, reinforce, reward_model, sft
 from . import _blas, _config
 from ._host import c as _c, complete, dtype as _dtype, head_stack, head_grads, reinforce_codes, CODES
+from ._host import chain_codes, check_group_sd
 from ._host import stack_pairs, reward_head_backward, reward_head_grads
 from .._validate import check_finite_result
 
@@ -400,18 +401,22 @@ def sequence_logprobs(params, tokens, mask, prompt_len, alpha=1.0, eps=0.0, *, _
 
 # ----------------------------------------------------------------------------- REINFORCE
 
-def reinforce_loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, ref_params=None, ref_logp=None):
-    """``rlhf_ref.reinforce.loss_and_grad`` (without term_grads and the (B, T, V) arrays scores/logq)."""
-    cfg, V, tokens, mask, prompt_len, reward, am, ref_logp = reinforce.prepare(
-        params, tokens, mask, prompt_len, reward, cfg, ref_params, ref_logp, logprobs=sequence_logprobs)
+def reinforce_loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, ref_params=None, ref_logp=None,
+                            *, group=None, old_logp=None, old_values=None):
+    """``rlhf_ref.reinforce.loss_and_grad`` (without term_grads and the (B, T, V) arrays scores/logq).
+
+    Every convention, issue 9's included, runs in the kernel ``reinforce_chain``."""
+    cfg, V, tokens, mask, prompt_len, reward, am, ref_logp, group, old_logp, old_values = reinforce.prepare(
+        params, tokens, mask, prompt_len, reward, cfg, ref_params, ref_logp, logprobs=sequence_logprobs,
+        group=group, old_logp=old_logp, old_values=old_values)
     reward = reward.astype(np.float64)
     ref_logp = np.ascontiguousarray(np.where(am > 0, ref_logp, 0.0), dtype=np.float64)
     K = _require()
     with _call():
-        return _reinforce(K, params, tokens, mask, am, reward, ref_logp, cfg, V)
+        return _reinforce(K, params, tokens, mask, am, reward, ref_logp, cfg, V, group, old_logp, old_values)
 
 
-def _reinforce(K, params, tokens, mask, am, reward, ref_logp, cfg, V):
+def _reinforce(K, params, tokens, mask, am, reward, ref_logp, cfg, V, group=None, old_logp=None, old_values=None):
     dt = _dtype(params)
     B, T = tokens.shape
     Tr = K.train
@@ -430,13 +435,20 @@ def _reinforce(K, params, tokens, mask, am, reward, ref_logp, cfg, V):
         pred_q = np.where(am > 0, np.take_along_axis(qvalues, tokens[:, :, None], -1)[:, :, 0], 0.0)
 
     # KL-shaped rewards, returns, baseline, advantages, the losses and their upstream gradients
-    kl, rewards, G, bl, adv, w, pred, d_logp, d_ent, d_pred = (np.empty((B, T)) for _ in range(10))
-    kl_code, ret_code, base_code, wh_code, agg_code = reinforce_codes(cfg)
-    loss_pg, loss_ent, loss_value = Tr.reinforce_chain(
-        logp, ref_logp, am, reward, np.zeros((B, T)) if values is None else _c(values, np.float64), qb,
-        _c(pred_q, np.float64), critic_q, float(cfg.beta), kl_code, float(cfg.gamma), ret_code, base_code, wh_code,
-        bool(cfg.shift_mean), agg_code, float(cfg.entropy_coef), float(cfg.value_coef), ent,
-        kl, rewards, G, bl, adv, w, pred, d_logp, d_ent, d_pred)
+    kl, rewards, G, bl, adv, w, pred, d_logp, d_ent, d_pred, ratio = (np.empty((B, T)) for _ in range(11))
+    S, sd = np.empty(B), np.empty(B)
+    codes = chain_codes(cfg)
+    v64 = np.zeros((B, T)) if values is None else np.ascontiguousarray(np.where(am > 0, values, 0.0), np.float64)
+    loss_pg, loss_ent, loss_value, loss_kl = Tr.reinforce_chain(
+        logp, ref_logp, am, reward, v64, qb, _c(pred_q, np.float64), critic_q, float(cfg.beta), codes["kl"],
+        float(cfg.gamma), codes["returns"], codes["baseline"], codes["whiten"], bool(cfg.shift_mean),
+        codes["aggregation"], float(cfg.entropy_coef), float(cfg.value_coef), ent,
+        kl, rewards, G, bl, adv, w, pred, d_logp, d_ent, d_pred,
+        kl_in_loss=cfg.kl_in == "loss", lam=float(cfg.lam), group=group, gscale_code=codes["group_scale"],
+        group_eps=float(cfg.group_eps), surr_code=codes["surrogate"], clip_low=float(cfg.clip_low),
+        clip_high=float(cfg.clip_high), old_logp=old_logp, value_clip=float(cfg.value_clip), old_values=old_values,
+        norm_len=float(cfg.norm_len), ratio=ratio, S=S, sd=sd)
+    check_group_sd(cfg, am, group, sd)
 
     # pass 3: ∂L/∂logits in place, then the backward pass
     Tr.policy_grads(net.logits, net.ids_pos, am, V, float(cfg.alpha), float(cfg.eps), mx, s1, logp, plq,
@@ -445,7 +457,7 @@ def _reinforce(K, params, tokens, mask, am, reward, ref_logp, cfg, V):
     grads = net.backward_all(params)
 
     out = reinforce.pack_outputs(am, logp, ref_logp, ent, kl, rewards, G, values, qvalues, bl, adv, w,
-                                 loss_pg, loss_ent, loss_value, dt=dt)
+                                 loss_pg, loss_ent, loss_value, dt=dt, ratio=ratio, loss_kl=loss_kl)
     check_finite_result(dt, out["loss"], out["rewards"], out["returns"], *grads.values())   # an overflow is an error
     return out, grads
 

@@ -43,6 +43,7 @@ import numpy as np
 from .. import model, policy, reinforce, reward_model, sft
 from . import _blas, _config
 from ._host import c as _c, complete, dtype as _dtype, head_stack, head_grads, reinforce_codes, CODES
+from ._host import chain_codes, check_group_sd
 from ._host import stack_pairs, reward_head_backward, reward_head_grads
 from .._validate import check_finite_result
 
@@ -294,10 +295,14 @@ def sequence_logprobs(params, tokens, mask, prompt_len, alpha=1.0, eps=0.0, *, _
 
 # ----------------------------------------------------------------------------- REINFORCE
 
-def reinforce_loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, ref_params=None, ref_logp=None):
-    """``rlhf_ref.reinforce.loss_and_grad`` (without term_grads and the (B, T, V) arrays scores/logq)."""
-    cfg, V, tokens, mask, prompt_len, reward, am, ref_logp = reinforce.prepare(
-        params, tokens, mask, prompt_len, reward, cfg, ref_params, ref_logp, logprobs=sequence_logprobs)
+def reinforce_loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, ref_params=None, ref_logp=None,
+                            *, group=None, old_logp=None, old_values=None):
+    """``rlhf_ref.reinforce.loss_and_grad`` (without term_grads and the (B, T, V) arrays scores/logq).
+
+    Every convention, issue 9's included, runs in the kernel ``reinforce_chain``."""
+    cfg, V, tokens, mask, prompt_len, reward, am, ref_logp, group, old_logp, old_values = reinforce.prepare(
+        params, tokens, mask, prompt_len, reward, cfg, ref_params, ref_logp, logprobs=sequence_logprobs,
+        group=group, old_logp=old_logp, old_values=old_values)
     B, T = tokens.shape
     reward = reward.astype(np.float64)
     ref_logp = ref_logp.astype(np.float64)
@@ -324,13 +329,20 @@ def reinforce_loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, 
             pred_q = np.where(am > 0, np.take_along_axis(qvalues, tokens[:, :, None], -1)[:, :, 0], 0.0)
 
     # KL-shaped rewards, returns, baseline, advantages, the losses and their upstream gradients
-    kl, rewards, G, bl, adv, w, pred, d_logp, d_ent, d_pred = (np.empty((B, T)) for _ in range(10))
-    kl_code, ret_code, base_code, wh_code, agg_code = reinforce_codes(cfg)
-    loss_pg, loss_ent, loss_value = K.train.reinforce_chain(
-        logp, ref_logp, am, reward, values, qb, pred_q, has_q,
-        float(cfg.beta), kl_code, float(cfg.gamma), ret_code, base_code, wh_code, bool(cfg.shift_mean),
-        agg_code, float(cfg.entropy_coef), float(cfg.value_coef), ent,
-        kl, rewards, G, bl, adv, w, pred, d_logp, d_ent, d_pred)
+    kl, rewards, G, bl, adv, w, pred, d_logp, d_ent, d_pred, ratio = (np.empty((B, T)) for _ in range(11))
+    S, sd = np.zeros(B), np.zeros(B)
+    codes = chain_codes(cfg)
+    v64 = np.ascontiguousarray(np.where(am > 0, values, 0.0))
+    loss_pg, loss_ent, loss_value, loss_kl = K.train.reinforce_chain(
+        logp, ref_logp, am, reward, v64, qb, pred_q, has_q,
+        float(cfg.beta), codes["kl"], float(cfg.gamma), codes["returns"], codes["baseline"], codes["whiten"],
+        bool(cfg.shift_mean), codes["aggregation"], float(cfg.entropy_coef), float(cfg.value_coef), ent,
+        kl, rewards, G, bl, adv, w, pred, d_logp, d_ent, d_pred,
+        cfg.kl_in == "loss", float(cfg.lam), np.zeros(B, np.int64) if group is None else group,
+        codes["group_scale"], float(cfg.group_eps), codes["surrogate"], float(cfg.clip_low), float(cfg.clip_high),
+        logp if old_logp is None else old_logp, float(cfg.value_clip),
+        np.zeros((B, T)) if old_values is None else old_values, float(cfg.norm_len), ratio, S, sd)
+    check_group_sd(cfg, am, group, sd)
 
     # pass 2: ∂L/∂logits in place, then the backward pass
     pred_col = net.off[cfg.critic][0]
@@ -339,7 +351,8 @@ def reinforce_loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, 
     grads = net.backward_all(params)
 
     out = reinforce.pack_outputs(am, logp, ref_logp, ent, kl, rewards, G, values if "value" in net.off else None,
-                                 qvalues, bl, adv, w, loss_pg, loss_ent, loss_value, dt=dt)
+                                 qvalues, bl, adv, w, loss_pg, loss_ent, loss_value, dt=dt, ratio=ratio,
+                                 loss_kl=loss_kl)
     check_finite_result(dt, out["loss"], out["rewards"], out["returns"], *grads.values())   # an overflow is an error
     return out, grads
 

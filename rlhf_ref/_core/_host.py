@@ -25,6 +25,19 @@ def reinforce_codes(cfg):
             CODES["whiten"][cfg.whiten], CODES["aggregation"][cfg.aggregation])
 
 
+def chain_codes(cfg):
+    """{switch: code} of every choice of a ReinforceConfig (what the kernels' chains receive)."""
+    return {name: CODES[name][getattr(cfg, name)] for name in ("kl", "returns", "baseline", "whiten", "aggregation",
+                                                                "kl_in", "group_scale", "surrogate")}
+
+
+def check_group_sd(cfg, am, group, sd):
+    """After a kernel chain: σ_g + group_eps = 0 in a group is the reference's error."""
+    if cfg.group_scale == "std":
+        from .. import returns
+        returns.check_group_std(sd, am, group, cfg.group_eps)
+
+
 def c(a, dt):
     """``a`` as a C-contiguous array of dtype dt (no copy when it already is one)."""
     return np.ascontiguousarray(a, dtype=dt)

@@ -6,9 +6,10 @@ formulas and loops (see its module docstring). They cost O(B·T) and would be ne
 for Python: the reference's reward-to-go loop is T NumPy calls, ~0.2 ms at T = 64, a third of
 a whole training step at B = 1; here the whole chain is one kernel call.
 
-Codes: a value's index in its row of ``rlhf_ref/conventions.py`` (``_host.reinforce_codes``): kl
-k1/k2/k3 = 0/1/2; returns rtg/total = 0/1; baseline value/qvalue/mean/loo/none = 0/1/2/3/4; whiten
-off/population/bessel = 0/1/2; aggregation token_mean/seq_mean/seq_sum = 0/1/2.
+Codes: a value's index in its row of ``rlhf_ref/conventions.py`` (``_host.chain_codes``): kl
+k1/k2/k3 = 0/1/2; returns rtg/total/gae = 0/1/2; baseline value/qvalue/mean/loo/none/group_mean/
+group_loo = 0/1/2/3/4/5/6; whiten off/population/bessel = 0/1/2; aggregation token_mean/seq_mean/
+seq_sum/fixed_len = 0/1/2/3; group_scale off/std = 0/1.
 The callers check the error cases (no action, ``loo`` with < 2 rows, whitening with too few
 actions) before the kernel runs, with the reference's messages.
 """
@@ -83,6 +84,63 @@ def discounted_returns(r, am, gamma, kind, out):
 
 
 @kernel
+def gae_returns(r, am, values, gamma, lam, out):
+    """GAE over each row's actions: δ_t = r_t + γ V_next − V_t (V_next = 0 after the last action),
+    A_t = δ_t + γλ A_next; out = A + V (the value target)."""
+    B, T = r.shape
+    for b in range(B):
+        a_next = 0.0
+        v_next = 0.0
+        for t in range(T - 1, -1, -1):
+            if am[b, t] > 0:
+                delta = r[b, t] + gamma * v_next - values[b, t]
+                a_next = delta + gamma * lam * a_next
+                v_next = values[b, t]
+                out[b, t] = a_next + values[b, t]
+            else:
+                out[b, t] = 0.0
+
+
+@kernel
+def group_baseline(kind, G, am, group, with_sd, out, S, sd):
+    """group_mean (5): mean of S_j = G at row j's first action over the rows of the row's group with
+    an action; group_loo (6): over the other ones. sd (B,): the Bessel std of S over the group when
+    with_sd (else 0). Broadcast to the row's actions."""
+    B, T = G.shape
+    has = np.zeros(B, np.bool_)
+    for b in range(B):
+        S[b] = 0.0
+        for t in range(T):
+            if am[b, t] > 0:
+                S[b] = G[b, t]
+                has[b] = True
+                break
+    for b in range(B):
+        s = 0.0
+        n = 0.0
+        mu = 0.0
+        ng = 0.0
+        sd[b] = 0.0
+        if has[b]:
+            for j in range(B):
+                if has[j] and group[j] == group[b]:
+                    mu += S[j]
+                    ng += 1.0
+                    if j != b or kind == 5:
+                        s += S[j]
+                        n += 1.0
+            if with_sd:
+                mu = mu / ng
+                v = 0.0
+                for j in range(B):
+                    if has[j] and group[j] == group[b]:
+                        v += (S[j] - mu) * (S[j] - mu)
+                sd[b] = math.sqrt(v / (ng - 1.0))
+        for t in range(T):
+            out[b, t] = s / n if am[b, t] > 0 else 0.0
+
+
+@kernel
 def baseline(kind, G, am, values, qb, out):
     """value: V(s_t); qvalue: Σ_a π_ε Q (qb); mean: mean G over all actions; loo: mean over the other rows; none: 0."""
     B, T = G.shape
@@ -145,8 +203,9 @@ def whiten(adv, am, kind, shift_mean, out):
 
 
 @kernel
-def aggregation_weights(am, kind, out):
-    """w (B, T): token_mean m/N, seq_mean m/(n_b·n_rows), seq_sum m/n_rows."""
+def aggregation_weights(am, kind, norm_len, out):
+    """w (B, T): token_mean m/N, seq_mean m/(n_b·n_rows), seq_sum m/n_rows, fixed_len m/(B·L) with
+    L = norm_len if > 0 else T."""
     B, T = am.shape
     N = 0.0
     n_rows = 0.0
@@ -169,6 +228,8 @@ def aggregation_weights(am, kind, out):
                     out[b, t] = 1.0 / N
                 elif kind == 2:
                     out[b, t] = 1.0 / n_rows
+                elif kind == 3:
+                    out[b, t] = 1.0 / (B * (norm_len if norm_len > 0 else T))
                 else:
                     out[b, t] = 1.0 / n / n_rows
             else:

@@ -25,7 +25,7 @@ entry point checks the shapes and the actions' ids it relies on (bounds checks a
 
 from cython cimport floating
 from cython.parallel cimport prange, threadid
-from libc.math cimport sqrt, expm1, INFINITY
+from libc.math cimport sqrt, exp, expm1, INFINITY
 from libc.stdint cimport int64_t
 from libc.string cimport memset
 
@@ -174,18 +174,37 @@ def reinforce_chain(const double[:, ::1] logp, const double[:, ::1] ref_logp, co
                     double entropy_coef, double value_coef, const double[:, ::1] ent,
                     double[:, ::1] kl, double[:, ::1] rewards, double[:, ::1] G, double[:, ::1] bl,
                     double[:, ::1] adv, double[:, ::1] w, double[:, ::1] pred,
-                    double[:, ::1] d_logp, double[:, ::1] d_ent, double[:, ::1] d_pred):
+                    double[:, ::1] d_logp, double[:, ::1] d_ent, double[:, ::1] d_pred,
+                    bint kl_in_loss=False, double lam=1.0, const int64_t[::1] group=None, int gscale_code=0,
+                    double group_eps=1e-4, int surr_code=0, double clip_low=0.2, double clip_high=0.2,
+                    const double[:, ::1] old_logp=None, double value_clip=0.0, const double[:, ::1] old_values=None,
+                    double norm_len=0.0, double[:, ::1] ratio=None, double[::1] S=None, double[::1] sd=None):
     """The per-token chain of returns.py and reinforce.py, float64, every (B, T) output 0 off
     the action mask am. values: V(s_t) (value critic), qb: Σ π_ε Q (qvalue baseline), pred_q:
-    Q(s_t, a_t) (qvalue critic). Returns (loss_pg, loss_ent, loss_value). The caller has checked
-    what the reference raises on (no action; loo with < 2 rows; bessel with < 2 actions)."""
-    cdef Py_ssize_t B = logp.shape[0], T = logp.shape[1], b, t, last
-    cdef double x, k, g, tot, disc, N = 0, nrows = 0, n_b = 0, s_b = 0, S_all = 0, mu, var, den, sd
-    cdef double loss_pg = 0, loss_ent = 0, loss_value = 0, e
+    Q(s_t, a_t) (qvalue critic). Returns (loss_pg, loss_ent, loss_value, loss_kl). The caller has
+    checked what the reference raises on (no action; loo with < 2 rows; bessel with < 2 actions;
+    the group checks) except σ_g + group_eps = 0, which it reads from ``sd`` (B,) afterwards.
+
+    Issue 9 (docs/conventions.md §3.1): kl_in_loss (β·k in the loss, not the rewards), returns
+    code 2 = GAE(lam), baseline codes 5/6 = group_mean/group_loo over ``group`` (B,) with S (B,)
+    the rows' sequence returns, gscale_code 1 = (G − b)/(σ_g + group_eps) with σ_g in sd (B,),
+    surr_code 1 = PPO clip with ``old_logp`` (None: logp itself) writing ``ratio``, value_clip > 0
+    around ``old_values``, aggregation code 3 = fixed_len (m / (B·L)).
+    """
+    cdef Py_ssize_t B = logp.shape[0], T = logp.shape[1], b, t, last, j, first_b
+    cdef double x, k, g, tot, disc, N = 0, nrows = 0, n_b = 0, s_b = 0, S_all = 0, mu, var, den, sd_
+    cdef double loss_pg = 0, loss_ent = 0, loss_value = 0, loss_kl = 0, e, a_next, v_next, delta, L
+    cdef double rho, un, cl, ec, vc, dv, n_g, s_g
+    cdef bint has_b, has_old = old_logp is not None, has_ratio = ratio is not None
     need(reward.shape[0] == B and _bt(ref_logp, B, T) and _bt(am, B, T) and _bt(values, B, T) and _bt(qb, B, T)
          and _bt(pred_q, B, T) and _bt(ent, B, T) and _bt(kl, B, T) and _bt(rewards, B, T) and _bt(G, B, T)
          and _bt(bl, B, T) and _bt(adv, B, T) and _bt(w, B, T) and _bt(pred, B, T) and _bt(d_logp, B, T)
          and _bt(d_ent, B, T) and _bt(d_pred, B, T), "reinforce_chain: (B, T) arrays and reward (B,)")
+    need(ratio is None or _bt(ratio, B, T), "reinforce_chain: ratio (B, T)")
+    need(old_logp is None or _bt(old_logp, B, T), "reinforce_chain: old_logp (B, T)")
+    need(value_clip <= 0 or (old_values is not None and _bt(old_values, B, T)), "reinforce_chain: old_values (B, T)")
+    need((base_code != 5 and base_code != 6) or (group is not None and group.shape[0] == B and S is not None
+         and S.shape[0] == B and sd is not None and sd.shape[0] == B), "reinforce_chain: group, S, sd (B,)")
     with nogil:
         for b in range(B):
             n_b = 0
@@ -195,8 +214,9 @@ def reinforce_chain(const double[:, ::1] logp, const double[:, ::1] ref_logp, co
             N = N + n_b
             if n_b > 0:
                 nrows = nrows + 1
+        L = norm_len if norm_len > 0 else T
         for b in range(B):
-            # KL estimate k_t and shaped rewards r_t = −β·k_t (+ R at the row's last action)
+            # KL estimate k_t and shaped rewards r_t = −β·k_t (kl_in reward) (+ R at the row's last action)
             last = -1
             n_b = 0
             for t in range(T):
@@ -209,7 +229,7 @@ def reinforce_chain(const double[:, ::1] logp, const double[:, ::1] ref_logp, co
                     else:
                         k = expm1(-x) + x
                     kl[b, t] = k
-                    rewards[b, t] = -beta * k
+                    rewards[b, t] = 0 if kl_in_loss else -beta * k
                     last = t
                     n_b = n_b + 1
                 else:
@@ -224,6 +244,17 @@ def reinforce_chain(const double[:, ::1] logp, const double[:, ::1] ref_logp, co
                     if am[b, t] > 0:
                         g = rewards[b, t] + gamma * g
                         G[b, t] = g
+                    else:
+                        G[b, t] = 0
+            elif ret_code == 2:                      # GAE: A_t = δ_t + γλ A_next, G = A + V
+                a_next = 0
+                v_next = 0
+                for t in range(T - 1, -1, -1):
+                    if am[b, t] > 0:
+                        delta = rewards[b, t] + gamma * v_next - values[b, t]
+                        a_next = delta + gamma * lam * a_next
+                        v_next = values[b, t]
+                        G[b, t] = a_next + values[b, t]
                     else:
                         G[b, t] = 0
             else:                                    # G = Σ_j γ^j r_j, written at every action
@@ -242,6 +273,8 @@ def reinforce_chain(const double[:, ::1] logp, const double[:, ::1] ref_logp, co
                         w[b, t] = 1.0 / N
                     elif agg_code == 2:
                         w[b, t] = 1.0 / nrows
+                    elif agg_code == 3:
+                        w[b, t] = 1.0 / (B * L)
                     else:
                         w[b, t] = 1.0 / n_b / nrows
                 else:
@@ -252,6 +285,13 @@ def reinforce_chain(const double[:, ::1] logp, const double[:, ::1] ref_logp, co
                 for t in range(T):
                     if am[b, t] > 0:
                         S_all = S_all + G[b, t]
+        if base_code == 5 or base_code == 6:        # the rows' sequence returns S_i = G at the first action
+            for b in range(B):
+                S[b] = 0
+                for t in range(T):
+                    if am[b, t] > 0:
+                        S[b] = G[b, t]
+                        break
         for b in range(B):
             if base_code == 3:
                 s_b = 0
@@ -260,6 +300,47 @@ def reinforce_chain(const double[:, ::1] logp, const double[:, ::1] ref_logp, co
                     if am[b, t] > 0:
                         s_b = s_b + G[b, t]
                         n_b = n_b + 1
+            elif base_code == 5 or base_code == 6:  # the group's rows with an action (the row: group_mean)
+                has_b = False
+                for t in range(T):
+                    if am[b, t] > 0:
+                        has_b = True
+                        break
+                s_b = 0
+                n_b = 0
+                mu = 0
+                n_g = 0
+                sd[b] = 0
+                if has_b:
+                    for j in range(B):
+                        if group[j] != group[b]:
+                            continue
+                        first_b = -1
+                        for t in range(T):
+                            if am[j, t] > 0:
+                                first_b = t
+                                break
+                        if first_b < 0:
+                            continue
+                        mu = mu + S[j]
+                        n_g = n_g + 1
+                        if j != b or base_code == 5:
+                            s_b = s_b + S[j]
+                            n_b = n_b + 1
+                    if gscale_code == 1:             # σ_g: Bessel std of S over the group
+                        mu = mu / n_g
+                        var = 0
+                        for j in range(B):
+                            if group[j] != group[b]:
+                                continue
+                            first_b = -1
+                            for t in range(T):
+                                if am[j, t] > 0:
+                                    first_b = t
+                                    break
+                            if first_b >= 0:
+                                var = var + (S[j] - mu) * (S[j] - mu)
+                        sd[b] = sqrt(var / (n_g - 1))
             for t in range(T):
                 if am[b, t] == 0:
                     bl[b, t] = 0
@@ -271,9 +352,13 @@ def reinforce_chain(const double[:, ::1] logp, const double[:, ::1] ref_logp, co
                     bl[b, t] = S_all / N
                 elif base_code == 3:
                     bl[b, t] = (S_all - s_b) / (N - n_b)
+                elif base_code == 5 or base_code == 6:
+                    bl[b, t] = s_b / n_b
                 else:
                     bl[b, t] = 0
                 adv[b, t] = G[b, t] - bl[b, t] if am[b, t] > 0 else 0
+                if gscale_code == 1 and am[b, t] > 0:
+                    adv[b, t] = adv[b, t] / (sd[b] + group_eps)
         # whitening over all actions (statistics are constants)
         if whiten_code != 0:
             mu = 0
@@ -288,11 +373,11 @@ def reinforce_chain(const double[:, ::1] logp, const double[:, ::1] ref_logp, co
                     if am[b, t] > 0:
                         var = var + (adv[b, t] - mu) * (adv[b, t] - mu)
             den = N - 1 if whiten_code == 2 else N
-            sd = sqrt(var / den + 1e-8)
+            sd_ = sqrt(var / den + 1e-8)
             for b in range(B):
                 for t in range(T):
                     if am[b, t] > 0:
-                        e = (adv[b, t] - mu) / sd
+                        e = (adv[b, t] - mu) / sd_
                         if not shift_mean:
                             e = e + mu
                         adv[b, t] = e
@@ -301,19 +386,53 @@ def reinforce_chain(const double[:, ::1] logp, const double[:, ::1] ref_logp, co
             for t in range(T):
                 if am[b, t] > 0:
                     pred[b, t] = pred_q[b, t] if critic_q else values[b, t]
-                    loss_pg = loss_pg - w[b, t] * adv[b, t] * logp[b, t]
+                    rho = exp(logp[b, t] - (old_logp[b, t] if has_old else logp[b, t]))
+                    if has_ratio:
+                        ratio[b, t] = rho
+                    if surr_code == 0:               # −A·logπ
+                        loss_pg = loss_pg - w[b, t] * adv[b, t] * logp[b, t]
+                        d_logp[b, t] = -w[b, t] * adv[b, t]
+                    else:                            # −min(ρA, clip(ρ)A); ∂/∂logπ = −A·ρ on the unclipped branch
+                        un = rho * adv[b, t]
+                        cl = (1.0 - clip_low if rho < 1.0 - clip_low else (1.0 + clip_high if rho > 1.0 + clip_high
+                              else rho)) * adv[b, t]
+                        loss_pg = loss_pg + w[b, t] * -(un if un <= cl else cl)
+                        d_logp[b, t] = -w[b, t] * adv[b, t] * rho if un <= cl else 0
+                    if kl_in_loss:                   # + β·w·k, ∂/∂logπ = β·w·k'(x)
+                        x = logp[b, t] - ref_logp[b, t]
+                        loss_kl = loss_kl + w[b, t] * kl[b, t]
+                        if kl_code == 0:
+                            k = 1.0
+                        elif kl_code == 1:
+                            k = x
+                        else:
+                            k = -expm1(-x)
+                        d_logp[b, t] = d_logp[b, t] + beta * w[b, t] * k
                     loss_ent = loss_ent + w[b, t] * ent[b, t]
                     e = pred[b, t] - G[b, t]
-                    loss_value = loss_value + w[b, t] * e * e
-                    d_logp[b, t] = -w[b, t] * adv[b, t]
+                    if value_clip > 0:               # max((V − G)², (V_clip − G)²) around old_values
+                        dv = pred[b, t] - old_values[b, t]
+                        vc = old_values[b, t] + (-value_clip if dv < -value_clip else (value_clip if dv > value_clip
+                                                                                       else dv))
+                        ec = vc - G[b, t]
+                        if e * e >= ec * ec:
+                            loss_value = loss_value + w[b, t] * e * e
+                            d_pred[b, t] = value_coef * w[b, t] * e
+                        else:
+                            loss_value = loss_value + w[b, t] * ec * ec
+                            d_pred[b, t] = value_coef * w[b, t] * ec if (dv < value_clip and dv > -value_clip) else 0
+                    else:
+                        loss_value = loss_value + w[b, t] * e * e
+                        d_pred[b, t] = value_coef * w[b, t] * e
                     d_ent[b, t] = -entropy_coef * w[b, t]
-                    d_pred[b, t] = value_coef * w[b, t] * e
                 else:
                     pred[b, t] = 0
                     d_logp[b, t] = 0
                     d_ent[b, t] = 0
                     d_pred[b, t] = 0
-    return loss_pg, -entropy_coef * loss_ent, value_coef * 0.5 * loss_value
+                    if has_ratio:
+                        ratio[b, t] = 0
+    return loss_pg, -entropy_coef * loss_ent, value_coef * 0.5 * loss_value, beta * loss_kl
 
 
 def sft_chain(const double[:, ::1] logp, const double[:, ::1] pm, double[:, ::1] d_logp):

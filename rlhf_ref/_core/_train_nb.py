@@ -16,9 +16,12 @@ Per-position (B, T) arrays are float64 (they are O(B·T)); the logits are in the
 
 from __future__ import annotations
 
+import math
+
 from ._nb_common import kernel
 from ._policy_nb import grad_row, logprob_stats_row
-from ._returns_nb import aggregation_weights, baseline, discounted_returns, kl_per_token, shaped_rewards, whiten
+from ._returns_nb import (aggregation_weights, baseline, discounted_returns, gae_returns, group_baseline,
+                          kl_per_token, shaped_rewards, whiten)
 
 
 @kernel
@@ -59,42 +62,84 @@ def read_column(logits, B, col, lengths, out):
 @kernel
 def reinforce_chain(logp, ref_logp, am, reward, values, qb, pred_q, critic_q,
                     beta, kl_kind, gamma, ret_kind, base_kind, wh_kind, shift_mean, agg_kind, c_ent, c_val, ent,
-                    kl, rewards, G, bl, adv, w, pred, d_logp, d_ent, d_pred):
-    """Everything between pass 1 and pass 2; returns (loss_pg, loss_ent, loss_value).
+                    kl, rewards, G, bl, adv, w, pred, d_logp, d_ent, d_pred,
+                    kl_in_loss, lam, group, gscale, group_eps, surr, clip_low, clip_high, old_logp, value_clip,
+                    old_values, norm_len, ratio, S, sd):
+    """Everything between pass 1 and pass 2; returns (loss_pg, loss_ent, loss_value, loss_kl).
 
     pred_q (B, T): Q(s_t, a_t) read by the caller when critic_q; else the prediction is V(s_t).
+    Issue 9 (docs/conventions.md §3.1): kl_in_loss, GAE (ret_kind 2, lam), the group baselines
+    (base_kind 5/6 over group (B,); S, sd (B,) scratch: sd is σ_g, read by the caller), group_scale
+    (gscale 1), PPO clip (surr 1, old_logp: logp itself when on-policy; writes ratio), value_clip
+    around old_values, fixed_len (agg_kind 3, norm_len).
     """
     B, T = logp.shape
     kl_per_token(logp, ref_logp, am, kl_kind, kl)
-    shaped_rewards(kl, reward, am, beta, rewards)
-    discounted_returns(rewards, am, gamma, ret_kind, G)
-    baseline(base_kind, G, am, values, qb, bl)
+    shaped_rewards(kl, reward, am, 0.0 if kl_in_loss else beta, rewards)
+    if ret_kind == 2:
+        gae_returns(rewards, am, values, gamma, lam, G)
+    else:
+        discounted_returns(rewards, am, gamma, ret_kind, G)
+    if base_kind == 5 or base_kind == 6:
+        group_baseline(base_kind, G, am, group, gscale == 1, bl, S, sd)
+    else:
+        baseline(base_kind, G, am, values, qb, bl)
     for b in range(B):
         for t in range(T):
-            adv[b, t] = G[b, t] - bl[b, t] if am[b, t] > 0 else 0.0
+            if am[b, t] > 0:
+                a = G[b, t] - bl[b, t]
+                adv[b, t] = a / (sd[b] + group_eps) if gscale == 1 else a
+            else:
+                adv[b, t] = 0.0
     whiten(adv, am, wh_kind, shift_mean, adv)
-    aggregation_weights(am, agg_kind, w)
+    aggregation_weights(am, agg_kind, norm_len, w)
     loss_pg = 0.0
     loss_ent = 0.0
     loss_val = 0.0
+    loss_kl = 0.0
     for b in range(B):
         for t in range(T):
             if am[b, t] > 0:
                 p = pred_q[b, t] if critic_q else values[b, t]
                 pred[b, t] = p
-                loss_pg -= w[b, t] * adv[b, t] * logp[b, t]
+                rho = math.exp(logp[b, t] - old_logp[b, t])
+                ratio[b, t] = rho
+                if surr == 0:
+                    loss_pg -= w[b, t] * adv[b, t] * logp[b, t]
+                    d_logp[b, t] = -w[b, t] * adv[b, t]          # ∂L_pg/∂logp
+                else:                                        # −min(ρA, clip(ρ)A)
+                    un = rho * adv[b, t]
+                    cr = min(max(rho, 1.0 - clip_low), 1.0 + clip_high)
+                    cl = cr * adv[b, t]
+                    loss_pg += w[b, t] * -(un if un <= cl else cl)
+                    d_logp[b, t] = -w[b, t] * adv[b, t] * rho if un <= cl else 0.0
+                if kl_in_loss:                               # + β·w·k, ∂/∂logp = β·w·k'(x)
+                    x = logp[b, t] - ref_logp[b, t]
+                    loss_kl += w[b, t] * kl[b, t]
+                    kp = 1.0 if kl_kind == 0 else (x if kl_kind == 1 else -math.expm1(-x))
+                    d_logp[b, t] += beta * w[b, t] * kp
                 loss_ent -= c_ent * w[b, t] * ent[b, t]
                 r = p - G[b, t]
-                loss_val += c_val * 0.5 * w[b, t] * r * r
-                d_logp[b, t] = -w[b, t] * adv[b, t]          # ∂L_pg/∂logp
+                if value_clip > 0:                           # max((V − G)², (V_clip − G)²)
+                    dv = p - old_values[b, t]
+                    rc = old_values[b, t] + min(max(dv, -value_clip), value_clip) - G[b, t]
+                    if r * r >= rc * rc:
+                        loss_val += c_val * 0.5 * w[b, t] * r * r
+                        d_pred[b, t] = c_val * w[b, t] * r
+                    else:
+                        loss_val += c_val * 0.5 * w[b, t] * rc * rc
+                        d_pred[b, t] = c_val * w[b, t] * rc if abs(dv) < value_clip else 0.0
+                else:
+                    loss_val += c_val * 0.5 * w[b, t] * r * r
+                    d_pred[b, t] = c_val * w[b, t] * r           # ∂L_value/∂pred
                 d_ent[b, t] = -c_ent * w[b, t]               # ∂L_ent/∂H
-                d_pred[b, t] = c_val * w[b, t] * r           # ∂L_value/∂pred
             else:
                 pred[b, t] = 0.0
                 d_logp[b, t] = 0.0
                 d_ent[b, t] = 0.0
                 d_pred[b, t] = 0.0
-    return loss_pg, loss_ent, loss_val
+                ratio[b, t] = 0.0
+    return loss_pg, loss_ent, loss_val, beta * loss_kl
 
 
 @kernel

@@ -16,7 +16,7 @@ from .. import returns as ret
 from ..tokenizer import EOS
 
 SCHEMA = "rlhf_ref.golden_vectors"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2          #: 2: the issue-9 switches in every config; inputs group, old_logp, old_values; ratio, loss_kl
 MANIFEST = "manifest.json"
 GATE_ORDER = ("i", "f", "g", "o")
 
@@ -35,17 +35,21 @@ class CaseSpec:
     description: str
     config: dict = field(default_factory=dict)      #: ReinforceConfig fields that differ from the defaults
     dtype: str = "float64"
-    edge: str = ""                                  #: "", single_token, padding_rows, small_variance
+    edge: str = ""          #: "", single_token, padding_rows, small_variance, off_policy, ratio_one
     sections: tuple = ("rollout", "rl")
+    policy_kind: str = "boltzmann"                  #: the rollout's decoding policy (the rl section: Boltzmann)
 
 
-def _c(name, description, dtype="float64", edge="", sections=("rollout", "rl"), **config):
-    return CaseSpec(name, description, dict(config), dtype, edge, tuple(sections))
+def _c(name, description, dtype="float64", edge="", sections=("rollout", "rl"), policy_kind="boltzmann", **config):
+    return CaseSpec(name, description, dict(config), dtype, edge, tuple(sections), policy_kind)
 
 
 ALL_SECTIONS = ("rollout", "rl", "sft", "rm")
 ALL_ON = dict(alpha=1.5, eps=0.05, gamma=0.95, beta=0.1, kl="k3", whiten="bessel", aggregation="seq_sum",
               entropy_coef=0.01, value_coef=0.25)
+#: the field's defaults (docs/frameworks.md); frameworks without a critic: value_coef 0
+TRL_GRPO = dict(returns="total", baseline="group_mean", group_scale="std", beta=0.0, kl="k3", kl_in="loss",
+                surrogate="ppo_clip", aggregation="token_mean", value_coef=0.0)
 
 CASES = (
     # the defaults of DESIGN.md §3, in both dtypes, with every section
@@ -102,6 +106,78 @@ CASES = (
     _c("whiten_small_variance", "population whitening of advantages whose variance (~1e-8) is comparable to the "
        "1e-8 inside the square root: where the eps goes shows", edge="small_variance", beta=0.0,
        baseline="none", whiten="population"),
+    # issue 9: one switch value at a time (inputs group / old_logp / old_values where used)
+    _c("kl_in_loss_k1", "KL in the loss (k1): rewards carry R only, loss_kl = beta sum w k1, d/dlogp = beta w",
+       kl_in="loss", beta=0.2),
+    _c("kl_in_loss_k2", "KL in the loss (k2): d loss_kl/dlogp = beta w x", kl_in="loss", kl="k2", beta=0.2),
+    _c("kl_in_loss_k3", "KL in the loss (k3, GRPO's): d loss_kl/dlogp = beta w (1 - exp(-x))", kl_in="loss",
+       kl="k3", beta=0.2),
+    _c("gae_lam_0_95", "GAE, lam = 0.95, gamma = 0.99: returns = A^GAE + V (V_next = 0 after the last action)",
+       returns="gae", lam=0.95, gamma=0.99),
+    _c("gae_lam_1", "GAE with lam = 1: returns equal reward-to-go exactly", returns="gae", lam=1.0),
+    _c("gae_lam_0", "GAE with lam = 0: one-step TD advantages r_t + gamma V_next - V_t", returns="gae", lam=0.0,
+       gamma=0.9),
+    _c("group_mean", "group-mean baseline: b_i = mean over the row's group (ids in 'group') of S_j = G at the "
+       "first action, the row included", baseline="group_mean"),
+    _c("group_loo", "group leave-one-out (RLOO) baseline: the mean of S over the OTHER rows of the group",
+       baseline="group_loo"),
+    _c("group_std", "group-mean baseline and GRPO scaling (G - b)/(sigma_g + 1e-4), sigma_g the Bessel std of "
+       "S over the group", baseline="group_mean", group_scale="std"),
+    _c("group_std_eps", "GRPO scaling with a large group_eps = 0.5 (where the eps goes shows)",
+       baseline="group_loo", group_scale="std", group_eps=0.5),
+    _c("ppo_clip", "PPO-clip surrogate with a perturbed old_logp (ratio != 1, clipping active on both sides)",
+       edge="off_policy", surrogate="ppo_clip"),
+    _c("ppo_clip_ratio_one", "PPO-clip with old_logp = logp (ratio 1): the gradient is REINFORCE's, the loss "
+       "-sum w A", edge="ratio_one", surrogate="ppo_clip"),
+    _c("dapo_clip_higher", "PPO-clip with clip_low 0.2, clip_high 0.28 (DAPO's clip-higher), perturbed old_logp",
+       edge="off_policy", surrogate="ppo_clip", clip_high=0.28),
+    _c("value_clip", "clipped value loss, value_clip 0.2 around a perturbed old_values", edge="off_policy",
+       value_clip=0.2),
+    _c("agg_fixed_len", "aggregation fixed_len with norm_len 0: w = m / (B T), T the array width",
+       aggregation="fixed_len"),
+    _c("agg_fixed_len_norm", "aggregation fixed_len with norm_len 16: w = m / (B 16) (Dr. GRPO's max length)",
+       aggregation="fixed_len", norm_len=16.0),
+    # issue 9: the interactions that matter
+    _c("grpo", "GRPO: group_mean + std scaling, k3 in the loss (beta 0.04), token_mean, ppo_clip off-policy",
+       edge="off_policy", **{**TRL_GRPO, "beta": 0.04}),
+    _c("grpo_f32", "GRPO (as 'grpo') in float32", dtype="float32", edge="off_policy",
+       **{**TRL_GRPO, "beta": 0.04}),
+    _c("rloo", "RLOO: group_loo baseline, seq_mean, total returns, k1 in the reward", baseline="group_loo",
+       aggregation="seq_mean", returns="total", value_coef=0.0),
+    _c("dr_grpo", "Dr. GRPO: group_mean without std scaling, fixed_len (norm_len 16), k3 in the loss",
+       baseline="group_mean", aggregation="fixed_len", norm_len=16.0, returns="total", kl="k3", kl_in="loss",
+       beta=0.04, value_coef=0.0),
+    _c("ppo", "PPO: GAE lam 0.95 gamma 1, ppo_clip with a perturbed old_logp, value_clip 0.2, Bessel whitening",
+       edge="off_policy", returns="gae", lam=0.95, surrogate="ppo_clip", value_clip=0.2, whiten="bessel",
+       value_coef=0.1),
+    _c("padding_rows_group_loo_std", "padding rows (no action: in no group's statistics) with group_loo and "
+       "GRPO scaling", edge="padding_rows", baseline="group_loo", group_scale="std"),
+    # the field's defaults (docs/frameworks.md: TRL 1.16, OpenRLHF 3c3be62, veRL b178a3c), on-policy (ratio 1)
+    _c("trl_grpo", "TRL 1.16 GRPOTrainer defaults (loss_type dapo, scale_rewards group, beta 0)", **TRL_GRPO),
+    _c("trl_rloo", "TRL 1.16 RLOOTrainer defaults (beta 0.05, k1 in the reward, no advantage normalisation)",
+       returns="total", baseline="group_loo", beta=0.05, surrogate="ppo_clip", aggregation="seq_sum",
+       value_coef=0.0),
+    _c("trl_ppo", "TRL PPO (experimental) defaults: GAE lam 0.95, Bessel whitening, value clip 0.2, vf_coef 0.1",
+       returns="gae", lam=0.95, whiten="bessel", beta=0.05, surrogate="ppo_clip", value_clip=0.2, value_coef=0.1),
+    _c("openrlhf_ppo", "OpenRLHF PPO defaults: GAE lam 1, population whitening, beta 0.01, value clip 0.5",
+       returns="gae", lam=1.0, whiten="population", beta=0.01, surrogate="ppo_clip", value_clip=0.5),
+    _c("openrlhf_reinforce_baseline", "OpenRLHF reinforce_baseline: group_mean, population whitening, beta 0.01",
+       returns="total", baseline="group_mean", whiten="population", beta=0.01, surrogate="ppo_clip",
+       value_coef=0.0),
+    _c("openrlhf_grpo", "OpenRLHF group_norm (GRPO): group_mean + std (eps 1e-9), k1 in the reward, beta 0.01",
+       returns="total", baseline="group_mean", group_scale="std", group_eps=1e-9, beta=0.01, surrogate="ppo_clip",
+       value_coef=0.0),
+    _c("verl_grpo", "veRL grpo with use_kl_loss (low_var_kl = k3, 0.001), std eps 1e-6", returns="total",
+       baseline="group_mean", group_scale="std", group_eps=1e-6, beta=0.001, kl="k3", kl_in="loss",
+       surrogate="ppo_clip", value_coef=0.0),
+    # decoding modes, seq_sum over rows with no action, SFT under a non-default policy
+    _c("decode_eps_greedy", "the rollout decodes eps-greedy (eps 0.1; the rl section scores with the Boltzmann "
+       "eps-mixture)", policy_kind="eps_greedy", eps=0.1),
+    _c("decode_greedy", "the rollout decodes greedily (argmax; ties to the lowest id)", policy_kind="greedy"),
+    _c("padding_rows_seq_sum", "padding rows with seq_sum: rows without an action are not counted in n_rows",
+       edge="padding_rows", aggregation="seq_sum"),
+    _c("sft_alpha_eps", "alpha 1.5, eps 0.1 for the policy: the SFT section stays alpha 1, eps 0",
+       sections=("rollout", "rl", "sft"), alpha=1.5, eps=0.1),
 )
 
 
@@ -120,7 +196,7 @@ def config_of(spec):
     """The full configuration of a case by convention name (every field, defaults included)."""
     cfg = reinforce.ReinforceConfig(**spec.config)
     d = cfg.to_dict()
-    d.update({"whiten_eps": ret.WHITEN_EPS, "critic": cfg.critic, "policy_kind": "boltzmann",
+    d.update({"whiten_eps": ret.WHITEN_EPS, "critic": cfg.critic, "policy_kind": spec.policy_kind,
               "eos_id": EOS, "layout": "token-aligned", "dtype": spec.dtype})
     return d
 
@@ -143,6 +219,7 @@ def case_table_markdown():
     lines = ["| case | dtype | switches | edge | sections | what it tests |",
              "|---|---|---|---|---|---|"]
     for c in CASES:
-        sw = ", ".join(f"{k}={_value_text(v)}" for k, v in c.config.items()) or "(defaults)"
+        items = dict(c.config, **({"policy": c.policy_kind} if c.policy_kind != "boltzmann" else {}))
+        sw = ", ".join(f"{k}={_value_text(v)}" for k, v in items.items()) or "(defaults)"
         lines.append(f"| `{c.name}` | {c.dtype} | {sw} | {c.edge} | {' '.join(c.sections)} | {c.description} |")
     return "\n".join(lines) + "\n"

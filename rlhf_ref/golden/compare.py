@@ -15,7 +15,7 @@ from .. import model, policy
 from .. import returns as ret
 from . import vectors as gv
 
-LAYOUTS = ("token-aligned", "shifted")
+LAYOUTS = ("token-aligned", "shifted", "response")
 SECTIONS = gv.SECTIONS
 LOSS_NAMES = gv.LOSS_NAMES
 _C, _K = 8.0, 4.0
@@ -181,11 +181,23 @@ def _shape_msg(name, got, want, ctx, layout):
             got.shape[1] == want.shape[1] - 1 and layout != "shifted":
         msg += ("; this looks like the shifted (B, T−1) layout of Hugging Face: declare it "
                 "(layout='shifted', --layout shifted, or a 'layout' array holding 'shifted')")
+    elif gv.time_aligned(name) and got.ndim >= 2 and got.shape[0] == want.shape[0] and \
+            got.shape[1] < want.shape[1] - 1 and layout != "response":
+        msg += ("; if column 0 is each row's first generated token (TRL PPO, OpenRLHF, SB3), declare the "
+                "response-only layout (layout='response', --layout response, or a 'layout' array holding 'response')")
     return msg
 
 
-def _normalise(name, a, want, layout):
-    """The implementation's array as a NumPy array in the token-aligned layout, or a message."""
+def _normalise(name, a, want, layout, ctx=None, outputs=None):
+    """The implementation's array as a NumPy array in the token-aligned layout, or (None, message).
+
+    shifted   (B, T−1): column t holds token-aligned column t + 1 (Hugging Face's logits[:, :-1]
+              against labels[:, 1:]); column 0 of the token-aligned array is 0.
+    response  (B, L): column j holds token-aligned column prompt_len[b] + j (TRL PPO, OpenRLHF,
+              SB3); L ≥ the longest response, the rest 0 (or anything under your own 0
+              action_mask, given in the same layout). Prompt positions of the per-position
+              arrays (scores, logq, values, qvalues, sft_logp) are not in it: they are not compared.
+    """
     a = np.asarray(a)
     if a.dtype.kind not in "biuf":
         return None, f"dtype {a.dtype} is not numeric"
@@ -194,11 +206,46 @@ def _normalise(name, a, want, layout):
             return None, (f"shape {tuple(a.shape)} in the shifted layout, expected "
                           f"{(want.shape[0], want.shape[1] - 1) + tuple(want.shape[2:])}")
         a = np.concatenate([np.zeros_like(a[:, :1]), a], axis=1)
+    elif layout == "response" and gv.time_aligned(name) and a.ndim >= 2 and ctx is not None:
+        r = _from_response(name, a, want, ctx, outputs or {})
+        if isinstance(r, str):
+            return None, r
+        a = r
     if want.ndim == 0 and a.size == 1:
         a = a.reshape(())
     if a.shape != want.shape:
         return None, None
     return a, None
+
+
+def _from_response(name, a, want, ctx, outputs):
+    """A response-layout array mapped onto the token-aligned (B, T, ...) layout, or a message."""
+    rollout = name.startswith("rollout/")
+    pl = np.asarray(ctx.g["rollout/prompt_len" if rollout else "prompt_len"]).astype(np.int64)
+    am = np.asarray(ctx.g["rollout/action_mask" if rollout else "action_mask"]) > 0
+    B, T = want.shape[:2]
+    longest = int(am.sum(axis=1).max(initial=0))
+    if a.shape[0] != B or a.shape[2:] != want.shape[2:] or a.shape[1] < longest:
+        return (f"shape {tuple(a.shape)} in the response layout, expected (B, L{', ' if want.ndim > 2 else ''}"
+                f"{', '.join(map(str, want.shape[2:]))}) with B = {B} and L ≥ {longest} (the longest response)")
+    yours = outputs.get("rollout/action_mask" if rollout else "action_mask")
+    if yours is not None and a.dtype.kind == "f" and np.shape(yours) == a.shape[:2]:
+        a = np.where(np.asarray(yours).reshape(a.shape[:2] + (1,) * (a.ndim - 2)) > 0, a, 0)
+    out = np.zeros(want.shape, a.dtype)
+    for b in range(B):
+        room = max(T - int(pl[b]), 0)
+        k = min(room, a.shape[1])
+        out[b, pl[b]:pl[b] + k] = a[b, :k]
+        if np.any(a[b, k:] != 0):
+            j = k + int(np.argmax(np.any((a[b, k:] != 0).reshape(a.shape[1] - k, -1), axis=1)))
+            return (f"row {b} is nonzero at response position {j} (response layout), beyond the golden width: "
+                    f"row {b} has room for {room} response positions (T = {T}, prompt_len = {int(pl[b])}); "
+                    "entries past a row's response must be 0")
+    if gv.zero_off(name) == "position" or name == "sft_logp":
+        prompt = ~(np.arange(T)[None, :] >= pl[:, None])
+        prompt = prompt.reshape(prompt.shape + (1,) * (want.ndim - 2))
+        out = np.where(prompt, want.astype(out.dtype), out)       # not in the response layout: not compared
+    return out
 
 
 def _compare_int(name, got, want):

@@ -50,9 +50,11 @@ class Mistake:
     def line(self):
         """One line for the table: the hint up to its first ':' or ';', switches by name."""
         t = self.text.format_map(_Generic())
+        pre = "masking: " if t.startswith("masking: ") else ""
+        t = t[len(pre):]
         for sep in (": ", "; "):
             t = t.split(sep)[0]
-        return t
+        return pre + t
 
     def applies_to(self, q):
         return q in self.quantity or ANY in self.quantity or (GRAD in self.quantity and q.startswith("grad/"))
@@ -113,6 +115,74 @@ def _forward_variant(key, config=None, transform=None, only=None):
     return compute
 
 
+def _dont_care(ctx, cand, where):
+    """``cand`` with the entries ``where`` taken from the implementation's value (positions where the
+    mistake leaves nothing defined, e.g. past a row's end: any value there is consistent with it)."""
+    if cand is None or ctx.got is None or np.shape(ctx.got) != np.shape(cand):
+        return cand
+    w = where
+    while w.ndim < np.ndim(cand):
+        w = w[..., None]
+    return np.where(w, ctx.got, cand)
+
+
+def _forward_at_h_t(ctx, q):
+    """The heads read at h_t (the state after token t) at every position t: the reference's forward
+    on one more column, so that a row's last real token has h_t too. (scores, values, qvalues) (B, T, ...)"""
+    key = ("h_t", _models_of(q))
+    if key not in ctx._variants:
+        pfx = _models_of(q)[0] + "/"
+        pol = {k[len(pfx):]: np.asarray(v, np.float64) for k, v in ctx.inputs.items() if k.startswith(pfx)}
+        tok = np.asarray(ctx.g["tokens"])
+        tok2 = np.concatenate([tok, np.zeros_like(tok[:, :1])], axis=1)
+        fwd, _ = model.forward(pol, tok2, np.ones_like(tok2))
+        ctx._variants[key] = {k: np.asarray(v)[:, 1:] for k, v in fwd.items()}
+    return ctx._variants[key]
+
+
+def _read_late(ctx, q):
+    """{q}[:, t] computed from h_t instead of h_{t−1} (a real implementation: defined at every real t)."""
+    if q == "sft_logp":
+        last = ctx.g["mask"].sum(axis=1).astype(int) - 1
+        dc = np.zeros(ctx.pm.shape, bool)
+        for b in range(dc.shape[0]):
+            if last[b] >= 0:
+                dc[b, last[b]] = True
+        return _dont_care(ctx, on(ctx, shift_left(ctx.g64(q)), "pm"), dc)
+    v = _forward_at_h_t(ctx, q).get(q)
+    return None if v is None else on(ctx, v, "pm")
+
+
+def _logits_not_shifted(ctx, q):
+    """log π(tokens_t | h_t): logits of the state after token t against label t."""
+    z = _forward_at_h_t(ctx, q)["scores"]
+    lq = policy.logprobs(z, ctx.cfg["alpha"], ctx.cfg["eps"])
+    return on(ctx, np.take_along_axis(lq, ctx.g["tokens"][:, :, None], -1)[:, :, 0])
+
+
+def _last_action_mask(ctx):
+    dc = np.zeros(ctx.am.shape, bool)
+    for b, t in _last(ctx):
+        dc[b, t] = True
+    return dc
+
+
+def _labels_one_late(ctx, q):
+    """log π(tokens_{t+1} | s_t); undefined at each row's last action (no next token)."""
+    cand = on(ctx, np.take_along_axis(ctx.g64("logq"), shift_left(ctx.g["tokens"])[:, :, None], -1)[:, :, 0])
+    return _dont_care(ctx, cand, _last_action_mask(ctx))
+
+
+def _shifted_twice(ctx, q):
+    """log π(tokens_t | s_{t−1}) = logq[:, t−1, tokens_t] (a shift applied on top of token-aligned
+    arrays); undefined where t − 1 is column 0 (no scores there)."""
+    lq = shift_right(ctx.g64("logq"))
+    cand = on(ctx, np.take_along_axis(lq, ctx.g["tokens"][:, :, None], -1)[:, :, 0])
+    dc = np.zeros(ctx.am.shape, bool)
+    dc[:, 1] = True
+    return _dont_care(ctx, cand, dc)
+
+
 def perm_transform(order, prefixes):
     """Inputs with the 4 gate blocks of every lstm.* array of the given models rearranged so that the
     reference computes what an implementation does that reads PyTorch-ordered rows in ``order``."""
@@ -163,7 +233,8 @@ def whiten_variant(A0, m, kind, eps_place="inside", shift_mean=True, stats_over=
         return None
     mu = x.sum() / n
     var = np.sum((x - mu) ** 2) / (n - 1 if kind == "bessel" else n)
-    den = {"inside": np.sqrt(var + cv.WHITEN_EPS), "std": np.sqrt(var) + cv.WHITEN_EPS, "none": np.sqrt(var)}[eps_place]
+    den = {"inside": np.sqrt(var + cv.WHITEN_EPS), "std": np.sqrt(var) + cv.WHITEN_EPS, "none": np.sqrt(var),
+           "clamp": np.sqrt(max(var, cv.WHITEN_EPS))}[eps_place]
     if den == 0:
         return None
     out = (A0 - mu) / den
@@ -171,14 +242,25 @@ def whiten_variant(A0, m, kind, eps_place="inside", shift_mean=True, stats_over=
 
 
 #: aggregations that are mistakes (not in the reference): the mask's row count or no normalisation
-_WRONG_AGG = ("seq_mean_B", "seq_sum_B", "sum")
+_WRONG_AGG = ("seq_mean_B", "seq_sum_B", "sum", "fixed_len_longest", "fixed_len_width")
 
 
 def agg_weights(ctx, kind):
     """Aggregation weights (B, T): the reference's for its kinds, else the wrong kinds above."""
     am = ctx.am
+    if kind == "fixed_len":
+        return cv.aggregation_weights(am, kind, ctx.cfg.get("norm_len", 0.0) if ctx.cfg["aggregation"] == kind
+                                      else 0.0)
     if kind in cv.AGGREGATIONS:
         return cv.aggregation_weights(am, kind)
+    if kind == "fixed_len_longest":            # Dr. GRPO's L taken as the longest response of the batch
+        if ctx.cfg["aggregation"] != "fixed_len":
+            return None
+        return am / (am.shape[0] * am.sum(axis=1).max())
+    if kind == "fixed_len_width":              # L = the array width T although norm_len is set
+        if ctx.cfg["aggregation"] != "fixed_len" or not ctx.cfg.get("norm_len", 0.0):
+            return None
+        return am / (am.shape[0] * am.shape[1])
     if kind == "all_positions":
         return np.full(am.shape, 1.0 / am.size)
     m = am.astype(np.float64)
@@ -190,6 +272,16 @@ def agg_weights(ctx, kind):
     return m
 
 
+BASELINE_TEXT = {
+    "value": "the value head's V(s_t)",
+    "qvalue": "Σ_a π(a|s_t)·Q(s_t, a)",
+    "mean": "the mean of G over all actions of the batch, the row included",
+    "loo": "the mean of G over the other rows' actions",
+    "none": "0",
+    "group_mean": "the mean of the sequence returns S of the rows of the row's group, the row included",
+    "group_loo": "the mean of the sequence returns S of the OTHER rows of the row's group (rows weighted equally)",
+}
+
 AGG_TEXT = {
     "token_mean": "token_mean (Σ over actions / N actions)",
     "seq_mean": "seq_mean (each row's token mean, averaged over rows with an action)",
@@ -199,6 +291,10 @@ AGG_TEXT = {
     "seq_mean_B": "seq_mean averaged over all B rows (rows without an action counted)",
     "seq_sum_B": "seq_sum divided by all B rows (rows without an action counted)",
     "sum": "a plain sum over actions (no normalisation)",
+    "fixed_len": "fixed_len (Σ over actions / (B·L), L = norm_len, or the array width T when norm_len is 0)",
+    "fixed_len_longest": "fixed_len with L = the longest response of the batch (it is norm_len, or the array width "
+                         "T when norm_len is 0)",
+    "fixed_len_width": "fixed_len with L = the array width T (this case sets norm_len: L = norm_len)",
 }
 
 
@@ -206,12 +302,45 @@ def per_token_term(ctx, q):
     """(coefficient, per-token term) with L_q = coef·Σ w·term (golden upstream values)."""
     cfg = ctx.cfg
     if q == "loss_pg":
+        if cfg.get("surrogate", "reinforce") == "ppo_clip":
+            return 1.0, ppo_term(ctx)
         return -1.0, ctx.g64("advantages") * ctx.g64("logp")
     if q == "loss_ent":
         return -cfg["entropy_coef"], ctx.g64("entropy")
     if q == "loss_value":
+        if cfg.get("value_clip", 0.0) > 0:
+            return cfg["value_coef"], 0.5 * value_clip_term(ctx)
         return cfg["value_coef"], 0.5 * (value_prediction(ctx) - ctx.g64("returns")) ** 2
+    if q == "loss_kl":
+        return cfg["beta"], ctx.g64("kl")
     raise KeyError(q)
+
+
+def ratio(ctx, reverse=False):
+    """ρ = exp(logp − old_logp) on the actions (1 without old_logp); ``reverse``: exp(old_logp − logp)."""
+    lp = ctx.g64("logp")
+    old = np.asarray(ctx.inputs["old_logp"], np.float64) if "old_logp" in ctx.inputs else lp
+    return on(ctx, np.exp(old - lp) if reverse else np.exp(lp - old))
+
+
+def ppo_term(ctx, rho=None, low=None, high=None, pick=np.minimum):
+    """ℓ_t = −pick(ρ·A, clip(ρ, 1 − low, 1 + high)·A) (PPO's clipped surrogate; pick = min)."""
+    cfg = ctx.cfg
+    rho = ratio(ctx) if rho is None else rho
+    low = cfg["clip_low"] if low is None else low
+    high = cfg["clip_high"] if high is None else high
+    A = ctx.g64("advantages")
+    return on(ctx, -pick(rho * A, np.clip(rho, 1 - low, 1 + high) * A))
+
+
+def value_clip_term(ctx, around_new=False, pick=np.maximum):
+    """pick((V − G)², (V_clip − G)²), V_clip = old + clip(V − old, −c, c) (``around_new``: the clip
+    taken around the new prediction, V + clip(old − V, −c, c))."""
+    c = ctx.cfg["value_clip"]
+    V, G = value_prediction(ctx), ctx.g64("returns")
+    old = on(ctx, np.asarray(ctx.inputs["old_values"], np.float64))
+    vclip = V + np.clip(old - V, -c, c) if around_new else old + np.clip(V - old, -c, c)
+    return on(ctx, pick((V - G) ** 2, (vclip - G) ** 2))
 
 
 def value_prediction(ctx):
@@ -226,6 +355,8 @@ def _aggregation(kind):
         if kind == ctx.cfg["aggregation"]:
             return None
         w = agg_weights(ctx, kind)
+        if w is None:
+            return None
         if q == "weights":
             return on(ctx, w) if kind != "all_positions" else w * ctx.am
         coef, per = per_token_term(ctx, q)
@@ -282,6 +413,26 @@ def _rewards_R_rows_without_action(ctx, q):
     return r
 
 
+def _rewards_R_after_last(ctx, q):
+    """−β·k_t with R one position after each row's last action (dropped where that is past T); only
+    when your raw rewards (off-mask entries included) hold R there."""
+    raw = getattr(ctx, "raw", {}).get("rewards")
+    if raw is None or np.shape(raw) != ctx.am.shape:
+        return None
+    T = ctx.am.shape[1]
+    after = [(b, t + 1) for b, t in _last(ctx) if t + 1 < T]
+    if not after:
+        return None
+    full = _with_R(ctx, on(ctx, -ctx.cfg["beta"] * ctx.g64("kl")), after)
+    raw = np.asarray(raw, np.float64)
+    atol, rtol = ctx.tol(q)
+    if not all(_close(raw[b, t], full[b, t], HINT_SLACK * atol, HINT_SLACK * rtol) and full[b, t] != 0
+               for b, t in after):
+        return None
+    got_off = np.asarray(ctx.got)[~ctx.am]
+    return full if np.any(got_off != 0) else on(ctx, full)
+
+
 def _rewards_seq_kl(ctx, q):
     kl, R, beta = ctx.g64("kl"), ctx.g64("reward"), ctx.cfg["beta"]
     r = np.zeros_like(kl)
@@ -317,7 +468,8 @@ def _baseline_kind(k):
         if k == ctx.cfg["baseline"] or k in ("value", "qvalue", "none"):
             return None
         try:
-            return cv.baseline(k, ctx.g64("returns"), ctx.am)
+            return cv.baseline(k, ctx.g64("returns"), ctx.am, **({"group": _group(ctx)} if k.startswith("group_")
+                                                                 else {}))
         except ValueError:
             return None
     return compute
@@ -389,9 +541,15 @@ def _sft_row_means(ctx, q):
     return -np.mean([lp[b].sum() / pm[b].sum() for b in rows])
 
 
+def _loss_terms(ctx):
+    return [t for t in RL_TERMS + ("loss_kl",) if t in ctx.g]
+
+
 def _loss_without(term):
     def compute(ctx, q):
-        parts = {t: float(ctx.g64(t)) for t in RL_TERMS}
+        parts = {t: float(ctx.g64(t)) for t in _loss_terms(ctx)}
+        if term not in parts:
+            return None
         if parts[term] == 0.0:
             return None
         return sum(v for t, v in parts.items() if t != term)
@@ -400,7 +558,7 @@ def _loss_without(term):
 
 def _loss_minus(term):
     def compute(ctx, q):
-        parts = {t: float(ctx.g64(t)) for t in RL_TERMS}
+        parts = {t: float(ctx.g64(t)) for t in _loss_terms(ctx)}
         return sum(v for t, v in parts.items() if t != term) - parts[term]
     return compute
 
@@ -684,6 +842,140 @@ def _not_rollout_tokens(ctx, q):
     return q != "rollout/tokens" and ctx.dtype == np.float64
 
 
+def _gae(r, am, values, gamma, lam, variant="", v_after=None):
+    """GAE's value target per row (reference semantics), or one of its slips."""
+    B, T = r.shape
+    G = np.zeros_like(r)
+    v = np.where(am, values, 0.0)
+    for b in range(B):
+        acts = np.nonzero(am[b])[0]
+        a_next, v_next = 0.0, 0.0
+        for i in range(len(acts) - 1, -1, -1):
+            t = acts[i]
+            if variant == "bootstrap_last" and i == len(acts) - 1:
+                v_next = v_after[b, t]
+            if variant == "lambda_in_delta":
+                delta = r[b, t] + gamma * lam * v_next - v[b, t]
+                a = delta + gamma * a_next
+            else:
+                delta = r[b, t] + gamma * v_next - v[b, t]
+                a = delta + gamma * lam * a_next
+            G[b, t] = a if variant == "no_value" else a + v[b, t]
+            a_next, v_next = a, v[b, t]
+    return G
+
+
+def _gae_variant(variant):
+    def compute(ctx, q):
+        if ctx.cfg["returns"] != "gae" or "values" not in ctx.g:
+            return None
+        if variant == "lambda_in_delta" and ctx.cfg["lam"] in (0.0, 1.0) and ctx.cfg["gamma"] == 1.0:
+            return None
+        v_after = _forward_at_h_t(ctx, "values")["values"] if variant == "bootstrap_last" else None
+        return _gae(ctx.g64("rewards"), ctx.am, ctx.g64("values"), ctx.cfg["gamma"], ctx.cfg["lam"], variant, v_after)
+    return compute
+
+
+def _group(ctx):
+    g = ctx.inputs.get("group")
+    return None if g is None else np.asarray(g).astype(np.int64)
+
+
+def _seq_returns(ctx):
+    G, am = ctx.g64("returns"), ctx.am
+    first = np.argmax(am, axis=1)
+    return np.where(am.any(axis=1), G[np.arange(G.shape[0]), first], 0.0), am.any(axis=1)
+
+
+def _group_stats(ctx, per_group=True, ddof=1):
+    """(mean over the group, std over the group) of S per row (B,), rows with an action."""
+    S, has = _seq_returns(ctx)
+    grp = _group(ctx)
+    if grp is None and per_group:
+        return None
+    mu, sd = np.zeros(S.shape), np.zeros(S.shape)
+    for i in np.nonzero(has)[0]:
+        same = has & (grp == grp[i]) if per_group else has
+        x = S[same]
+        if x.size - ddof <= 0:
+            return None
+        mu[i] = x.mean()
+        sd[i] = np.sqrt(np.sum((x - mu[i]) ** 2) / (x.size - ddof))
+    return mu, sd
+
+
+def _group_over_batch(what):
+    def compute(ctx, q):
+        k = ctx.cfg["baseline"]
+        if k not in ("group_mean", "group_loo") or (what == "std" and ctx.cfg.get("group_scale") != "std"):
+            return None
+        if what == "baseline":
+            S, has = _seq_returns(ctx)
+            b = np.zeros(S.shape)
+            for i in np.nonzero(has)[0]:
+                o = has.copy()
+                if k == "group_loo":
+                    o[i] = False
+                b[i] = S[o].mean()
+            return on(ctx, np.broadcast_to(b[:, None], ctx.am.shape))
+        st = _group_stats(ctx, per_group=False)
+        return None if st is None else on(ctx, A0(ctx) / (st[1][:, None] + ctx.cfg["group_eps"]))
+    return compute
+
+
+def _group_std_variant(variant):
+    def compute(ctx, q):
+        if ctx.cfg.get("group_scale", "off") != "std" or ctx.cfg["whiten"] != "off":
+            return None
+        st = _group_stats(ctx, ddof=0 if variant == "population" else 1)
+        if st is None:
+            return None
+        sd, eps = st[1][:, None], ctx.cfg["group_eps"]
+        den = sd + eps if variant == "population" else np.sqrt(sd ** 2 + eps)
+        return on(ctx, A0(ctx) / den)
+    return compute
+
+
+def _ppo(pick=np.minimum, swap=False, unclipped=False, reverse=False):
+    def compute(ctx, q):
+        cfg = ctx.cfg
+        if cfg.get("surrogate", "reinforce") != "ppo_clip" or "old_logp" not in ctx.inputs:
+            return None
+        if swap and cfg["clip_low"] == cfg["clip_high"]:
+            return None
+        rho = ratio(ctx, reverse=reverse)
+        if q == "ratio":
+            return rho if reverse else None
+        if unclipped:
+            per = on(ctx, -rho * ctx.g64("advantages"))
+        else:
+            per = ppo_term(ctx, rho, cfg["clip_high"] if swap else None, cfg["clip_low"] if swap else None, pick)
+        return float(np.sum(ctx.g64("weights") * per))
+    return compute
+
+
+def _vclip(around_new=False, pick=np.maximum, off=False):
+    def compute(ctx, q):
+        cfg = ctx.cfg
+        if cfg.get("value_clip", 0.0) <= 0 or "old_values" not in ctx.inputs:
+            return None
+        if off:
+            per = (value_prediction(ctx) - ctx.g64("returns")) ** 2
+        else:
+            per = value_clip_term(ctx, around_new=around_new, pick=pick)
+        return cfg["value_coef"] * 0.5 * float(np.sum(ctx.g64("weights") * per))
+    return compute
+
+
+def _ppo_old_not_detached(ctx, q):
+    loss, _, keys, gold = _term(ctx, q)
+    if loss != "loss_pg" or ctx.cfg.get("surrogate", "reinforce") != "ppo_clip" or not _nonzero(gold):
+        return None
+    if "old_logp" in ctx.inputs and np.any(np.asarray(ctx.inputs["old_logp"]) != np.asarray(ctx.g["logp"])):
+        return None
+    return {k: np.zeros_like(v) for k, v in gold.items()}
+
+
 # ============================================================================ the catalogue
 
 _GATE_ORDERS = [o for o in itertools.permutations(gv.GATE_ORDER) if o != gv.GATE_ORDER]
@@ -692,7 +984,8 @@ _GATE_ORDERS.sort(key=lambda o: (o not in (("i", "g", "f", "o"), ("f", "i", "g",
 
 _WHITEN_NAME = {"population": "the population variance (÷N)", "bessel": "Bessel's correction (÷(N−1))"}
 _PLACE = {"inside": "(A − μ)/sqrt(σ² + 1e-8)", "std": "(A − μ)/(σ + 1e-8) (eps added to the standard deviation)",
-          "none": "(A − μ)/σ with no eps (or a clamp such as OpenRLHF's max(σ², 1e-8))"}
+          "none": "(A − μ)/σ with no eps",
+          "clamp": "(A − μ)/sqrt(max(σ², 1e-8)) (a clamp, as OpenRLHF's)"}
 _LOSSES = ("loss_pg", "loss_ent", "loss_value", "loss", "sft_loss", "bt_loss")
 _M = Mistake
 _SCORED_NOT_TOKENS = tuple(q for q in SCORED if q != "rollout/tokens")
@@ -727,17 +1020,17 @@ MISTAKES = (
     _M("rollout_mask_goes_on", ("rollout/mask", "rollout/action_mask"), _mask_length(False),
        "the mask goes on after the row's end (EOS ends a row)", "pattern"),
     # --- the forward pass
-    _M("read_one_position_late", ("scores", "values", "qvalues", "sft_logp"),
-       lambda ctx, q: on(ctx, shift_left(ctx.g64(q)), "pm"),
+    _M("read_one_position_late", ("scores", "values", "qvalues", "sft_logp"), _read_late,
        "{q}[:, t] matches the reference at t + 1: computed from h_t (the state after reading token t) instead of "
        "h_{{t−1}}; if your arrays use the Hugging Face shifted layout, declare it (layout='shifted')"),
-    _M("logits_labels_off_by_one", ("logp",), lambda ctx, q: on(ctx, np.take_along_axis(
-        shift_left(ctx.g64("logq")), ctx.g["tokens"][:, :, None], -1)[:, :, 0]),
-       "log-probs off by one between logits and labels: log π(tokens_t | s_{{t+1}}) (the logits were not shifted "
+    _M("logits_labels_off_by_one", ("logp",), _logits_not_shifted,
+       "log-probs off by one between logits and labels: log π(tokens_t | h_t) (the logits were not shifted "
        "against the labels; token-aligned logp[:, t] uses the scores of position t, computed from h_{{t−1}})"),
-    _M("labels_off_by_one", ("logp",), lambda ctx, q: on(ctx, np.take_along_axis(
-        ctx.g64("logq"), shift_left(ctx.g["tokens"])[:, :, None], -1)[:, :, 0]),
+    _M("labels_off_by_one", ("logp",), _labels_one_late,
        "log-probs off by one between logits and labels: log π(tokens_{{t+1}} | s_t)"),
+    _M("logits_labels_shifted_twice", ("logp",), _shifted_twice,
+       "log-probs shifted twice: log π(tokens_t | s_{{t−1}}) = logq[:, t−1, tokens_t] (a logits[:, :-1] / "
+       "labels[:, 1:] shift applied to arrays that were already token-aligned)"),
     _M("logp_is_ref_logp", ("logp",), lambda ctx, q: ctx.g64("ref_logp"),
        "logp holds the reference policy's log-probs (policy and reference swapped?)"),
     _M("ref_logp_is_logp", ("ref_logp",), lambda ctx, q: ctx.g64("logp"),
@@ -801,6 +1094,19 @@ MISTAKES = (
     _M("R_at_first_action", ("rewards",), lambda ctx, q: _with_R(
         ctx, on(ctx, -ctx.cfg["beta"] * ctx.g64("kl")), [(b, int(np.argmax(ctx.am[b]))) for b, _ in _last(ctx)]),
        "R is added at each row's first action; it belongs to the last action"),
+    _M("R_after_last_action", ("rewards",), _rewards_R_after_last,
+       "masking: R is placed one position after each row's last action (after EOS, off the action mask: the "
+       "index is one too far, e.g. the sequence length instead of length − 1); it belongs to the last action"),
+    _M("kl_in_reward_not_loss", ("rewards",), lambda ctx, q: cv.shaped_rewards(
+        ctx.g64("kl"), ctx.g64("reward"), ctx.am, ctx.cfg["beta"])
+       if ctx.cfg.get("kl_in", "reward") == "loss" and ctx.cfg["beta"] > 0 else None,
+       "the rewards hold −β·k_t: the KL penalty is in the reward, but this case puts it in the loss (kl_in='loss', "
+       "GRPO: loss_kl = β·Σ w·k and r_t = R at the last action only)"),
+    _M("kl_in_loss_not_reward", ("rewards",), lambda ctx, q: cv.shaped_rewards(
+        ctx.g64("kl"), ctx.g64("reward"), ctx.am, 0.0)
+       if ctx.cfg.get("kl_in", "reward") == "reward" and ctx.cfg["beta"] > 0 else None,
+       "the rewards lack −β·k_t (R only): the KL penalty was put in the loss (GRPO's placement); this case has "
+       "kl_in='reward': r_t = −β·k_t, + R at the last action"),
     _M("R_missing", ("rewards",), lambda ctx, q: cv.shaped_rewards(ctx.g64("kl"), 0 * ctx.g64("reward"), ctx.am,
                                                                     ctx.cfg["beta"]),
        "R is missing from the rewards (only −β·k_t)"),
@@ -825,7 +1131,17 @@ MISTAKES = (
         ctx.g64("rewards"), ctx.am, ctx.cfg["gamma"], k),
        f"returns match '{k}'; this case uses '{{returns}}' (rtg: G_t = r_t + γ·G_{{{{t+1}}}}; total: Σ_j γ^j r_j at "
        f"every action)")
-    for k in cv.RETURNS
+    for k in cv.RETURNS if k != "gae"
+) + (
+    _M("gae_lambda_in_delta", ("returns",), _gae_variant("lambda_in_delta"),
+       "returns match GAE with λ applied to the wrong term: δ_t = r_t + γλ·V_next − V_t and A_t = δ_t + γ·A_next; "
+       "GAE is δ_t = r_t + γ·V_next − V_t, A_t = δ_t + γλ·A_next (λ = {lam}), and G = A + V"),
+    _M("gae_returns_are_advantages", ("returns",), _gae_variant("no_value"),
+       "returns match the GAE advantages A (V not added back); the returns output is the value target G = A + V "
+       "(TRL, CleanRL), and the advantage is G − V"),
+    _M("gae_value_next_not_zeroed", ("returns",), _gae_variant("bootstrap_last"),
+       "returns match GAE that bootstraps past the row's last action (V_next = V of the state after the last "
+       "token, EOS not treated as terminal); V_next = 0 after the row's last action"),
 ) + (
     _M("gamma_missing", ("returns",), _gamma_lt1(lambda ctx, q: cv.discounted_returns(
         ctx.g64("rewards"), ctx.am, 1.0, ctx.cfg["returns"])),
@@ -854,15 +1170,21 @@ MISTAKES = (
     _M(f"baseline_{k}", ("baseline",), _baseline_kind(k),
        f"the baseline matches '{k}' ({what}); this case uses '{{baseline}}'")
     for k, what in (("mean", "the mean of G over all actions, the row included"),
-                    ("loo", "the mean of G over the other rows"))
+                    ("loo", "the mean of G over the other rows"),
+                    ("group_mean", "the mean sequence return S of the row's group, the row itself included"),
+                    ("group_loo", "the mean sequence return S of the other rows of the row's group"))
     if k in cv.BASELINES
+) + (
+    _M("group_baseline_over_batch", ("baseline",), _group_over_batch("baseline"),
+       "the baseline matches the group statistic over the whole batch (every row with an action as one group); it "
+       "is per group (the input 'group')"),
 ) + (
     _M("baseline_mean_all_positions", ("baseline",), lambda ctx, q: on(
         ctx, np.full_like(ctx.g64("returns"), ctx.g64("returns").sum() / ctx.g64("returns").size)),
        "masking: the baseline matches the mean of G over all B·T positions (padding and prompt counted)"),
     _M("baseline_loo_of_row_means", ("baseline",), _baseline_loo_rows,
-       "the baseline matches the mean over the other rows of each row's mean return (rows weighted equally); 'loo' "
-       "here is the mean of G over the other rows' actions"),
+       "the baseline matches the mean over the other rows of each row's mean return (rows weighted equally); this "
+       "case's baseline is {baseline_text}"),
     _M("baseline_q_of_taken_action", ("baseline",), _baseline_q(
         lambda ctx, Q: np.take_along_axis(Q, ctx.g["tokens"][:, :, None], -1)[:, :, 0]),
        "the baseline matches Q(s_t, a_t) of the taken action; the qvalue baseline is Σ_a π(a|s_t)·Q(s_t, a)"),
@@ -875,6 +1197,15 @@ MISTAKES = (
     _M("baseline_q_without_alpha", ("baseline",), _q_expectation(True, False),
        "the baseline's expectation uses π without α; it is Σ_a π_ε(a|s)·Q(s, a) with the case's α"),
     # --- the advantages
+    _M("group_std_over_batch", ("advantages",), _group_over_batch("std"),
+       "advantages are scaled by the std of S over the whole batch; GRPO's σ_g is the std over the row's group"),
+    _M("group_std_population", ("advantages",), _group_std_variant("population"),
+       "advantages are scaled by the population std (÷N) of the group; σ_g is Bessel's (÷(N−1), torch's default)"),
+    _M("group_eps_inside_sqrt", ("advantages",), _group_std_variant("eps_inside"),
+       "advantages match (G − b)/sqrt(σ_g² + eps); GRPO's is (G − b)/(σ_g + eps)"),
+    _M("group_scale_missing", ("advantages",), lambda ctx, q: A0(ctx)
+       if ctx.cfg.get("group_scale", "off") == "std" and ctx.cfg["whiten"] == "off" else None,
+       "advantages match G − b without the group std scaling; this case divides by σ_g + eps (group_scale='std')"),
     _M("advantages_not_whitened", ("advantages",), _if_whiten(lambda ctx, q: A0(ctx)),
        "advantages match A = G − b without whitening; this case whitens ({whitening})"),
 ) + tuple(
@@ -901,10 +1232,10 @@ MISTAKES = (
 ) + tuple(
     _M(f"aggregation_{k}", ("weights",) + RL_TERMS, _aggregation(k),
        f"{{q}} matches the aggregation {AGG_TEXT[k]}; this case uses {{aggregation_text}}")
-    for k in cv.AGGREGATIONS + _WRONG_AGG
+    for k in cv.AGGREGATIONS + _WRONG_AGG if k != "fixed_len"      # fixed_len with L = T: mean_over_all_positions
 ) + (
     _M("mean_over_all_positions", ("weights",) + RL_TERMS, _aggregation("all_positions"),
-       "masking: {q} matches " + AGG_TEXT["all_positions"]),
+       "masking: {q} matches " + AGG_TEXT["all_positions"] + " (the same as aggregation fixed_len with L = T)"),
     # --- the losses
     _M("loss_pg_unwhitened_advantages", ("loss_pg",), lambda ctx, q: -np.sum(
         ctx.g64("weights") * A0(ctx) * ctx.g64("logp")) if ctx.cfg["whiten"] != "off" else None,
@@ -914,6 +1245,31 @@ MISTAKES = (
     _M("loss_ent_sampled_estimate", ("loss_ent",), lambda ctx, q: -ctx.cfg["entropy_coef"] * np.sum(
         ctx.g64("weights") * -ctx.g64("logp")),
        "loss_ent matches −c_H·Σ w·(−log π(a_t)) (the sampled-token entropy estimate)"),
+    _M("ppo_clip_max_not_min", ("loss_pg",), _ppo(pick=np.maximum),
+       "loss_pg matches −max(ρA, clip(ρ)A): the clip is applied on the wrong side (PPO's objective takes the min, "
+       "the pessimistic bound: ℓ = −min(ρA, clip(ρ, 1 − clip_low, 1 + clip_high)·A))"),
+    _M("ppo_clip_bounds_swapped", ("loss_pg",), _ppo(swap=True),
+       "loss_pg matches the clip range with clip_low and clip_high swapped: ρ ∈ [1 − clip_high, 1 + clip_low]; it "
+       "is [1 − clip_low, 1 + clip_high]"),
+    _M("ppo_unclipped", ("loss_pg",), _ppo(unclipped=True),
+       "loss_pg matches −Σ w·ρ·A without the clip"),
+    _M("ppo_ratio_reversed", ("loss_pg", "ratio"), _ppo(reverse=True),
+       "{q} matches the ratio reversed, exp(old_logp − logp); ρ = π/π_old = exp(logp − old_logp)"),
+    _M("reinforce_instead_of_ppo", ("loss_pg",), lambda ctx, q: -float(np.sum(
+        ctx.g64("weights") * ctx.g64("advantages") * ctx.g64("logp")))
+       if ctx.cfg.get("surrogate", "reinforce") == "ppo_clip" else None,
+       "loss_pg matches REINFORCE's −Σ w·A·log π; this case uses the PPO-clip surrogate −Σ w·min(ρA, clip(ρ)A)"),
+    _M("value_clip_around_new", ("loss_value",), _vclip(around_new=True),
+       "loss_value matches the value clip taken around the new prediction (V + clip(old − V, −c, c)); it is "
+       "around the old one: V_clip = old_values + clip(V − old_values, −c, c)"),
+    _M("value_clip_min_not_max", ("loss_value",), _vclip(pick=np.minimum),
+       "loss_value matches min((V − G)², (V_clip − G)²); the clipped value loss takes the max"),
+    _M("value_clip_missing", ("loss_value",), _vclip(off=True),
+       "loss_value matches ½(V − G)² without the value clip; this case clips around old_values"),
+    _M("loss_kl_without_beta", ("loss_kl",), lambda ctx, q: float(np.sum(ctx.g64("weights") * ctx.g64("kl")))
+       if ctx.cfg["beta"] not in (0.0, 1.0) else None, "loss_kl lacks the coefficient β"),
+    _M("loss_kl_sign", ("loss_kl",), lambda ctx, q: -ctx.g64("loss_kl") if float(ctx.g64("loss_kl")) else None,
+       "loss_kl has the wrong sign: the KL term is added to the loss (+β·Σ w·k)"),
     _M("loss_value_without_half", ("loss_value",), lambda ctx, q: 2 * ctx.g64("loss_value"),
        "loss_value lacks the ½: L_value = c_V·½·Σ w·(V − G)²{half_note}"),
     _M("loss_value_on_advantages", ("loss_value",), lambda ctx, q: ctx.cfg["value_coef"] * np.sum(
@@ -926,7 +1282,7 @@ MISTAKES = (
     _M("loss_value_without_coef", ("loss_value",), lambda ctx, q: ctx.g64("loss_value") / ctx.cfg["value_coef"]
        if ctx.cfg["value_coef"] not in (0.0, 0.5, 1.0) else None, "loss_value lacks the coefficient c_V"),
 ) + tuple(
-    _M(f"loss_without_{t}", ("loss",), _loss_without(t), f"loss lacks {t}") for t in RL_TERMS
+    _M(f"loss_without_{t}", ("loss",), _loss_without(t), f"loss lacks {t}") for t in RL_TERMS + ("loss_kl",)
 ) + (
     _M("loss_subtracts_loss_ent", ("loss",), _loss_minus("loss_ent"),
        "loss subtracts loss_ent (the entropy bonus counted twice with opposite signs)"),
@@ -951,6 +1307,9 @@ MISTAKES = (
     _M("entropy_detached", (GRAD,), _grad_zero(True),
        "the entropy term has no gradient: the entropy must not be detached (only A, G, the baselines, the whitening "
        "statistics, R and β·k are constants)"),
+    _M("ppo_old_logp_not_detached", (GRAD,), _ppo_old_not_detached,
+       "the gradient of loss_pg is 0: with old_logp = logp (ratio 1) the old log-probs were not detached, so ρ = "
+       "exp(logp − logp) has no gradient; ρ = exp(logp − stop_gradient(old_logp))"),
     _M("loss_detached", (GRAD,), _grad_zero(False),
        "the gradient of {loss} is 0 for every parameter: the loss was detached from the parameters"),
     _M("gradient_sign", (GRAD,), _grad_sign,
@@ -1098,9 +1457,11 @@ def words(ctx, q):
     values = [n for n in ctx.checked if not n.startswith("grad/") and ctx.g[n].dtype.kind == "f"]
     parts = q.split("/")
     return {
-        "q": q, "alpha": f"{cfg['alpha']:g}", "eps": f"{cfg['eps']:g}", "gamma": f"{cfg['gamma']:g}",
-        "beta": f"{cfg['beta']:g}", "kl": cfg["kl"], "returns": cfg["returns"], "baseline": cfg["baseline"],
-        "eos_id": cfg["eos_id"], "whitening": whitening, "aggregation_text": AGG_TEXT[cfg["aggregation"]],
+        "q": q, "lam": f"{cfg.get('lam', 1.0):g}", "alpha": f"{cfg['alpha']:g}", "eps": f"{cfg['eps']:g}",
+        "gamma": f"{cfg['gamma']:g}", "beta": f"{cfg['beta']:g}", "kl": cfg["kl"], "returns": cfg["returns"],
+        "baseline": cfg["baseline"], "eos_id": cfg["eos_id"], "whitening": whitening,
+        "baseline_text": f"'{cfg['baseline']}': " + BASELINE_TEXT.get(cfg["baseline"], "see docs/conventions.md §3"),
+        "aggregation_text": AGG_TEXT.get(cfg["aggregation"], cfg["aggregation"]),
         "who": "the reference policy" if q == "ref_logp" else "the policy",
         "half_note": " (or lacks c_V = 0.5: both double it)" if cfg["value_coef"] == 0.5 else "",
         "loss": parts[1] if parts[0] == "grad" and len(parts) > 1 else q,

@@ -9,9 +9,11 @@ every array of one pass through it, in data-flow order:
 
     params   policy/<name>  ref/<name>  rm/<name>         PyTorch state-dict names (DESIGN.md §2)
     rollout  rollout/prompt_tokens, prompt_len, u  ->  rollout/tokens, mask, action_mask, logp
-    rl       tokens, mask, prompt_len, reward      ->  action_mask, scores, logq, logp, ref_logp,
-             entropy, kl, rewards, returns, values | qvalues, baseline, advantages, weights,
-             loss_pg, loss_ent, loss_value, loss, grad/<loss term>/policy/<name> (each term, then the total)
+    rl       tokens, mask, prompt_len, reward [, group, old_logp, old_values where the case uses them]
+             ->  action_mask, scores, logq, logp, ref_logp, entropy, kl, rewards, returns,
+             values | qvalues, baseline, advantages, [ratio,] weights, loss_pg, loss_ent, loss_value,
+             [loss_kl,] loss, grad/<loss term>/policy/<name> (each term, then the total)
+             (ratio with surrogate="ppo_clip", loss_kl and its gradient with kl_in="loss")
     sft      (the rl batch)                        ->  sft_logp, sft_loss, grad/sft_loss/policy/<name>
     rm       chosen, chosen_mask, rejected, rejected_mask -> reward_chosen, reward_rejected, bt_loss,
              grad/bt_loss/rm/<name>
@@ -42,6 +44,7 @@ import zipfile
 import numpy as np
 
 from .. import lstm, model, policy, reinforce, reward_model, rollout as _rollout, safe_read, sft
+from .. import conventions as _table
 from .. import returns as ret
 from ..tokenizer import BOS, EOS, PAD
 from . import conventions as cv
@@ -79,22 +82,22 @@ def _prompts(rng, Bn, Tn, lo=1, hi=3):
     return tok, pl.astype(np.int64)
 
 
-def _cdf_distance(params, out, u, alpha, eps):
+def _cdf_distance(params, out, u, alpha, eps, kind="boltzmann"):
     """min_k |u − cdf_k| at every action of a rollout (B, T); +inf off the action mask."""
     fwd, _ = model.forward(params, out["tokens"], out["mask"])
-    q = np.exp(policy.logprobs(fwd["scores"], alpha, eps))
+    q = np.exp(policy.logprobs(fwd["scores"], alpha, eps, kind))
     cdf = np.cumsum(q, axis=-1)
     d = np.min(np.abs(u[:, :, None] - cdf), axis=-1)
     return np.where(out["action_mask"] > 0, d, np.inf)
 
 
-def _uniforms(rng, params64, prompt_tokens, prompt_len, alpha, eps, Bn, Tn):
+def _uniforms(rng, params64, prompt_tokens, prompt_len, alpha, eps, Bn, Tn, kind="boltzmann"):
     """Uniforms u (B, T) such that every used one lies U_MARGIN or more from every CDF boundary,
     so that float32 and other backends sample the same tokens (no tie within rounding)."""
     u = rng.random((Bn, Tn))
     for _ in range(10_000):
-        out = _rollout.rollout(params64, prompt_tokens, prompt_len, u, alpha, eps)
-        d = _cdf_distance(params64, out, u, alpha, eps)
+        out = _rollout.rollout(params64, prompt_tokens, prompt_len, u, alpha, eps, kind)
+        d = _cdf_distance(params64, out, u, alpha, eps, kind)
         bad = np.argwhere(d < U_MARGIN)
         if bad.size == 0:
             return u
@@ -141,11 +144,15 @@ def make_inputs(spec):
         ptok, pl = _prompts(rng, B, T, lo=T - 1, hi=T - 1)
     else:
         ptok, pl = _prompts(rng, B, T)
-    u = _uniforms(rng, pol64, ptok, pl, cfg.alpha, cfg.eps, B, T).astype(dt)
+    grouped = cfg.baseline in ret.GROUP_BASELINES
+    if grouped:                     # groups of 2 rows that answer the same prompt
+        ptok[1::2], pl[1::2] = ptok[0::2], pl[0::2]
+    kind = spec.policy_kind
+    u = _uniforms(rng, pol64, ptok, pl, cfg.alpha, cfg.eps, B, T, kind).astype(dt)
     # the stored u (rounded to dt) is the u used: recheck the margin with it
     u64 = u.astype(np.float64)
-    ro = _rollout.rollout(pol64, ptok, pl, u64, cfg.alpha, cfg.eps)
-    assert np.all(_cdf_distance(pol64, ro, u64, cfg.alpha, cfg.eps) >= U_MARGIN / 2)
+    ro = _rollout.rollout(pol64, ptok, pl, u64, cfg.alpha, cfg.eps, kind)
+    assert np.all(_cdf_distance(pol64, ro, u64, cfg.alpha, cfg.eps, kind) >= U_MARGIN / 2)
     if "rollout" in spec.sections:
         arrays.update({"rollout/prompt_tokens": ptok, "rollout/prompt_len": pl, "rollout/u": u})
 
@@ -168,11 +175,40 @@ def make_inputs(spec):
         prompt_len = np.concatenate([prompt_len, [0, 3]]).astype(np.int64)
         reward = np.concatenate([reward, [1.5, -2.0]])
     arrays.update({"tokens": tokens, "mask": mask, "prompt_len": prompt_len, "reward": reward.astype(dt)})
+    arrays.update(_issue9_inputs(spec, cfg, pol64, tokens, mask, prompt_len, grouped, dt))
 
     if "rm" in spec.sections:
         c, cm, r, rmask = _pairs(rng, T, garbage=spec.edge == "padding_rows")
         arrays.update({"chosen": c, "chosen_mask": cm, "rejected": r, "rejected_mask": rmask})
     return arrays
+
+
+def _issue9_inputs(spec, cfg, pol64, tokens, mask, prompt_len, grouped, dt):
+    """group (rows 2i, 2i+1 answer one prompt; the padding rows' ids: one alone, one in group 1),
+    old_logp (surrogate ppo_clip: θ's log-probs, perturbed by N(0, 0.3²) with edge off_policy, exact
+    with edge ratio_one, absent (ratio 1) otherwise) and old_values (value_clip > 0: the critic's
+    prediction, perturbed by N(0, 0.3²) with edge off_policy); from their own generator, so that the
+    other inputs of a case do not depend on them."""
+    rng = np.random.default_rng([_seed(spec.name), 9])
+    Bn = tokens.shape[0]
+    am = model.action_mask(mask, prompt_len) > 0
+    out = {}
+    if grouped:
+        g = np.arange(B, dtype=np.int64) // 2
+        out["group"] = np.concatenate([g, [2, 1]]).astype(np.int64) if Bn == B + 2 else g
+    if cfg.surrogate == "ppo_clip" and spec.edge in ("off_policy", "ratio_one"):
+        lp = reinforce.sequence_logprobs(pol64, tokens, mask, prompt_len, cfg.alpha, cfg.eps)
+        if spec.edge == "off_policy":
+            lp = lp + rng.normal(0.0, 0.3, lp.shape)
+        out["old_logp"] = np.where(am, lp, 0.0).astype(dt)
+    if cfg.value_clip > 0:
+        fwd, _ = model.forward(pol64, tokens, mask)
+        pred = fwd["values"] if cfg.critic == "value" else np.take_along_axis(
+            fwd["qvalues"], tokens[:, :, None], -1)[:, :, 0]
+        if spec.edge == "off_policy":
+            pred = pred + rng.normal(0.0, 0.3, pred.shape)
+        out["old_values"] = np.where(am, pred, 0.0).astype(dt)
+    return out
 
 
 # ------------------------------------------------------------------------------------ the outputs
@@ -199,15 +235,18 @@ def compute(inputs, config, sections, dtype=None):
     out = {}
     if "rollout" in sections:
         ro = _rollout.rollout(pol, inputs["rollout/prompt_tokens"], inputs["rollout/prompt_len"],
-                              fl(inputs["rollout/u"]), cfg.alpha, cfg.eps, eos_id=config["eos_id"])
+                              fl(inputs["rollout/u"]), cfg.alpha, cfg.eps, config.get("policy_kind", "boltzmann"),
+                              eos_id=config["eos_id"])
         out["rollout/tokens"] = ro["tokens"]
         out["rollout/mask"] = ro["mask"].astype(np.int64)
         out["rollout/action_mask"] = ro["action_mask"].astype(np.int64)
         out["rollout/logp"] = ro["logp"]
     if "rl" in sections:
         tokens, mask, pl = inputs["tokens"], inputs["mask"], inputs["prompt_len"]
+        opt = {k: (inputs[k] if k == "group" else fl(inputs[k])) for k in ("group", "old_logp", "old_values")
+               if k in inputs}
         o, g = reinforce.loss_and_grad(pol, tokens, mask, pl, fl(inputs["reward"]), cfg, ref_params=ref,
-                                       term_grads=True)
+                                       term_grads=True, **opt)
         pm = model.position_mask(mask)
         out["action_mask"] = o["action_mask"].astype(np.int64)
         out["scores"] = o["scores"]
@@ -215,9 +254,14 @@ def compute(inputs, config, sections, dtype=None):
         for k in ("logp", "ref_logp", "entropy", "kl", "rewards", "returns"):
             out[k] = o[k]
         out[cfg.critic + "s"] = o[cfg.critic + "s"]
-        for k in ("baseline", "advantages", "weights", "loss_pg", "loss_ent", "loss_value", "loss"):
+        # ratio only with ppo_clip and loss_kl only with kl_in="loss": the other cases keep their bytes
+        keys = ("baseline", "advantages") + (("ratio",) if cfg.surrogate == "ppo_clip" else ()) + (
+            "weights", "loss_pg", "loss_ent", "loss_value") + (("loss_kl",) if cfg.kl_in == "loss" else ()) + ("loss",)
+        for k in keys:
             out[k] = o[k]
-        for term, key in (("pg", "loss_pg"), ("ent", "loss_ent"), ("value", "loss_value")):
+        terms = (("pg", "loss_pg"), ("ent", "loss_ent"), ("value", "loss_value")) + (
+            (("kl", "loss_kl"),) if cfg.kl_in == "loss" else ())
+        for term, key in terms:
             out.update({f"grad/{key}/policy/{k}": v for k, v in g["terms"][term].items()})
         out.update({f"grad/loss/policy/{k}": g[k] for k in pol})
     if "sft" in sections:
@@ -260,6 +304,9 @@ QUANTITIES = {
     "mask": (None, False, "(B, T) int64: 1 on real tokens, right padding"),
     "prompt_len": (None, False, "(B,) int64: tokens before the response, BOS included (0 on an all-padding row)"),
     "reward": (None, False, "(B,): sequence reward R, added at each row's last action (ignored without one)"),
+    "group": (None, False, "(B,) int64: group ids, rows answering the same prompt (group baselines only)"),
+    "old_logp": ("action_mask", True, "(B, T): log-probs of the sampling policy (ppo_clip; absent: logp, ratio 1)"),
+    "old_values": ("action_mask", True, "(B, T): the critic's predictions at sampling time (value_clip > 0)"),
     "action_mask": ("mask", True, "(B, T) int64: mask and t >= prompt_len"),
     "scores": ("position", True, "(B, T, V): z[:, t] = head(h_{t-1}), 0 at column 0 and padding"),
     "logq": ("position", True, "(B, T, V): log pi(.|s_t), the full log-distribution (alpha, eps applied)"),
@@ -267,18 +314,23 @@ QUANTITIES = {
     "ref_logp": ("action_mask", True, "(B, T): log pi_ref(a_t|s_t), same alpha and eps"),
     "entropy": ("action_mask", True, "(B, T): H(pi(.|s_t)) of the full distribution"),
     "kl": ("action_mask", True, "(B, T): per-token KL estimate k_t (k1, k2 or k3 of x = logp - ref_logp)"),
-    "rewards": ("action_mask", True, "(B, T): -beta k_t, + R at the row's last action"),
-    "returns": ("action_mask", True, "(B, T): G_t (reward-to-go or total)"),
+    "rewards": ("action_mask", True, "(B, T): -beta k_t (kl_in reward; 0 with kl_in loss), + R at the row's last "
+                                     "action"),
+    "returns": ("action_mask", True, "(B, T): G_t (reward-to-go, total, or gae: A^GAE + V)"),
     "values": ("position", True, "(B, T): V(s_t) = value(h_{t-1}) (value critic)"),
     "qvalues": ("position", True, "(B, T, V): Q(s_t, .) = qvalue(h_{t-1}) (qvalue critic)"),
     "baseline": ("action_mask", True, "(B, T): b_t"),
-    "advantages": ("action_mask", True, "(B, T): A_t = G_t - b_t, whitened if configured"),
+    "advantages": ("action_mask", True, "(B, T): A_t = G_t - b_t, group-scaled and whitened if configured"),
+    "ratio": ("action_mask", True, "(B, T): exp(logp - old_logp) (ppo_clip)"),
     "weights": ("action_mask", True, "(B, T): aggregation weights w, L = sum w * per-token term"),
-    "loss_pg": (None, False, "(): -sum w A logp"),
+    "loss_pg": (None, False, "(): -sum w A logp (ppo_clip: sum w -min(ratio A, clip(ratio) A))"),
     "loss_ent": (None, False, "(): -c_H sum w H"),
-    "loss_value": (None, False, "(): c_V 1/2 sum w (V - G)^2 (Q(s_t, a_t) for the qvalue critic)"),
-    "loss": (None, False, "(): loss_pg + loss_ent + loss_value"),
-    "grad/<loss>/policy/<name>": (None, False, "dL/dparam for loss_pg, loss_ent, loss_value and loss (total)"),
+    "loss_value": (None, False, "(): c_V 1/2 sum w (V - G)^2 (Q(s_t, a_t) for the qvalue critic; value_clip: "
+                                "max with (V_clip - G)^2)"),
+    "loss_kl": (None, False, "(): beta sum w k (kl_in loss)"),
+    "loss": (None, False, "(): loss_pg + loss_ent + loss_value (+ loss_kl)"),
+    "grad/<loss>/policy/<name>": (None, False, "dL/dparam for loss_pg, loss_ent, loss_value, loss_kl and loss "
+                                               "(total)"),
     "sft_logp": ("position", True, "(B, T): log softmax(z_t)[tokens_t] at real t >= 1 (alpha = 1, eps = 0)"),
     "sft_loss": (None, False, "(): next-token cross-entropy, token mean over real t >= 1"),
     "grad/sft_loss/policy/<name>": (None, False, "dL_sft/dparam"),
@@ -421,9 +473,48 @@ def manifest_header():
     }
 
 
-def write_vectors(out_dir, names=None, log=None):
-    """Write the manifest and one ``.npz`` per case into ``out_dir``; returns the manifest dict."""
-    specs = CASES if names is None else [get_spec(n) for n in names]
+EDGES = ("", "single_token", "padding_rows", "small_variance", "off_policy", "ratio_one")
+
+
+def custom_spec(sets, name="custom", dtype="float64", edge=""):
+    """A CaseSpec from ``--set name=value`` assignments: the switches of the table of conventions
+    (typed and checked as ``rlhf-ref rl --set`` does: pipeline.commands.apply_sets), plus
+    ``policy=<decoding policy>`` for the rollout. Raises ValueError naming what is wrong."""
+    from ..conventions import POLICY
+    from ..pipeline.commands import CommandError, apply_sets
+    if not (isinstance(name, str) and name and name.replace("_", "").isalnum() and name.isascii()):
+        raise ValueError(f"--name must be letters, digits and '_', got {name!r}")
+    if dtype not in ("float32", "float64"):
+        raise ValueError(f"--dtype must be float32 or float64, got {dtype!r}")
+    if edge not in EDGES:
+        raise ValueError(f"--edge must be one of {', '.join(e or repr('') for e in EDGES)}, got {edge!r}")
+    kind, rest = POLICY.default, []
+    for s_ in sets or ():
+        key, eq, value = s_.partition("=")
+        if key.strip() == POLICY.name and eq:
+            if value not in POLICY.values:
+                raise ValueError(f"--set {s_!r}: policy must be one of {', '.join(POLICY.values)}")
+            kind = value
+        else:
+            rest.append(s_)
+    try:
+        cfg = apply_sets(reinforce.ReinforceConfig(), rest)
+    except CommandError as e:
+        raise ValueError(str(e)) from None
+    default = reinforce.ReinforceConfig()
+    config = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__ if getattr(cfg, k) != getattr(default, k)}
+    if kind == "greedy" and cfg.eps != 0:
+        raise ValueError(f"--set policy=greedy needs eps=0, got eps={cfg.eps}")
+    sw = ", ".join(f"{k}={v}" for k, v in config.items()) or "the defaults"
+    desc = f"custom case ({sw}{'' if kind == 'boltzmann' else ', policy=' + kind}{', edge ' + edge if edge else ''})"
+    return CaseSpec(name, desc, config, dtype, edge, ("rollout", "rl"), kind)
+
+
+def write_vectors(out_dir, names=None, log=None, specs=None):
+    """Write the manifest and one ``.npz`` per case into ``out_dir``; returns the manifest dict.
+    ``specs``: CaseSpecs to write instead of the shipped cases (``custom_spec``)."""
+    if specs is None:
+        specs = CASES if names is None else [get_spec(n) for n in names]
     os.makedirs(out_dir, exist_ok=True)
     manifest = manifest_header()
     manifest["cases"] = []
@@ -485,7 +576,9 @@ def _check_entry(mpath, i, e):
     checks = {"alpha": "num", "eps": "num", "gamma": "num", "beta": "num", "entropy_coef": "num", "value_coef": "num",
               "kl": cv.KL_ESTIMATORS, "returns": cv.RETURNS, "baseline": cv.BASELINES, "whiten": cv.WHITEN,
               "aggregation": cv.AGGREGATIONS, "critic": ("value", "qvalue"), "shift_mean": "bool",
-              "eos_id": "int"}
+              "eos_id": "int", "kl_in": _table.values("kl_in"), "group_scale": _table.values("group_scale"),
+              "surrogate": _table.values("surrogate"), "policy_kind": _table.values("policy")}
+    checks.update({k: "num" for k in ("lam", "group_eps", "clip_low", "clip_high", "value_clip", "norm_len")})
     for k, want in checks.items():
         v = cfg.get(k)
         if want == "bool":
@@ -512,7 +605,8 @@ def expected_shapes(entry):
     Br, Tr = d.get("B_rollout", Bn), d.get("T_rollout", Tn)
     Pn, Tp = d.get("P", 1), d.get("T_pairs", 1)
     ints = {"rollout/prompt_tokens", "rollout/prompt_len", "rollout/tokens", "rollout/mask", "rollout/action_mask",
-            "tokens", "mask", "prompt_len", "action_mask", "chosen", "chosen_mask", "rejected", "rejected_mask"}
+            "tokens", "mask", "prompt_len", "action_mask", "chosen", "chosen_mask", "rejected", "rejected_mask",
+            "group"}
     out = {}
     for n in list(entry["inputs"]) + list(entry["outputs"]):
         parts = n.split("/")
@@ -525,7 +619,7 @@ def expected_shapes(entry):
             shape = (Br,)
         elif n.startswith("rollout/"):
             shape = (Br, Tr)
-        elif n in ("prompt_len", "reward"):
+        elif n in ("prompt_len", "reward", "group"):
             shape = (Bn,)
         elif n in ("scores", "logq", "qvalues"):
             shape = (Bn, Tn, V_)
@@ -541,7 +635,7 @@ def expected_shapes(entry):
     return out
 
 
-LOSS_NAMES = ("loss_pg", "loss_ent", "loss_value", "loss", "sft_loss", "bt_loss")
+LOSS_NAMES = ("loss_pg", "loss_ent", "loss_value", "loss_kl", "loss", "sft_loss", "bt_loss")
 SECTIONS = ("rollout", "rl", "sft", "rm")
 
 
@@ -634,6 +728,14 @@ def add_arguments(parser):
     parser.add_argument("--case", action="append", metavar="NAME", dest="cases",
                         help="write only this case (repeatable); default: all")
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", dest="sets", default=None,
+                        help="build one case with this configuration instead of the shipped ones (repeatable): any "
+                             "switch of the table of conventions (e.g. baseline=group_loo), or policy=eps_greedy "
+                             "for the rollout; unset switches keep their defaults")
+    parser.add_argument("--name", default=None, help="the name of the --set case (letters, digits, '_'; default custom)")
+    parser.add_argument("--dtype", default="float64", choices=("float64", "float32"), help="dtype of the --set case")
+    parser.add_argument("--edge", default="", choices=EDGES, help="input recipe of the --set case (off_policy: a "
+                        "perturbed old_logp/old_values; ratio_one: old_logp = logp)")
     parser.add_argument("--max-file-mb", type=float, default=None, metavar="MB",
                         help="largest file (and declared array data of one .npz) rlhf_ref reads, in MiB")
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
@@ -650,7 +752,12 @@ def main(args) -> int:
     old = safe_read.limits()
     try:
         safe_read.set_max_file_mb(mb)
-        man = write_vectors(args.out, args.cases, log=None if args.quiet else print)
+        specs = None
+        if getattr(args, "sets", None) or getattr(args, "name", None):
+            if args.cases:
+                raise ValueError("--case and --set/--name exclude each other: --set builds one case of its own")
+            specs = [custom_spec(args.sets, args.name or "custom", args.dtype, args.edge)]
+        man = write_vectors(args.out, args.cases, log=None if args.quiet else print, specs=specs)
     except (KeyError, ValueError, OSError) as e:
         msg = e.args[0] if isinstance(e, KeyError) else str(e)
         print(f"rlhf-ref vectors: error: {msg}", file=sys.stderr)

@@ -1,23 +1,27 @@
-"""Check another implementation against the golden vectors: the first quantity that differs, where,
-by how much, and what usually causes that pattern.
+"""Check another implementation against the golden vectors: every quantity that differs, where,
+by how much, whether it follows from an earlier difference, and what usually causes that pattern.
 
-    rlhf-ref verify CASES OUTPUTS [--layout shifted] [--case NAME] [--max-file-mb MB] [-v]
+    rlhf-ref verify CASES OUTPUTS [--layout {shifted,response}] [--case NAME] [--max-file-mb MB] [-v]
     rlhf-ref verify --list-mistakes
 
 CASES is a folder written by ``rlhf-ref vectors``; OUTPUTS a folder with one ``<case>.npz`` per
 case holding the implementation's outputs under the golden names (docs/golden-vectors.md). From
-Python: ``verify(cases, outputs)`` with a folder or a ``{case: {name: array}}`` dict; it returns a
-``Report`` (``.ok``, ``.exit_code``, ``str(report)``).
+Python: ``verify(cases, outputs)`` with a folder or a ``{case: {name: array}}`` dict, or
+``verify_outputs(outputs, case, golden=None)`` for one case's dict; both return a ``Report``
+(``.ok``, ``.exit_code``, ``.format()``: the text to raise an AssertionError with).
 
-Per case and section (rollout, rl, sft, rm) the outputs are compared in data-flow order, so the
-first quantity that differs is where the implementation first goes wrong; the section stops
-there (what follows depends on it). For that quantity the verifier recomputes the usual mistakes
+Per case and section (rollout, rl, sft, rm) every quantity given is compared in data-flow order.
+The first that differs is the section's root: for it the verifier recomputes the usual mistakes
 from the golden values just upstream of it (which matched) — k1/k3 with the ratio reversed,
 returns shifted by one step, whitening with the other variance or another eps placement, α
 missing from the log-probs, the LSTM gate blocks in another order, a missing stop-gradient, ... —
-each a named entry of rlhf_ref.golden.mistakes, and names the closest one. Separately, values that
-should be exactly 0 off a mask but are not are a *masking* finding; the comparison then goes on
-with the on-mask values.
+each a named entry of rlhf_ref.golden.mistakes, and names the closest one. Each later difference
+is recomputed with the reference math from the implementation's OWN upstream values: when that
+matches, it *follows* from them (a consequence, listed compactly); otherwise it is a second,
+independent mistake, diagnosed the same way from those values. Gradients, which values cannot
+recompute, are *downstream* after an earlier difference. Separately, values that should be
+exactly 0 off a mask but are not are a *masking* finding; the comparison then goes on with the
+on-mask values.
 
 The package: rlhf_ref.golden.cases (the case table), .vectors (inputs, compute, files, reading),
 .compare (a case's context: tolerances, tie-aware comparison), .mistakes (the catalogue of named
@@ -37,7 +41,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .. import safe_read
+from .. import model, policy, safe_read
+from .. import returns as _ret
+from . import conventions as cv
 from . import mistakes as mk
 from . import vectors as gv
 from .compare import (HINT_SLACK, LAYOUTS, LOSS_NAMES, SECTIONS, Ctx, _close, _compare_int, _fmt, _idx,  # noqa: F401
@@ -56,16 +62,33 @@ class Finding:
     quantity: str
     message: str
     hint: str = ""
-    index: tuple = ()    #: where (the worst entry), when it applies
+    index: tuple = ()    #: where (the worst entry), token-aligned coordinates; the message gives yours
     mistake: str = ""    #: the name of the mistake the hint describes (rlhf_ref.golden.mistakes), if any
+    #: for a difference after the first of its section: "follows" (recomputed with the reference math
+    #: from your own upstream values, it matches: a consequence), "independent" (it does not: a second
+    #: mistake, diagnosed from your upstream values) or "downstream" (not recomputable from values:
+    #: gradients); "" for the first difference of a section (the root)
+    relation: str = ""
+    upstream: tuple = ()  #: the upstream quantities of yours that differ and that it was recomputed from
 
     @property
     def failing(self):
         return self.kind != "note"
 
+    @property
+    def root(self):
+        return self.failing and self.kind != "masking" and not self.relation
+
     def format(self):
         tag = {"differs": "", "masking": "masking: ", "shape": "", "note": "note: "}[self.kind]
         s = f"[{self.section}] {tag}{self.quantity}: {self.message}"
+        if self.relation == "follows":
+            s += f"\n       follows from your {', '.join(self.upstream)} (recomputed from them, it matches)"
+        elif self.relation == "independent":
+            s += ("\n       a second, independent mistake: recomputed from your "
+                  + (", ".join(self.upstream) if self.upstream else "upstream values") + ", it still differs")
+        elif self.relation == "downstream":
+            s += "\n       may follow from the differences above (gradients are not recomputed from your values)"
         if self.hint:
             s += f"\n       hint: {self.hint}"
         return s
@@ -78,7 +101,7 @@ class CaseReport:
     findings: list = field(default_factory=list)
     checked: list = field(default_factory=list)
     not_checked: list = field(default_factory=list)      #: golden outputs the implementation did not give
-    not_compared: list = field(default_factory=list)     #: after a section's first difference
+    not_compared: list = field(default_factory=list)     #: kept for old callers: every given quantity is compared
     ignored: list = field(default_factory=list)          #: given but not golden outputs
     missing: bool = False                                #: no outputs at all for this case
 
@@ -93,6 +116,11 @@ class CaseReport:
                 return f
         return None
 
+    def differing(self, section=None):
+        """Every failing finding (of ``section``) that is not a masking one, in data-flow order."""
+        return [f for f in self.findings if f.failing and f.kind != "masking"
+                and (section is None or f.section == section)]
+
     def format(self, verbose=False):
         if self.missing:
             return f"--   {self.case}: no outputs (not checked)"
@@ -106,15 +134,31 @@ class CaseReport:
         else:
             lines.append(f"{head} {self.case}" + (f"  ({self.description})" if verbose and self.description else ""))
         prev = None
+        grouped = {}              # (section, relation) -> quantities: one line each unless verbose
         for f in self.findings:
+            if not verbose and f.relation in ("follows", "downstream"):
+                grouped.setdefault((f.section, f.relation), []).append(f.quantity)
+                continue
             line = "     " + f.format()
             if f.hint and f.hint == prev:
                 line = line.replace(f.hint, "the same (see above)")
             prev = f.hint or prev
             lines.append(line)
-        if not self.ok and self.not_compared:
-            lines.append(f"     ({len(self.checked)} quantities matched before; {len(self.not_compared)} after the "
-                         f"first difference not compared)")
+        for (section, rel), names in grouped.items():
+            what = ("follow from your values above (recomputed from them with the reference math, they match)"
+                    if rel == "follows" else
+                    "differ downstream (gradients: not recomputed from your values, they may follow from the above)")
+            lines.append(f"     [{section}] {len(names)} more {what}: {_group(names)}")
+        if not self.ok:
+            diff = self.differing()
+            n = {r: sum(f.relation == r for f in diff) for r in ("", "independent", "follows", "downstream")}
+            parts = [f"{len(self.checked)} match", f"{len(diff)} differ"]
+            if len(diff):
+                parts.append(", ".join(f"{k} {w}" for k, w in ((n[""], "first in its section"),
+                                                                (n["independent"], "independent"),
+                                                                (n["follows"], "following"),
+                                                                (n["downstream"], "downstream")) if k))
+            lines.append("     (" + "; ".join(parts) + ")")
         if verbose:
             if self.ignored:
                 lines.append("     ignored (not golden outputs): " + ", ".join(self.ignored))
@@ -169,6 +213,12 @@ class Report:
         missing = [c.case for c in self.cases if c.missing]
         if missing and not verbose:
             lines.append(f"--   no outputs for {len(missing)} case(s): " + ", ".join(missing))
+        if not verbose:
+            nc = [(c.case, n) for c in run for n in c.not_checked]
+            if nc:
+                cases = sorted({c for c, _ in nc})
+                lines.append(f"not checked (not produced): {len(nc)} golden quantities in {len(cases)} case(s) "
+                             "(-v lists them)")
         if verbose:
             groups = {}
             for c in self.cases:
@@ -218,7 +268,7 @@ def load_outputs(path):
     return out
 
 
-# ============================================================================ verifying a case
+# ============================================================================ hints
 
 def _hint(ctx, n, got):
     """{hint, mistake name} for the first differing quantity ``n``; ('', '') when no named
@@ -245,9 +295,181 @@ def _masking_hint(ctx, n, got):
         return {"hint": "", "mistake": ""}
 
 
+
+# ============================================================================ following differences
+
+def _on(m, a):
+    while m.ndim < np.ndim(a):
+        m = m[..., None]
+    return np.where(m, a, 0.0)
+
+
+def _recompute(ctx, q, val):
+    """(value, upstream names) of ``q`` recomputed with the reference math from the values ``val(name)``
+    (yours where you gave them, else golden), or (None, ()) where ``q`` is not a function of other
+    compared values (the forward pass from the parameters, gradients) or the case's switches are
+    ones this recomputation does not cover."""
+    cfg = ctx.cfg
+    if q in ("rollout/mask", "rollout/action_mask"):
+        tok = np.asarray(val("rollout/tokens"))
+        pl = np.asarray(ctx.g["rollout/prompt_len"])[:, None]
+        tt = np.arange(tok.shape[1])[None, :]
+        eos = (tok == cfg["eos_id"]) & (tt >= pl)
+        first = np.where(eos.any(axis=1), np.argmax(eos, axis=1), tok.shape[1])[:, None]
+        m = (tt <= first).astype(np.int64)
+        return (m if q == "rollout/mask" else m * (tt >= pl)), ("rollout/tokens",)
+    if gv.section_of(q) == "rollout":
+        if q != "rollout/logp":
+            return None, ()
+        tok = np.asarray(val("rollout/tokens")).astype(np.int64)
+        if tok.min(initial=0) < 0 or tok.max(initial=0) >= ctx.dims["V"]:
+            return None, ()
+        pol = {k.split("/", 1)[1]: np.asarray(v, np.float64) for k, v in ctx.inputs.items()
+               if k.startswith("policy/")}
+        fwd, _ = model.forward(pol, tok, np.asarray(val("rollout/mask")))
+        lq = policy.logprobs(fwd["scores"], cfg["alpha"], cfg["eps"])
+        lp = np.take_along_axis(lq, tok[:, :, None], -1)[:, :, 0]
+        return _on(np.asarray(val("rollout/action_mask")) > 0, lp), \
+            ("rollout/tokens", "rollout/mask", "rollout/action_mask")
+    if q == "sft_loss":
+        return -float(np.sum(val("sft_logp"))) / max(float(ctx.pm.sum()), 1.0), ("sft_logp",)
+    if q == "bt_loss":
+        return float(np.mean(np.logaddexp(0.0, val("reward_rejected") - val("reward_chosen")))), \
+            ("reward_chosen", "reward_rejected")
+    if "action_mask" not in ctx.g:
+        return None, ()
+    am = np.asarray(val("action_mask")) > 0
+    inp = ctx.inputs
+    group = np.asarray(inp["group"]).astype(np.int64) if "group" in inp else None
+    if q == "logq":
+        return _on(ctx.pm, policy.logprobs(val("scores"), cfg["alpha"], cfg["eps"])), ("scores",)
+    if q == "logp":
+        tok = ctx.g["tokens"]
+        return _on(am, np.take_along_axis(val("logq"), tok[:, :, None], -1)[:, :, 0]), ("logq", "action_mask")
+    if q == "entropy":
+        lq = val("logq")
+        return _on(am, -np.sum(np.exp(lq) * lq, -1)), ("logq", "action_mask")
+    if q == "kl":
+        return cv.kl_per_token(val("logp"), val("ref_logp"), am, cfg["kl"]), ("logp", "ref_logp", "action_mask")
+    if q == "rewards":
+        beta = cfg["beta"] if cfg.get("kl_in", "reward") == "reward" else 0.0
+        return cv.shaped_rewards(val("kl"), ctx.g64("reward"), am, beta), ("kl", "action_mask")
+    if q == "returns":
+        if cfg["returns"] == "gae":
+            return _ret.discounted_returns(val("rewards"), am, cfg["gamma"], "gae", values=val("values"),
+                                           lam=cfg["lam"]), ("rewards", "values", "action_mask")
+        return cv.discounted_returns(val("rewards"), am, cfg["gamma"], cfg["returns"]), ("rewards", "action_mask")
+    if q == "baseline":
+        k = cfg["baseline"]
+        if k == "none":
+            return np.zeros(am.shape), ()
+        if k == "value":
+            return _on(am, val("values")), ("values", "action_mask")
+        if k == "qvalue":
+            return _on(am, np.sum(np.exp(val("logq")) * val("qvalues"), -1)), ("logq", "qvalues", "action_mask")
+        if k in ("group_mean", "group_loo"):
+            return _ret.baseline(k, val("returns"), am, group=group), ("returns", "action_mask")
+        return cv.baseline(k, val("returns"), am), ("returns", "action_mask")
+    if q == "advantages":
+        G = val("returns")
+        a0 = _on(am, G - val("baseline"))
+        if cfg.get("group_scale", "off") != "off":
+            a0 = _ret.group_scale(a0, G, am, group, cfg["group_scale"], cfg["group_eps"])
+        if cfg["whiten"] != "off":
+            a0 = cv.whiten(a0, am, cfg["whiten"], cfg["shift_mean"])
+        return a0, ("returns", "baseline", "action_mask")
+    if q == "ratio":
+        lp = val("logp")
+        old = np.asarray(inp["old_logp"], np.float64) if "old_logp" in inp else lp
+        return _on(am, np.exp(lp - old)), ("logp", "action_mask")
+    if q == "weights":
+        if cfg["aggregation"] == "fixed_len":
+            return cv.aggregation_weights(am, "fixed_len", cfg.get("norm_len", 0.0)), ("action_mask",)
+        return cv.aggregation_weights(am, cfg["aggregation"]), ("action_mask",)
+    if q == "loss_pg":
+        w, A = val("weights"), val("advantages")
+        if cfg.get("surrogate", "reinforce") == "ppo_clip":
+            rho = val("ratio") if "ratio" in ctx.g else np.ones(am.shape)
+            per = -np.minimum(rho * A, np.clip(rho, 1 - cfg["clip_low"], 1 + cfg["clip_high"]) * A)
+            return float(np.sum(w * _on(am, per))), ("weights", "advantages", "ratio")
+        return -float(np.sum(w * A * val("logp"))), ("weights", "advantages", "logp")
+    if q == "loss_ent":
+        return -cfg["entropy_coef"] * float(np.sum(val("weights") * val("entropy"))), ("weights", "entropy")
+    if q == "loss_kl":
+        return cfg["beta"] * float(np.sum(val("weights") * val("kl"))), ("weights", "kl")
+    if q == "loss_value":
+        if cfg["critic"] == "value":
+            pred, dep = _on(am, val("values")), "values"
+        else:
+            pred = _on(am, np.take_along_axis(val("qvalues"), ctx.g["tokens"][:, :, None], -1)[:, :, 0])
+            dep = "qvalues"
+        G = val("returns")
+        per = (pred - G) ** 2
+        c = cfg.get("value_clip", 0.0)
+        if c > 0:
+            old = _on(am, np.asarray(inp["old_values"], np.float64))
+            per = np.maximum(per, (old + np.clip(pred - old, -c, c) - G) ** 2)
+        return cfg["value_coef"] * float(np.sum(val("weights") * 0.5 * _on(am, per))), ("weights", dep, "returns")
+    if q == "loss":
+        terms = tuple(t for t in ctx.entry["outputs"] if t.startswith("loss_"))
+        return float(sum(float(val(t)) for t in terms)), terms
+    return None, ()
+
+
+class _Overlay:
+    """The case's golden arrays with yours laid over them (for recomputing a later quantity from your
+    own upstream values): ``ctx.g`` is swapped for it while a second mistake is diagnosed."""
+
+    def __init__(self, ctx):
+        self.ctx, self.yours = ctx, {}
+
+    def value(self, name):
+        if name in self.yours:
+            return self.yours[name]
+        return self.ctx.g64(name) if self.ctx.g[name].dtype.kind == "f" else np.asarray(self.ctx.g[name])
+
+    def diagnose(self, n, got, rec):
+        ctx = self.ctx
+        g = ctx.g
+        over = dict(g)
+        over.update(self.yours)
+        if rec is not None:
+            over[n] = np.asarray(rec, np.float64)
+        ctx.g = over
+        try:
+            return _hint(ctx, n, got)
+        finally:
+            ctx.g = g
+
+
+# ============================================================================ verifying a case
+
+def _where(ctx, n, ix, layout):
+    """An index as the implementation sees it, saying which layout's coordinates it is in."""
+    if not ix:
+        return ""
+    if layout == "token-aligned" or len(ix) < 2 or not gv.time_aligned(n):
+        return _idx(ix)
+    b, t = int(ix[0]), int(ix[1])
+    if layout == "shifted":
+        u = (b, t - 1) + tuple(ix[2:])
+    else:
+        u = (b, t - int(_prompt_len(ctx, n)[b])) + tuple(ix[2:])
+    return f"{_idx(u)} ({layout} layout; token-aligned {_idx(ix)})"
+
+
+def _prompt_len(ctx, n):
+    return np.asarray(ctx.g["rollout/prompt_len" if n.startswith("rollout/") else "prompt_len"])
+
+
 def verify_case(entry, golden, outputs, layout=None, strict_mask=True):
     """Compare one case. ``entry``: its manifest entry; ``golden``: its arrays; ``outputs``: the
-    implementation's arrays (a dict). Returns a CaseReport."""
+    implementation's arrays (a dict). Returns a CaseReport.
+
+    Every golden quantity you gave is compared, in data-flow order. The first difference of a
+    section is its root, diagnosed from the golden upstream values; each later one is recomputed
+    with the reference math from YOUR upstream values: when that matches, it *follows* from them,
+    otherwise it is a second, independent mistake, diagnosed from your upstream values."""
     name = entry["name"]
     rep = CaseReport(name, entry.get("description", ""))
     outputs = dict(outputs)
@@ -260,26 +482,28 @@ def verify_case(entry, golden, outputs, layout=None, strict_mask=True):
     ctx = Ctx(entry, golden)
     ctx.impl = outputs
     ctx.checked = rep.checked
+    ctx.layout = layout
+    ctx.raw = {}
+    over = _Overlay(ctx)
     outs = entry["outputs"]
     rep.ignored = sorted(k for k in outputs if k not in outs and k not in entry["inputs"])
     ties = {}
     for section in SECTIONS:
         names = [n for n in outs if gv.section_of(n) == section]
-        stopped = False
+        root = None                       # the first differing quantity of the section (its Finding)
+        differing = set()
         for n in names:
-            if stopped:
-                if n in outputs:
-                    rep.not_compared.append(n)
-                continue
             if n not in outputs:
                 rep.not_checked.append(n)
                 continue
             want = golden[n]
-            got, why = _normalise(n, outputs[n], want, layout)
+            got, why = _normalise(n, outputs[n], want, layout, ctx=ctx, outputs=outputs)
             if got is None:
                 msg = why or _shape_msg(n, np.asarray(outputs[n]), want, ctx, layout)
-                rep.findings.append(Finding(name, section, "shape", n, msg))
-                stopped = True
+                f = Finding(name, section, "shape", n, msg, relation="" if root is None else "independent")
+                rep.findings.append(f)
+                root = root or f
+                differing.add(n)
                 continue
             # tie-aware sampled tokens
             if n == "rollout/tokens":
@@ -292,8 +516,12 @@ def verify_case(entry, golden, outputs, layout=None, strict_mask=True):
                 got = np.array(got, copy=True)
                 for b, t in ties.items():
                     got[b, t:] = want[b, t:]
+            ctx.raw[n] = np.asarray(got)
             # masking: values that must be exactly 0 off a mask
             off = _zero_mask(ctx, n, want.shape)
+            if off is not None and gv.zero_off(n) in differing:      # off YOUR mask (it differs: found above)
+                off = np.broadcast_to(~(np.asarray(over.value(gv.zero_off(n))) > 0).reshape(
+                    want.shape[:2] + (1,) * (want.ndim - 2)), want.shape)
             if off is not None:
                 nz = off & (np.asarray(got) != 0)
                 if nz.any():
@@ -301,46 +529,87 @@ def verify_case(entry, golden, outputs, layout=None, strict_mask=True):
                     pos = sorted({tuple(i[:2]) for i in ix})
                     zname = gv.zero_off(n)
                     kinds = _position_kinds(ctx, pos, zname)
-                    first = tuple(ix[0])
+                    first = tuple(int(i) for i in ix[0])
                     what = {"position": "the position mask (column 0 and padding)"}.get(zname, zname)
                     rep.findings.append(Finding(
                         name, section, "masking" if strict_mask else "note", n,
-                        f"nonzero at {len(pos)} position(s) off {what} ({kinds}); e.g. {_idx(first)} = "
-                        f"{_fmt(np.asarray(got)[first])}. Entries off the mask must be exactly 0 (DESIGN.md §2)",
+                        f"nonzero at {len(pos)} position(s) off {what} ({kinds}); e.g. {_where(ctx, n, first, layout)}"
+                        f" = {_fmt(np.asarray(got)[first])}. Entries off the mask must be exactly 0 (DESIGN.md §2)",
                         index=first, **_masking_hint(ctx, n, got)))
-                    got = np.where(off, want, got)
+                    got = np.where(off, 0 if gv.zero_off(n) in differing else want, got)
             # compare
             if want.dtype.kind in "iub":
                 r = _compare_int(n, got, want)
+                over.yours[n] = np.asarray(got)
                 if r is None:
                     rep.checked.append(n)
                     continue
-                ix, msg = r
-                rep.findings.append(Finding(name, section, "differs", n, msg, **_hint(ctx, n, got), index=ix))
-                stopped = True
-                continue
-            got64 = np.asarray(got, np.float64)
-            want64 = want.astype(np.float64)
-            atol, rtol = ctx.tol(n)
-            ok = _close(got64, want64, atol, rtol)
-            if ok.all():
-                rep.checked.append(n)
-                continue
-            bad = ~ok
-            err = np.where(bad, np.abs(got64 - want64), -1.0)
-            err = np.where(np.isnan(err), np.inf, err)
-            ix = tuple(int(i) for i in np.unravel_index(int(np.argmax(err)), err.shape)) if err.ndim else ()
-            total = want.size
-            unit = "entries"
-            if gv.zero_off(n) == "action_mask":
-                total, unit = int(ctx.am.sum()), "actions"
-            msg = (f"{int(bad.sum())} of {total} {unit} differ" if want.ndim else "differs") + \
-                  (f"; worst {_idx(ix)}" if ix else "") + \
-                  f": got {_fmt(got64[ix])}, expected {_fmt(want64[ix])} (|Δ| {_fmt(abs(got64[ix] - want64[ix]))}, " \
-                  f"tolerance {_fmt(atol + rtol * abs(want64[ix]))})"
-            rep.findings.append(Finding(name, section, "differs", n, msg, **_hint(ctx, n, got64), index=ix))
-            stopped = True
+                ix, _ = r
+                bad = np.asarray(got) != want
+                msg = (f"{int(bad.sum())} of {bad.size} entries differ; first {_where(ctx, n, ix, layout)}: got "
+                       f"{_fmt(np.asarray(got)[ix])}, expected {_fmt(want[ix])}")
+                got_c = got
+            else:
+                got64 = np.asarray(got, np.float64)
+                over.yours[n] = got64
+                want64 = want.astype(np.float64)
+                atol, rtol = ctx.tol(n)
+                ok = _close(got64, want64, atol, rtol)
+                if ok.all():
+                    rep.checked.append(n)
+                    continue
+                bad = ~ok
+                err = np.where(bad, np.abs(got64 - want64), -1.0)
+                err = np.where(np.isnan(err), np.inf, err)
+                ix = tuple(int(i) for i in np.unravel_index(int(np.argmax(err)), err.shape)) if err.ndim else ()
+                total = want.size
+                unit = "entries"
+                if gv.zero_off(n) == "action_mask":
+                    total, unit = int(ctx.am.sum()), "actions"
+                msg = (f"{int(bad.sum())} of {total} {unit} differ" if want.ndim else "differs") + \
+                      (f"; worst {_where(ctx, n, ix, layout)}" if ix else "") + \
+                      f": got {_fmt(got64[ix])}, expected {_fmt(want64[ix])} (|Δ| " \
+                      f"{_fmt(abs(got64[ix] - want64[ix]))}, tolerance {_fmt(atol + rtol * abs(want64[ix]))})"
+                got_c = got64
+            f = Finding(name, section, "differs", n, msg, index=ix)
+            if root is None:
+                f.__dict__.update(_hint(ctx, n, got_c))
+                root = f
+            else:
+                _relate(ctx, over, f, n, got_c, differing, root)
+            differing.add(n)
+            rep.findings.append(f)
     return rep
+
+
+def _relate(ctx, over, f, n, got, differing, root):
+    """A later difference: does it follow from your own upstream values, or is it a second mistake?"""
+    try:
+        with np.errstate(all="ignore"):
+            rec, deps = _recompute(ctx, n, over.value)
+    except _RECOMPUTE_ERRORS:
+        rec, deps = None, ()
+    if rec is None:
+        if n.startswith("grad/"):
+            f.relation = "downstream"
+            return
+        h = _hint(ctx, n, got)
+        if h["mistake"] and h["mistake"] == root.mistake:
+            f.relation, f.hint, f.mistake = "downstream", h["hint"], h["mistake"]
+        else:
+            f.relation = "independent"
+            f.__dict__.update(h)
+        return
+    up = tuple(d for d in deps if d in differing)
+    f.upstream = up
+    if up and mk.distance(ctx, n, got, rec) <= HINT_SLACK:
+        f.relation = "follows"
+        return
+    f.relation = "independent"
+    f.__dict__.update(over.diagnose(n, got, rec) if up else _hint(ctx, n, got))
+
+
+_RECOMPUTE_ERRORS = (ValueError, TypeError, IndexError, KeyError, FloatingPointError, ZeroDivisionError)
 
 
 def verify(cases, outputs, layout=None, names=None, strict_mask=True):
@@ -348,8 +617,9 @@ def verify(cases, outputs, layout=None, names=None, strict_mask=True):
 
     cases    a golden folder (or its manifest.json)
     outputs  a folder of ``<case>.npz``, or ``{case: {name: array}}``
-    layout   "token-aligned" (default) or "shifted" (the (B, T−1) layout of Hugging Face); an
-             output array named ``layout`` holding the string sets it per case
+    layout   "token-aligned" (default), "shifted" (the (B, T−1) layout of Hugging Face) or
+             "response" ((B, L), column 0 = each row's first generated token: TRL PPO, OpenRLHF,
+             SB3); an output array named ``layout`` holding the string sets it per case
     names    verify only these cases
     strict_mask  off-mask values count as failures (default); False turns them into notes
     """
@@ -377,6 +647,45 @@ def verify(cases, outputs, layout=None, names=None, strict_mask=True):
         reports.append(verify_case(e, golden, outs[e["name"]], layout=layout, strict_mask=strict_mask))
     return Report(reports, golden=os.fspath(cases),
                   outputs=os.fspath(outputs) if isinstance(outputs, (str, os.PathLike)) else "<dict>")
+
+
+def verify_outputs(outputs, case, golden=None, layout=None, strict_mask=True):
+    """The Report of one case: your ``outputs`` (``{golden name: array}``) against golden ``case``.
+
+    case     a case name (rlhf_ref.golden.cases.CASES) or its manifest entry (a dict with "name")
+    golden   a golden folder written by ``rlhf-ref vectors`` (or its manifest.json); None: the case
+             is computed in memory by the reference from the shipped case table (the same numbers
+             ``rlhf-ref vectors`` writes)
+    layout   "token-aligned" (default), "shifted" or "response" (docs/golden-vectors.md §4)
+
+    ``report.ok``; ``report.format()`` is the text to raise an AssertionError with, e.g.
+    ``assert rep.ok, rep.format()``.
+    """
+    if not isinstance(outputs, dict):
+        raise TypeError(f"outputs must be a dict {{golden name: array}}, got {type(outputs).__name__}")
+    name = case.get("name") if isinstance(case, dict) else case
+    if not isinstance(name, str):
+        raise TypeError(f"case must be a case name or a manifest entry, got {type(case).__name__}")
+    if golden is not None:
+        return verify(golden, {name: dict(outputs)}, layout=layout, names=[name], strict_mask=strict_mask)
+    from . import cases as gc
+    try:
+        spec = gc.get_spec(name)
+    except KeyError as e:
+        raise KeyError(f"case: {e.args[0]}") from None
+    arrays, entry = _built(spec)
+    rep = verify_case(entry, arrays, outputs, layout=layout, strict_mask=strict_mask)
+    return Report([rep], golden="<computed by the reference>", outputs="<dict>")
+
+
+_BUILT = {}
+
+
+def _built(spec):
+    """A case's (arrays, entry) computed by the reference (cached per process)."""
+    if spec.name not in _BUILT:
+        _BUILT[spec.name] = gv.build_case(spec)
+    return _BUILT[spec.name]
 
 
 # ============================================================================ command line

@@ -100,6 +100,11 @@ def global_statistics(am, logp, ref_logp, values, entropy, reward, cfg):
     The same lines as ``reinforce.loss_and_grad``: KL, shaped rewards, returns, baseline,
     (whitened) advantages and weights over the whole batch, and the three losses."""
     B, T = am.shape
+    if (cfg.kl_in != "reward" or cfg.returns == "gae" or cfg.baseline in ret.GROUP_BASELINES or cfg.surrogate != "reinforce"
+            or cfg.value_clip > 0 or cfg.aggregation == "fixed_len"):       # issue 9's conventions: not here
+        raise ValueError("the distributed RL stage (--workers) computes kl_in='reward', returns rtg/total, the "
+                         "batch baselines, surrogate='reinforce', value_clip=0 and token_mean/seq_mean/seq_sum "
+                         "only: run without --workers for the other conventions")
     reward = as_float_array(reward, "reward", ndim=1, shape=(B,))
     ref_logp = np.where(am > 0, as_float_array(ref_logp, "ref_logp", shape=(B, T)), 0.0)
     w = aggregation_weights(am, cfg.aggregation)
