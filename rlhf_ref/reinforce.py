@@ -332,12 +332,13 @@ def loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, ref_params
                        ratio=c["ratio"], loss_kl=c["loss_kl"])
 
     # upstream gradients at the heads
+    d_pred = c["d_pred"]                                                         # ∂L_value/∂pred
+    dt = fwd["scores"].dtype                                                     # an overflow is an error
+    check_finite_result(dt, out["loss"], c["rewards"], c["returns"], c["d_logp_pg"], c["d_logp_kl"], c["d_ent"],
+                        d_pred)
     dz_pg = policy.grad_logprob(fwd["scores"], tokens, c["d_logp_pg"], cfg.alpha, cfg.eps)
     dz_kl = policy.grad_logprob(fwd["scores"], tokens, c["d_logp_kl"], cfg.alpha, cfg.eps)
     dz_ent = policy.grad_entropy(fwd["scores"], c["d_ent"], cfg.alpha, cfg.eps)
-    d_pred = c["d_pred"]                                                         # ∂L_value/∂pred
-    dt = fwd["scores"].dtype                                                     # an overflow is an error
-    check_finite_result(dt, out["loss"], c["rewards"], c["returns"], c["d_logp_pg"], c["d_logp_kl"], d_pred)
     check_finite_result(dt, dz_pg, dz_kl, dz_ent, dz_pg + dz_ent + dz_kl)
     if cfg.critic == "value":
         dcritic = {"dvalues": d_pred}
