@@ -5,8 +5,8 @@ JAX user would write it (issue 12).
 - the input projection tabulated once per call: ``xtab = E·W_ihᵀ + b_ih + b_hh`` (V × 4H), so a
   step gathers one row per sequence instead of a (B × E)·(E × 4H) product;
 - inverse-CDF sampling from the same pre-drawn uniforms inside the scan (rlhf_ref's rule,
-  DESIGN.md §4), so the tokens can be checked against the NumPy reference;
-- the training step is ``jax.value_and_grad`` of the default REINFORCE objective (DESIGN.md §3:
+  docs/conventions.md §4), so the tokens can be checked against the NumPy reference;
+- the training step is ``jax.value_and_grad`` of the default REINFORCE objective (docs/conventions.md §3:
   k1 KL penalty β = 0.05, γ = 1, reward-to-go, value baseline, token mean, c_V = 0.5; the same
   objective as ``torch_impl.reinforce_step``) for full-length rows with prompt = BOS;
 - parameters and inputs live on the device (``jax.device_put``) before timing, and every timed

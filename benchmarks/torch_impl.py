@@ -1,7 +1,7 @@
 """PyTorch CPU baselines for the benchmark: the same model, the same sampling rule, the same loss.
 
 Two paths, as in the research anchors: an ``nn.LSTMCell`` loop and ``nn.LSTM`` (oneDNN).
-Sampling uses the same inverse-CDF rule and uniforms as rlhf_ref (DESIGN.md §4), so the
+Sampling uses the same inverse-CDF rule and uniforms as rlhf_ref (docs/conventions.md §4), so the
 tokens can be checked against the reference before anything is timed.
 """
 
@@ -72,7 +72,7 @@ def rollout_lstm(m, u, alpha=1.0):
 
 
 def reinforce_step(m, tokens, ref_logp, reward, beta=0.05, value_coef=0.5, use_cell=False):
-    """Forward + backward of the default REINFORCE objective (DESIGN.md §3: k1, γ = 1, reward-to-go,
+    """Forward + backward of the default REINFORCE objective (docs/conventions.md §3: k1, γ = 1, reward-to-go,
     value baseline, token mean, c_V = 0.5) for full-length rows with prompt = BOS. Returns the loss."""
     m.zero_grad(set_to_none=True)
     B, T = tokens.shape

@@ -1,6 +1,6 @@
 """An independent PyTorch implementation of rlhf_ref's objective, checked on the golden vectors.
 
-Written from the conventions (DESIGN.md, docs/conventions.md) with ``torch.nn`` modules and autograd,
+Written from the conventions (docs/conventions.md) with ``torch.nn`` modules and autograd,
 not translated from rlhf_ref's NumPy code: this is what a user's own implementation looks like
 when it passes. It reads the golden cases with plain ``json`` + ``numpy.load`` (docs/golden-vectors.md),
 computes every output, writes one ``<case>.npz`` per case and runs the verifier::

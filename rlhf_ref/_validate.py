@@ -102,7 +102,7 @@ def check_tokens(tokens, vocab_size, name="tokens"):
 
 
 def check_batch(tokens, mask, prompt_len=None, vocab_size=None):
-    """Validate an episode batch (DESIGN.md §2) and return (tokens int64, mask float64, prompt_len int64).
+    """Validate an episode batch (docs/conventions.md §2) and return (tokens int64, mask float64, prompt_len int64).
 
     mask must be 0/1 and right-padded (each row a prefix of ones); token ids at
     real positions must lie in [0, vocab_size); prompt_len must be >= 1 on every
@@ -130,7 +130,7 @@ def check_batch(tokens, mask, prompt_len=None, vocab_size=None):
         if bad.any():
             b, t = (int(i) for i in np.argwhere(bad)[0])
             raise ValueError(f"tokens must lie in [0, {vocab_size}) on real positions; tokens[{b}, {t}] = {tokens[b, t]}")
-    tokens = np.where(m > 0, tokens, 0)                    # padded ids are never read (DESIGN.md §2)
+    tokens = np.where(m > 0, tokens, 0)                    # padded ids are never read (docs/conventions.md §2)
     m = np.ascontiguousarray(m)                            # C order whatever the caller's layout (kernels read it so)
     if prompt_len is None:
         return tokens, m, None

@@ -1,6 +1,6 @@
 """The backend registry: which implementations of the heavy computations exist here, and why not.
 
-Backends (DESIGN.md §5):
+Backends (docs/conventions.md §5):
 
     name     module                           what
     numpy    rlhf_ref._core._backend_numpy    the reference itself (always available)

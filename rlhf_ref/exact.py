@@ -3,7 +3,7 @@ of any REINFORCE estimator, for a vocabulary and horizon small enough to list ev
 
 A response y to a fixed prompt is a sequence of at most L tokens that ends at its first EOS, or
 is cut at L (truncated). There are Σ_{k=1}^{L} (V−1)^{k−1} + (V−1)^L of them. With
-p(y) = Π_t π_ε(y_t|s_t) (DESIGN.md §3)::
+p(y) = Π_t π_ε(y_t|s_t) (docs/conventions.md §3)::
 
     J        = Σ_y p(y) R(y)
     ∇J       = Σ_y p(y) R(y) ∇log p(y)

@@ -1,6 +1,6 @@
 """Files users keep: atomic writes and checkpoints (``.npz`` + JSON manifest), never pickle.
 
-Atomic write (DESIGN.md §6): the data go to a temporary file in the destination's folder
+Atomic write (docs/conventions.md §6): the data go to a temporary file in the destination's folder
 (``tempfile.mkstemp``), are flushed and fsynced, then ``os.replace`` puts the file in place and
 the folder is fsynced. A reader sees the old file or the new one, never half of one; on any
 exception the temporary file is removed and the destination is untouched. New files get mode

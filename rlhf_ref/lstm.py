@@ -1,6 +1,6 @@
 """The LSTM language-model body: the readable reference; the kernels in ``_core`` must match it.
 
-One layer, PyTorch's parameterisation and gate order (i, f, g, o), DESIGN.md §2::
+One layer, PyTorch's parameterisation and gate order (i, f, g, o), docs/conventions.md §2::
 
     x_t = E[tokens_t]                                          (embedding.weight (V, E))
     a_t = W_ih x_t + b_ih + W_hh h_{t-1} + b_hh                 (4H,)  rows [i | f | g | o]

@@ -1,6 +1,6 @@
 """The policy network over a batch of episodes, token-aligned: the readable reference.
 
-Body (``lstm``) and heads, DESIGN.md §2. Arrays about actions are token-aligned: entry t
+Body (``lstm``) and heads, docs/conventions.md §2. Arrays about actions are token-aligned: entry t
 belongs to token t, chosen in state s_t = tokens[:, :t] whose LSTM output is h_{t−1}::
 
     scores[:, t]  = head(h_{t−1})     = h_{t−1} W_headᵀ + b_head      (B, T, V)   action scores z

@@ -1,6 +1,6 @@
 """Optimisers as separate functions: SGD, Adam and global-norm clipping.
 
-Nothing in a loss clips or logs; these run after the gradient (DESIGN.md §3)::
+Nothing in a loss clips or logs; these run after the gradient (docs/conventions.md §3)::
 
     SGD     θ ← θ − η·g
     Adam    m ← β1·m + (1−β1)·g;  v ← β2·v + (1−β2)·g²;  m̂ = m/(1−β1ᵗ);  v̂ = v/(1−β2ᵗ)

@@ -1,6 +1,6 @@
 """The policy over action scores: the readable reference; the kernels in ``_core`` must match it.
 
-Given action scores z (..., V) from the head, DESIGN.md §3 (seed §4.2):
+Given action scores z (..., V) from the head, docs/conventions.md §3 (seed §4.2):
 
     Boltzmann           log π(a|s)   = α·z_a − logsumexp(α·z)                (max-shifted)
     ε-mixture           π_ε(a|s)     = (1−ε)·softmax(α·z)_a + ε/V
@@ -17,7 +17,7 @@ scaled by its own total (≈ 1): a float32 running sum over a large vocabulary d
 V·eps32 (1 % at V = 200k), and the float32 rounding of logsumexp scales every q alike, which the
 total cancels; so float32 and float64 scores sample the same token except where u lies within a
 few float32 ulps of a q_k of a CDF boundary (docs/conventions.md, "Sampling"); if rounding leaves u ≥ cdf_{V−1}, the last token with
-q > 0 (DESIGN.md §4). The distribution that samples is the one whose log-probs enter the loss.
+q > 0 (docs/conventions.md §4). The distribution that samples is the one whose log-probs enter the loss.
 
 Shapes: any leading shape ``(...)``; the last axis is the vocabulary V.
 """
@@ -190,7 +190,7 @@ def sample(logq, u):
     if np.any((u < 0) | (u >= 1)):
         raise ValueError("u must hold uniforms in [0, 1)")
     q = np.exp(logq)
-    cdf = np.cumsum(q, axis=-1, dtype=np.float64)            # float64 whatever the dtype (DESIGN.md §4)
+    cdf = np.cumsum(q, axis=-1, dtype=np.float64)            # float64 whatever the dtype (docs/conventions.md §4)
     a = np.sum(cdf <= u[:, None] * cdf[:, -1:], axis=-1)     # u scaled by the total (≈ 1)
     over = a >= q.shape[-1]
     if np.any(over):

@@ -1,6 +1,6 @@
 """REINFORCE with a KL penalty to a frozen reference policy: the readable reference objective.
 
-Written to be MINIMISED; descent on L is ascent on the expected return J (DESIGN.md §3).
+Written to be MINIMISED; descent on L is ascent on the expected return J (docs/conventions.md §3).
 The founding article writes θ ← θ − η·∇logP·Σγᵗ R_t, which *descends* the return: a sign
 slip. Here θ ← θ − η·∇L with L = L_pg + L_ent + L_value + L_kl, and
 
@@ -62,7 +62,7 @@ def check_switch(sw, value):
 @dataclass(frozen=True)
 class ReinforceConfig:
     """Every convention and coefficient of the REINFORCE objective: the fields, their defaults, values
-    and checks are the rows of ``conventions.SWITCHES`` (defaults of DESIGN.md §3)."""
+    and checks are the rows of ``conventions.SWITCHES`` (defaults of docs/conventions.md §3)."""
     alpha: float = _D("alpha")          #: inverse temperature α > 0 of the Boltzmann policy
     eps: float = _D("eps")              #: ε ∈ [0, 1] of the trainable ε-mixture
     gamma: float = _D("gamma")          #: discount γ ∈ [0, 1]
@@ -293,7 +293,7 @@ def loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, ref_params
     """The RL loss, every intermediate and ∇L for every parameter.
 
     params       policy: embedding, lstm, head and the critic head (value, or qvalue)
-    tokens, mask, prompt_len   the episode batch (DESIGN.md §2)
+    tokens, mask, prompt_len   the episode batch (docs/conventions.md §2)
     reward       (B,) sequence rewards R, added at each row's last action
     ref_params   the frozen reference policy (scored with the same α, ε), or
     ref_logp     its token log-probs (B, T) precomputed
@@ -325,7 +325,7 @@ def loss_and_grad(params, tokens, mask, prompt_len, reward, cfg=None, ref_params
     # KL, rewards, returns, baseline, advantages (constants for the gradient), the losses
     c = chain(cfg, am, logp, ref_logp, ent, reward, None if values is None else np.where(am > 0, values, 0.0),
               pred, qb, group, old_logp, old_values)
-    # logq is a per-position array: 0 where the scores are 0 (padding, column 0), DESIGN.md §2
+    # logq is a per-position array: 0 where the scores are 0 (padding, column 0), docs/conventions.md §2
     out = pack_outputs(am, logp, ref_logp, ent, c["kl"], c["rewards"], c["returns"], values, qvalues,
                        c["baseline"], c["advantages"], c["weights"], c["loss_pg"], c["loss_ent"], c["loss_value"],
                        scores=fwd["scores"], logq=np.where(cache["pm"][:, :, None] > 0, logq, 0.0),

@@ -1,7 +1,7 @@
 """KL estimators, shaped rewards, returns, baselines and advantages: the readable reference.
 
 All arrays are token-aligned (B, T) and hold exactly 0 where ``action_mask`` (m) is 0;
-time steps are the actions only (prompt and padding do not count). DESIGN.md §3.
+time steps are the actions only (prompt and padding do not count). docs/conventions.md §3.
 
 KL to the frozen reference, with x = log π(a_t|s_t) − log π_ref(a_t|s_t) (x ~ π):
 

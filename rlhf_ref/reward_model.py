@@ -1,6 +1,6 @@
 """The reward model and its Bradley–Terry loss: the readable reference.
 
-A separate network (DESIGN.md §2): ``embedding.*``, ``lstm.*`` and a scalar head
+A separate network (docs/conventions.md §2): ``embedding.*``, ``lstm.*`` and a scalar head
 ``reward.weight (1, H)``, ``reward.bias (1,)``, read at the last real token of each sequence::
 
     r(x) = reward(h_{last real token})                                   (B,)

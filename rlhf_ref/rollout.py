@@ -3,7 +3,7 @@
 Every row starts from its prompt (BOS first, ``prompt_len`` tokens) and the LSTM runs one
 token at a time (``lstm.step``). At t ≥ prompt_len a row samples token t from q(·|s_t), the
 policy over ``scores = head(h_{t−1})``, by inverse CDF with the pre-drawn uniform u[:, t]
-(``policy.sample``; DESIGN.md §4). A row ends after EOS or at T (truncation); positions after
+(``policy.sample``; docs/conventions.md §4). A row ends after EOS or at T (truncation); positions after
 its end are padding (mask 0). Nothing here draws random numbers.
 
     rollout(params, prompt_tokens (B, T), prompt_len (B,), u (B, T), alpha, eps, kind, ...)

@@ -1,6 +1,6 @@
 """Supervised next-token cross-entropy (pretraining): the readable reference.
 
-Minimised; always a token mean over the N_real real positions t ≥ 1 (DESIGN.md §3)::
+Minimised; always a token mean over the N_real real positions t ≥ 1 (docs/conventions.md §3)::
 
     L_sft = −(1/N_real) Σ_{real t ≥ 1} log softmax(z_t)[tokens_t],   z_t = head(h_{t−1})
     ∂L/∂z_t = −(1/N_real)·(onehot(tokens_t) − softmax(z_t))

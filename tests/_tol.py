@@ -1,5 +1,5 @@
 """The one tolerance rule of the test suite, the central-difference gradient checker, and the
-tie-aware comparison of sampled tokens (DESIGN.md §4). Every numeric comparison in the project
+tie-aware comparison of sampled tokens (docs/conventions.md §4). Every numeric comparison in the project
 goes through here, so a tolerance is derived in one place and an override is visible.
 
 Comparison (llm.c ``dev/cuda/common.h``: ``tolerance + |ref|·epsilon``; numpy's asymmetric
@@ -177,7 +177,7 @@ def gradcheck(f, params, grads, h=GRAD_H, atol=GRAD_ATOL, rtol=GRAD_RTOL, keys=N
 
 
 # ---------------------------------------------------------------------------------------------
-# sampled tokens (DESIGN.md §4)
+# sampled tokens (docs/conventions.md §4)
 
 def first_divergence(tokens_a, tokens_b):
     """Column of each row's first differing token; T (the row length) where the rows are equal."""
@@ -188,7 +188,7 @@ def first_divergence(tokens_a, tokens_b):
 
 def compare_sampled_tokens(tokens_a, tokens_b, u, cdf_ref, action_mask_ref=None, dtype=np.float32, n=None,
                            tol=None):
-    """Tie-aware comparison of two backends' sampled tokens (DESIGN.md §4).
+    """Tie-aware comparison of two backends' sampled tokens (docs/conventions.md §4).
 
     tokens_a (B, T)      tokens of the backend under test
     tokens_b (B, T)      tokens of the reference (float64) run, from the same uniforms

@@ -296,7 +296,7 @@ def test_the_good_input_of_these_cases_is_accepted():
 
 
 def test_padding_ids_are_never_read():
-    """Out-of-range ids on padding positions are not errors (DESIGN.md §2: padded ids are never read)."""
+    """Out-of-range ids on padding positions are not errors (docs/conventions.md §2: padded ids are never read)."""
     garbage = np.where(MASK > 0, TOK, 12345)
     o1, g1 = reinforce.loss_and_grad(P, TOK, MASK, PL, R, ref_params=REF)
     o2, g2 = reinforce.loss_and_grad(P, garbage, MASK, PL, R, ref_params=REF)

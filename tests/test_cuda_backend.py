@@ -309,7 +309,7 @@ def test_empty_batch_and_single_step(tiny_blocks):
 @pytest.mark.parametrize("kind,eps", [("greedy", 0.0), ("eps_greedy", 0.4)])
 def test_inverse_cdf_boundaries_with_zero_uniforms(tiny_blocks, kind, eps):
     """u = 0 sits exactly on the CDF's zero steps: a = #{k : cdf_k ≤ 0} is the greedy token
-    (not token 0), which pins the ≤ of DESIGN.md §4."""
+    (not token 0), which pins the ≤ of docs/conventions.md §4."""
     p, _, prompt, pl, _ = make_problem(seed=4)
     u = np.zeros((B, T))
     out = be.rollout(p, prompt, pl, u, 1.0, eps, kind)

@@ -328,7 +328,7 @@ def test_sft_and_reward_model_match_reference_on_larger_shapes(monkeypatch, dt, 
                                               (8, 2, "greedy")])
 def test_rollout_matches_reference_on_larger_shapes(monkeypatch, dt, B, nthreads, kind):
     """Rows in blocks on several threads, smm or BLAS per step, early EOS, a reference policy of
-    another size and the values: tie-aware against the reference (DESIGN.md §4)."""
+    another size and the values: tie-aware against the reference (docs/conventions.md §4)."""
     cy = _cy()
     if nthreads > 1 and not cy.openmp()[0]:
         pytest.skip("built without OpenMP")

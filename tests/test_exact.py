@@ -5,7 +5,7 @@ by a recursion of this file, the objective E[Σ_j γ^j r_j] (at γ = 1: J − β
 from the token log-probs (reinforce.sequence_logprobs, itself cross-checked against PyTorch), and
 its gradient is a central difference of that sum (tests/_tol.py). The exact expectation of the
 REINFORCE estimator (exact.expected_estimator, which enumerates batches and calls
-reinforce.loss_and_grad) must equal it for the unbiased conventions of DESIGN.md §3, and must
+reinforce.loss_and_grad) must equal it for the unbiased conventions of docs/conventions.md §3, and must
 differ from it, by the stated amount where a formula exists, for the biased ones.
 """
 
@@ -69,7 +69,7 @@ def my_batch(ys, L, PROMPT):
 
 
 class Problem:
-    """The enumeration of one (V, L) problem and the objectives written from DESIGN.md §3."""
+    """The enumeration of one (V, L) problem and the objectives written from docs/conventions.md §3."""
 
     def __init__(self, V, L, alpha=1.0, eps=0.0, seed=0, heads=("head", "value")):
         self.V, self.L, self.alpha, self.eps = V, L, alpha, eps

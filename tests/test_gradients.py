@@ -4,7 +4,7 @@ the heads, the policy's log-prob and entropy gradients, SFT, the Bradley–Terry
 REINFORCE objective end to end for every convention.
 
 The REINFORCE loss holds A, G, the baselines, the whitening statistics, R and β·k constant, so a
-finite difference of out['loss'] is *not* its gradient. The test builds the surrogate of DESIGN.md §3
+finite difference of out['loss'] is *not* its gradient. The test builds the surrogate of docs/conventions.md §3
 itself (``design_pieces`` below, written from the formulas with plain per-row loops, not from
 reinforce.py): A, G and the weights are computed once at θ and frozen, and the surrogate
     L(θ) = −Σ w·A·log π_θ,ε(a_t|s_t) − c_H Σ w·H(π_θ,ε(·|s_t)) + c_V ½ Σ w (pred_θ − G)²
@@ -199,7 +199,7 @@ def test_bt_loss_and_grad(margin):
 
 
 # ---------------------------------------------------------------------------------------------
-# REINFORCE end to end: the DESIGN.md §3 surrogate, written here independently of reinforce.py
+# REINFORCE end to end: the docs/conventions.md §3 surrogate, written here independently of reinforce.py
 
 def log_mix(scores, alpha, eps):
     """log π_ε(·|s) = log((1−ε)·softmax(α z) + ε/V), straight from the definition."""
@@ -213,7 +213,7 @@ GROUP = np.array([0, 0, 1, 0])         # rows 0, 1, 3 answer one prompt; row 2 (
 
 
 def design_pieces(p, tokens, mask, prompt_len, R, ref_logp, cfg, group=GROUP):
-    """Every constant of the surrogate at θ = p, from DESIGN.md §3 with per-row loops."""
+    """Every constant of the surrogate at θ = p, from docs/conventions.md §3 with per-row loops."""
     fwd, _ = model.forward(p, tokens, mask)
     B, T = tokens.shape
     am = np.array([[mask[b, t] == 1 and t >= prompt_len[b] for t in range(T)] for b in range(B)])
@@ -388,7 +388,7 @@ def test_reinforce_end_to_end(cfg):
     tokens, mask, pl = batch()
     R = rng.normal(0, 2, tokens.shape[0])
 
-    # the constants, recomputed from DESIGN.md §3 (n: the longest reduction, over the 4·7 positions)
+    # the constants, recomputed from docs/conventions.md §3 (n: the longest reduction, over the 4·7 positions)
     ref_fwd, _ = model.forward(ref, tokens, mask)
     am0 = model.action_mask(mask, pl) > 0
     ref_logp = np.where(am0, np.take_along_axis(log_mix(ref_fwd["scores"], cfg.alpha, cfg.eps),

@@ -294,7 +294,7 @@ def test_padding_columns_change_no_reward(batch, seed):
 
 
 def test_batch_of_only_padding_rows_and_prompts_is_an_error():
-    """All-padding rows are accepted, but a batch with no action at all has no loss (DESIGN.md §3)."""
+    """All-padding rows are accepted, but a batch with no action at all has no loss (docs/conventions.md §3)."""
     p, ref = net(0, ("head", "value")), net(1, ("head",))
     tokens = np.array([[1, 4, 0], [0, 0, 0]])
     mask = np.array([[1, 1, 0], [0, 0, 0]], float)
@@ -497,7 +497,7 @@ def test_tokenizer_unknown_characters(text):
 
 
 # ---------------------------------------------------------------------------------------------
-# the zeros of DESIGN.md §2, the reference policy at equal parameters, sampling at the CDF's end
+# the zeros of docs/conventions.md §2, the reference policy at equal parameters, sampling at the CDF's end
 
 PER_ACTION = ("action_mask", "logp", "ref_logp", "entropy", "kl", "rewards", "returns", "baseline", "advantages",
               "weights")
@@ -559,7 +559,7 @@ def test_entropy_of_greedy_and_eps_greedy():
 
 
 def test_sample_at_the_end_of_a_cdf_that_rounds_below_one():
-    """DESIGN.md §4: if rounding leaves u >= cdf_{V−1}, the pick is the last token with q > 0."""
+    """docs/conventions.md §4: if rounding leaves u >= cdf_{V−1}, the pick is the last token with q > 0."""
     q = np.array([[0.5, 0.5 - 1e-12, 0.0, 0.0]])
     u = np.array([1.0 - 1e-13])
     with np.errstate(divide="ignore"):

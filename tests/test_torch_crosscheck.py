@@ -2,7 +2,7 @@
 
 The reference's parameter dict is loaded into ``nn.Embedding`` + ``nn.LSTM(batch_first=True)`` +
 ``nn.Linear`` heads by their state-dict names (``load_state_dict(strict=True)``: the names and shapes
-of DESIGN.md §2 are exactly PyTorch's). The torch side is written here from DESIGN.md §3, not
+of docs/conventions.md §2 are exactly PyTorch's). The torch side is written here from docs/conventions.md §3, not
 translated from reinforce.py: each row runs through ``nn.LSTM`` on its own real prefix (so padding is
 simply absent), token alignment is done by indexing ``out[t − 1]``, the stop-gradients are
 ``.detach()``, and autograd gives the gradients. Scores, values, log-probs (α, ε variants), entropy,
@@ -32,7 +32,7 @@ N_GRAD = N_FWD + 4 * T
 
 
 class Net(nn.Module):
-    """The module of DESIGN.md §2: its state-dict names are the reference's parameter keys."""
+    """The module of docs/conventions.md §2: its state-dict names are the reference's parameter keys."""
 
     def __init__(self, heads):
         super().__init__()
@@ -79,7 +79,7 @@ def rows_forward(net, tokens, mask):
 
 
 def log_policy(z, alpha, eps):
-    """log π_ε = logaddexp(log1p(−ε) + log_softmax(α z), log(ε/V)); ε = 0: log_softmax (DESIGN.md §3)."""
+    """log π_ε = logaddexp(log1p(−ε) + log_softmax(α z), log(ε/V)); ε = 0: log_softmax (docs/conventions.md §3)."""
     lp = F.log_softmax(alpha * z, dim=-1)
     if eps == 0:
         return lp
@@ -167,7 +167,7 @@ def test_sft_loss_and_grads():
 
 
 def torch_reinforce(net, ref_net, tokens, mask, pl, R, cfg):
-    """DESIGN.md §3 in torch, per row. Returns the loss pieces (tensors) and per-token arrays."""
+    """docs/conventions.md §3 in torch, per row. Returns the loss pieces (tensors) and per-token arrays."""
     B = tokens.shape[0]
     rows = rows_forward(net, tokens, mask)
     with torch.no_grad():

@@ -265,7 +265,7 @@ def test_edge_cases_hold_what_they_say(stored):
 
 
 def test_padding_rows_and_columns_change_nothing(stored):
-    """DESIGN.md §2: the padding_rows case, stripped of its extra rows and columns, gives the same
+    """docs/conventions.md §2: the padding_rows case, stripped of its extra rows and columns, gives the same
     numbers (each row's values, the losses and the gradients)."""
     e, a = stored["padding_rows"]
     B0, T0 = e["dims"]["B_rollout"], e["dims"]["T_rollout"]

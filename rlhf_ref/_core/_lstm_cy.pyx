@@ -7,7 +7,7 @@ The same equations as the reference (its docstring), gate order i, f, g, o. Layo
       gates (T, B, 4H)   post-activation gates (forward); ∂L/∂(pre-activations) after backward
       cs, hs (T+1, B, H) cs[t+1], hs[t+1] = c, h after token t; cs[0] = hs[0] = 0 (h0 = c0 = 0)
 
-  which is all the backward pass keeps (gates and cell states for every step, DESIGN.md memory
+  which is all the backward pass keeps (gates and cell states for every step, docs/conventions.md memory
   rule; hs[t] is also the input of the heads at position t).
 * The input projection is hoisted out of the time loop as a **table of the tokens present**:
   the U distinct ids of the batch (U ≤ min(V, B·T), in order of first appearance) get their rows

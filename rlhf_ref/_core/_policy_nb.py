@@ -10,7 +10,7 @@ temporaries:
                    reference does, then rounded to the kernel's dtype
     sampling       a = #{k : cdf_k ≤ u·cdf_{V−1}}, cdf the running sum of q from index 0 (q in the
                    kernel's dtype, accumulated in float64, u scaled by the total, as policy.sample);
-                   if u ≥ cdf_{V−1}, the last token with q > 0                 (DESIGN.md §4)
+                   if u ≥ cdf_{V−1}, the last token with q > 0                 (docs/conventions.md §4)
 
 ``e`` arguments are (V,) work rows; α and ε arrive as float64 and are rounded to the row's
 dtype, as NumPy does for ``alpha * z``.

@@ -3,7 +3,7 @@
 The reference (``rollout.rollout``) samples one token at a time for every row: feed token
 t−1 through the LSTM (``lstm.step``), score the vocabulary with the head, turn the scores into
 the policy q(·|s_t) (``policy.logprobs``) and pick token t by inverse CDF from the pre-drawn
-uniform u[:, t] (``policy.sample``; DESIGN.md §4). This file runs that whole loop, every row and
+uniform u[:, t] (``policy.sample``; docs/conventions.md §4). This file runs that whole loop, every row and
 every time step, in ONE kernel launch; kernels never draw random numbers (u comes in as an
 array). ``sequence_logprobs`` is the same kernel run teacher-forced: the tokens are given and
 only the log-probs are read, so recomputed log-probs equal the sampling ones bit for bit on

@@ -14,7 +14,7 @@ EOS and is **truncated** when the text reaches ``max_len`` tokens (no room left)
 is always the whole text so far, ``Box(0, V−1, (max_len,), int64)``; ``info["length"]`` holds its
 real length (use it rather than ``obs != 0``: an agent may itself emit the PAD id), and
 ``info["prompt_len"]`` the prompt's (BOS included), exactly the ``tokens``/``prompt_len`` layout of
-``rlhf_ref`` (DESIGN.md §2), so an episode's last observation feeds our REINFORCE as it is.
+``rlhf_ref`` (docs/conventions.md §2), so an episode's last observation feeds our REINFORCE as it is.
 
 Reward. At the episode's last step, the sequence reward R(prompt, response):
 
@@ -26,7 +26,7 @@ Optional per-step KL shaping (``kl_coef`` = β > 0, needs ``ref_params`` = π_re
 ``β·log π_ref(a_t|s_t)`` (π_ref scored with ``alpha``, ``eps``). That is the part of the KL-penalised
 reward −β·(log π(a_t|s_t) − log π_ref(a_t|s_t)) that an environment can compute; an agent that
 adds ``−β·log π(a_t|s_t)`` of its own policy (an entropy bonus) gets exactly the k1-shaped reward
-of DESIGN.md §3. ``info["ref_logp"]`` holds log π_ref(a_t|s_t).
+of docs/conventions.md §3. ``info["ref_logp"]`` holds log π_ref(a_t|s_t).
 
 ``render_mode="ansi"`` returns the text so far.
 """

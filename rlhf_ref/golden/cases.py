@@ -52,8 +52,8 @@ TRL_GRPO = dict(returns="total", baseline="group_mean", group_scale="std", beta=
                 surrogate="ppo_clip", aggregation="token_mean", value_coef=0.0)
 
 CASES = (
-    # the defaults of DESIGN.md §3, in both dtypes, with every section
-    _c("base", "DESIGN.md defaults (alpha 1, eps 0, gamma 1, beta 0.05, k1, reward-to-go, value baseline, "
+    # the defaults of docs/conventions.md §3, in both dtypes, with every section
+    _c("base", "the defaults of docs/conventions.md (alpha 1, eps 0, gamma 1, beta 0.05, k1, reward-to-go, value baseline, "
        "no whitening, token mean, c_H 0, c_V 0.5)", sections=ALL_SECTIONS),
     _c("base_f32", "the defaults in float32", dtype="float32", sections=ALL_SECTIONS),
     # one switch at a time

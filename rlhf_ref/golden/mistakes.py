@@ -1319,7 +1319,7 @@ MISTAKES = (
        "normalisation, aggregation or coefficient differs while {values_state})"),
     _M("value_loss_body_detached", (GRAD,), _grad_value_body_detached,
        "the value loss does not reach the LSTM body (its features were detached): the value head shares the "
-       "policy's body, and the gradient of L_value flows into it (DESIGN.md §2)"),
+       "policy's body, and the gradient of L_value flows into it (docs/conventions.md §2)"),
     _M("baseline_not_detached", (GRAD,), _grad_baseline_not_detached,
        "the critic head gets a gradient from L_pg: the baseline is not detached (A = G − b must be a constant in "
        "L_pg; detach b or A)", "pattern"),

@@ -4,10 +4,10 @@
 the format is documented in docs/golden-vectors.md (enough to write a reader without this code).
 ``rlhf-ref verify`` (rlhf_ref.verify) compares another implementation's outputs with them.
 
-A case is one configuration of the objective (every convention of DESIGN.md §3 by name) and
+A case is one configuration of the objective (every convention of docs/conventions.md §3 by name) and
 every array of one pass through it, in data-flow order:
 
-    params   policy/<name>  ref/<name>  rm/<name>         PyTorch state-dict names (DESIGN.md §2)
+    params   policy/<name>  ref/<name>  rm/<name>         PyTorch state-dict names (docs/conventions.md §2)
     rollout  rollout/prompt_tokens, prompt_len, u  ->  rollout/tokens, mask, action_mask, logp
     rl       tokens, mask, prompt_len, reward [, group, old_logp, old_values where the case uses them]
              ->  action_mask, scores, logq, logp, ref_logp, entropy, kl, rewards, returns,

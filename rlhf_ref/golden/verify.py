@@ -534,7 +534,7 @@ def verify_case(entry, golden, outputs, layout=None, strict_mask=True):
                     rep.findings.append(Finding(
                         name, section, "masking" if strict_mask else "note", n,
                         f"nonzero at {len(pos)} position(s) off {what} ({kinds}); e.g. {_where(ctx, n, first, layout)}"
-                        f" = {_fmt(np.asarray(got)[first])}. Entries off the mask must be exactly 0 (DESIGN.md §2)",
+                        f" = {_fmt(np.asarray(got)[first])}. Entries off the mask must be exactly 0 (docs/conventions.md §2)",
                         index=first, **_masking_hint(ctx, n, got)))
                     got = np.where(off, 0 if gv.zero_off(n) in differing else want, got)
             # compare

@@ -7,7 +7,7 @@ the reference modules for those, so a compiled backend speeds up this same code 
 A stage takes ``backend`` as a name ("auto", "numpy", "cython", "numba", "cuda": resolved by
 ``rlhf_ref.backends.get``) or as a backend module itself.
 
-Text layout (DESIGN.md §2): a text is ``BOS + characters (+ EOS)``; a prompt is ``BOS +
+Text layout (docs/conventions.md §2): a text is ``BOS + characters (+ EOS)``; a prompt is ``BOS +
 prompt characters`` and its ``prompt_len`` counts the BOS; the response follows.
 
 Checkpoints (``save_stage`` / ``load_stage``) go through ``rlhf_ref.io``: an ``.npz`` of arrays

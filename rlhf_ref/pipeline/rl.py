@@ -1,6 +1,6 @@
 """Stage 3 — RL fine-tuning with REINFORCE and a KL penalty to the frozen π_ref.
 
-Each iteration (DESIGN.md §3, ``reinforce.py``):
+Each iteration (docs/conventions.md §3, ``reinforce.py``):
 
 1. draw a batch of prompts and the uniforms u (B, T) from the stage's one seeded generator, and
    sample responses with ``backend.rollout`` (it also scores them under π_ref: ``ref_logp``);
