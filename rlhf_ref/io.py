@@ -50,7 +50,7 @@ import numpy as np
 from . import safe_read
 from .safe_read import FileReadError
 
-__all__ = ["atomic_open", "clean_stale_temps", "atomic_write_bytes", "atomic_write_text", "CheckpointError",
+__all__ = ["atomic_open", "clean_stale_temps", "remove_regular_file", "atomic_write_bytes", "atomic_write_text", "CheckpointError",
            "save_checkpoint", "load_checkpoint", "checkpoint_paths", "generator_state",
            "generator_from_state", "to_jsonable", "SCHEMA", "SCHEMA_VERSION"]
 
@@ -139,13 +139,20 @@ def clean_stale_temps(folder, names=None, prefix=None):
                 or (prefix is not None and not m.group("name").startswith(prefix)):
             continue
         p = os.path.join(folder, fn)
-        try:
-            if stat.S_ISREG(os.lstat(p).st_mode):
-                os.unlink(p)
-                removed.append(p)
-        except FileNotFoundError:
-            pass
+        if remove_regular_file(p):
+            removed.append(p)
     return removed
+
+
+def remove_regular_file(path):
+    """Remove ``path`` if it is a regular file (never a link, folder or device); True if removed."""
+    try:
+        if stat.S_ISREG(os.lstat(path).st_mode):
+            os.unlink(path)
+            return True
+    except FileNotFoundError:
+        pass
+    return False
 
 
 def atomic_write_bytes(path, data):

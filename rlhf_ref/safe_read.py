@@ -108,6 +108,15 @@ def _size(n):
 
 
 # ----------------------------------------------------------------------------- paths
+def _lstat(path, what):
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        raise FileReadError(path, f"{what} not found") from None
+    except OSError as e:
+        raise FileReadError(path, f"cannot read {what}: {e.strerror or e}") from None
+
+
 def resolve_inside(folder, name, *, what="file"):
     """The path of ``name`` (a string read from a manifest) inside ``folder``.
 
@@ -126,12 +135,7 @@ def resolve_inside(folder, name, *, what="file"):
     path = folder
     for p in parts:
         path = os.path.join(path, p)
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            raise FileReadError(path, f"{what} not found") from None
-        except OSError as e:
-            raise FileReadError(path, f"cannot read {what}: {e.strerror or e}") from None
+        st = _lstat(path, what)
         if stat.S_ISLNK(st.st_mode):
             raise FileReadError(path, f"{what} is a symbolic link; rlhf_ref reads only regular files inside "
                                       f"the folder it was given")
@@ -154,12 +158,7 @@ def read_bytes(path, *, what="file", max_bytes=None):
     path = os.fspath(path)
     limit = _LIMITS.max_file_bytes if max_bytes is None else int(max_bytes)
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        raise FileReadError(path, f"{what} not found") from None
-    except OSError as e:
-        raise FileReadError(path, f"cannot read {what}: {e.strerror or e}") from None
+    st = _lstat(path, what)
     if not stat.S_ISREG(st.st_mode):
         raise FileReadError(path, f"{what} is {_kind(st.st_mode)}; expected a regular file")
     try:

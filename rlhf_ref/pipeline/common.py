@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import stat
 
 import numpy as np
 
@@ -345,12 +344,8 @@ def clean_checkpoint_folder(run_dir, stage):
         head, _, num = stem.rpartition("-")
         p = os.path.join(folder, name)
         if ext == ".npz" and head == stage and num.isdigit() and not os.path.lexists(os.path.join(folder, stem + ".json")):
-            try:
-                if stat.S_ISREG(os.lstat(p).st_mode):
-                    os.unlink(p)
-                    removed.append(p)
-            except FileNotFoundError:
-                pass
+            if io.remove_regular_file(p):
+                removed.append(p)
     return removed
 
 
