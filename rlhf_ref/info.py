@@ -6,6 +6,7 @@ kernels) and which backends can run here, and why not.
 
 from __future__ import annotations
 
+import importlib
 import os
 import platform
 import sys

@@ -65,7 +65,9 @@ def test_kernel_codes_are_the_tables_indices():
     for name, codes in _host.CODES.items():
         assert list(codes) == list(conventions.values(name)) and list(codes.values()) == list(range(len(codes)))
     cfg = reinforce.ReinforceConfig(kl="k3", returns="total", baseline="loo", whiten="bessel", aggregation="seq_sum")
-    assert _host.reinforce_codes(cfg) == (2, 1, 3, 2, 2)
+    codes = _host.chain_codes(cfg)
+    assert [codes[k] for k in ("kl", "returns", "baseline", "whiten", "aggregation")] == [2, 1, 3, 2, 2]
+    assert codes["kl_in"] == codes["group_scale"] == codes["surrogate"] == 0       # the defaults: index 0
 
 
 def test_kernels_hold_no_names_and_their_constants_match_the_table():

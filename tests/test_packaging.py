@@ -109,6 +109,13 @@ def test_info_python_m():
     _assert_info(out.stdout)
 
 
+def test_info_import_check_reports_every_optional_package():
+    """`rlhf-ref info --import-check` imports each installed optional package (it once raised NameError)."""
+    out = check(subprocess.run([sys.executable, "-m", "rlhf_ref", "info", "--no-probe", "--import-check"],
+                               capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300))
+    assert "numpy" in out.stdout and "Traceback" not in out.stderr
+
+
 def test_info_console_script():
     script = Path(sys.executable).with_name("rlhf-ref")
     if not script.exists():

@@ -42,7 +42,7 @@ import numpy as np
 
 from .. import model, policy, reinforce, reward_model, sft
 from . import _blas, _config
-from ._host import c as _c, complete, dtype as _dtype, head_stack, head_grads, reinforce_codes, CODES
+from ._host import c as _c, complete, dtype as _dtype, head_stack, head_grads, CODES
 from ._host import chain_codes, check_group_sd
 from ._host import stack_pairs, reward_head_backward, reward_head_grads
 from .._validate import check_finite_result

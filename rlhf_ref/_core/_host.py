@@ -19,12 +19,6 @@ CODES = {name: {v: i for i, v in enumerate(sw.values)}
          for name, sw in conventions.TABLE.items() if sw.is_choice}
 
 
-def reinforce_codes(cfg):
-    """The kernels' (kl, returns, baseline, whiten, aggregation) codes of a ReinforceConfig."""
-    return (CODES["kl"][cfg.kl], CODES["returns"][cfg.returns], CODES["baseline"][cfg.baseline],
-            CODES["whiten"][cfg.whiten], CODES["aggregation"][cfg.aggregation])
-
-
 def chain_codes(cfg):
     """{switch: code} of every choice of a ReinforceConfig (what the kernels' chains receive)."""
     return {name: CODES[name][getattr(cfg, name)] for name in ("kl", "returns", "baseline", "whiten", "aggregation",

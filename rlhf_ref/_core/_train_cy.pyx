@@ -32,7 +32,7 @@ from libc.string cimport memset
 from ._policy_cy cimport RowStats, stats_row, grad_row
 
 # The conventions arrive as integer codes: a value's index in its row of rlhf_ref/conventions.py
-# (_host.reinforce_codes); this file holds no names.
+# (_host.chain_codes); this file holds no names.
 
 
 cdef inline void need(bint ok, str what) except *:
