@@ -278,7 +278,11 @@ def chain(cfg, am, logp, ref_logp, ent, reward, values, pred, qbaseline=None, gr
         err_clip = np.where(m, old_values + np.clip(dv, -cfg.value_clip, cfg.value_clip) - G, 0.0)
         loss_value = cfg.value_coef * 0.5 * np.sum(w * np.maximum(err ** 2, err_clip ** 2))
         inside = np.abs(dv) < cfg.value_clip              # ∂V_clip/∂V = 1 inside the clip range, else 0
-        d_pred = cfg.value_coef * w * np.where(err ** 2 >= err_clip ** 2, err, np.where(inside, err_clip, 0.0))
+        # err² ≥ err_clip² decided as (err − err_clip)·(err + err_clip) ≥ 0 with err − err_clip = dv − clip(dv)
+        # exactly: comparing the two squares directly lets G's rounding pick the branch when |G| is huge
+        d = dv - np.clip(dv, -cfg.value_clip, cfg.value_clip)
+        use_err = (d == 0) | (d * (err + err_clip) >= 0)
+        d_pred = cfg.value_coef * w * np.where(use_err, err, np.where(inside, err_clip, 0.0))
     else:
         loss_value = cfg.value_coef * 0.5 * np.sum(w * err ** 2)
         d_pred = cfg.value_coef * w * err

@@ -54,9 +54,24 @@ PARAM_MUTS = ("pval", "pscale", "pmissing", "pextra", "pnotdict", "pmixed", "pli
               "pvocab")
 PSCALES = (1e20, 1e30, 1e38, 1e-30, 1e-42, 1e300, -1e30)
 BATCH_MUTS = ("B=0", "T=0", "T=1", "none")
+# the scalar switches of issue 9 (cfg mutations; the others of the config are the base call's)
+RL_SCALARS = ("cfg.lam", "cfg.clip_low", "cfg.clip_high", "cfg.value_clip", "cfg.group_eps", "cfg.norm_len")
 
 
 # ------------------------------------------------------------------------------------ base inputs
+
+# the well-formed ReinforceConfigs of reinforce_loss_and_grad's base calls, by (seed // 2) % 7 (None: the
+# default config without group/old_logp/old_values); the others pass all three arrays
+RL_CONFIGS = (
+    None,
+    dict(baseline="group_mean", group_scale="std", group_eps=1e-4),
+    dict(baseline="group_loo", group_scale="std", kl_in="loss", kl="k3", aggregation="seq_mean"),
+    dict(baseline="group_mean", surrogate="ppo_clip", clip_low=0.2, clip_high=0.28),
+    dict(surrogate="ppo_clip", clip_low=0.1, clip_high=0.1, value_clip=0.2, returns="gae", lam=0.95, gamma=0.9),
+    dict(returns="gae", lam=0.5, kl_in="loss", kl="k2", value_clip=0.5),
+    dict(aggregation="fixed_len", norm_len=8.0, baseline="group_loo", kl_in="loss", surrogate="ppo_clip"),
+)
+
 
 def base(fn, dt, seed):
     """The well-formed inputs of one call (kwargs); every hostile spec changes one thing of them."""
@@ -86,6 +101,13 @@ def base(fn, dt, seed):
             kw["ref_params"] = ref
         else:
             kw["ref_logp"] = np.where(mask > 0, -rng.random((B, T)), 0.0)
+        cfg = RL_CONFIGS[(seed // 2) % len(RL_CONFIGS)]
+        if cfg is not None:                      # the field's conventions (issue 9) and their inputs
+            kw.update({"cfg_" + k: v for k, v in cfg.items()})
+            kw["group"] = np.array([7, 7, 7]) if cfg.get("group_scale") == "std" or cfg.get("baseline") == \
+                "group_loo" else np.array([0, 1, 1])
+            kw["old_logp"] = np.where(mask > 0, -rng.random((B, T)) * 2, 0.0)
+            kw["old_values"] = np.where(mask > 0, rng.standard_normal((B, T)), 0.0)
         return kw
     if fn == "sft_loss_and_grad":
         return dict(params=p, tokens=tokens, mask=mask)
@@ -106,8 +128,10 @@ def args_of(fn):
         "rollout": (("prompt_tokens", "prompt_len", "u"), ("alpha", "eps", "kind", "eos_id", "values"),
                     ("params", "ref_params")),
         "sequence_logprobs": (("tokens", "mask", "prompt_len"), ("alpha", "eps"), ("params",)),
-        "reinforce_loss_and_grad": (("tokens", "mask", "prompt_len", "reward", "ref_logp"),
-                                    ("cfg.alpha", "cfg.eps", "cfg.gamma", "cfg.beta"), ("params", "ref_params")),
+        "reinforce_loss_and_grad": (("tokens", "mask", "prompt_len", "reward", "ref_logp", "group", "old_logp",
+                                     "old_values"),
+                                    ("cfg.alpha", "cfg.eps", "cfg.gamma", "cfg.beta") + RL_SCALARS,
+                                    ("params", "ref_params")),
         "sft_loss_and_grad": (("tokens", "mask"), (), ("params",)),
         "reward_forward": (("tokens", "mask"), (), ("params",)),
         "bt_loss_and_grad": (("chosen", "chosen_mask", "rejected", "rejected_mask", "margin"), (), ("params",)),
@@ -245,6 +269,9 @@ def build(spec):
 # ------------------------------------------------------------------------------------ the table
 
 ARRAY_VALUES = ("nan", "inf", "-1", "V", "2**40", "0.5", "2", "1e-45", "-2**63")
+# the issue-9 arrays also get huge values (old_logp: exp(logp − old_logp) overflows)
+NEW_ARRAYS = ("group", "old_logp", "old_values")
+NEW_ARRAY_VALUES = ARRAY_VALUES + ("-inf", "1e300", "-3e38", "3e38", "1e39", "2**63-1", "2**70", "0")
 PARAM_VALUES = ("nan", "inf", "-inf", "3e38", "1e300", "1e-45")
 PARAM_ARRAY_MUTS = ("dtype:float16", "dtype:int64", "dtype:object", "ndim-1", "ndim+1", "fortran", "noncontig",
                     "shape:row+1", "empty0")
@@ -267,7 +294,8 @@ def table(fns=FNS, dtypes=("float32", "float64")):
                 add(fn, dt, m)
             for a in arrays:
                 for m in ARRAY_MUTS:
-                    for v in (ARRAY_VALUES if m == "value" else ("",)):
+                    vals = NEW_ARRAY_VALUES if a in NEW_ARRAYS else ARRAY_VALUES
+                    for v in (vals if m == "value" else ("",)):
                         add(fn, dt, m, a, v)
             for a in scalars:
                 for v in VALUES:

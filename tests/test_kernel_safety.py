@@ -273,3 +273,59 @@ def test_float32_sampling_matches_exact_float64_sampling_at_a_large_vocabulary(n
     for p in (p32, p64):
         tok = be.rollout(p, prompt, pl, u)["tokens"][:, 1]
         assert np.array_equal(tok, exact), f"{int(np.sum(tok != exact))} of {B} draws differ ({p['head.weight'].dtype})"
+
+
+# ------------------------------------------------------------------------------------ issue 9's value clip
+
+def _value_clip_case():
+    """Sequence rewards 1e17 (|G| huge), value_clip 0.2 and old_values 0.5 below the prediction on row 0,
+    0.5 above it on row 1: |dv| > value_clip everywhere, so err² vs err_clip² is decided by 0.3·|2G|,
+    far below the rounding of the two squares (|G|² ~ 1e34)."""
+    p = lstm.init_params(5, 3, 4, np.random.default_rng(0), heads=("head", "value"))
+    tokens = np.array([[1, 3, 4, 2], [1, 4, 3, 2]])
+    mask = np.ones((2, 4))
+    pl = np.array([1, 1])
+    cfg = reinforce.ReinforceConfig(baseline="none", beta=0.0, value_clip=0.2)
+    pred = reinforce.loss_and_grad(p, tokens, mask, pl, np.zeros(2), reinforce.ReinforceConfig(baseline="none"),
+                                   ref_logp=np.zeros((2, 4)))[0]["values"]
+    old_values = pred + np.array([[-0.5], [0.5]])
+    return p, tokens, mask, pl, np.array([1e17, 1e17]), cfg, old_values
+
+
+def test_value_clip_branch_is_the_exact_one_at_huge_returns():
+    """The value-clip loss max((V − G)², (V_clip − G)²) picks its branch by comparing the two squares;
+    at |G| = 1e17 the reference compared two equal rounded squares and took the unclipped gradient
+    where exact arithmetic takes the clipped one (gradient 0 outside the clip range), and the
+    compiled backends, whose G rounds differently, disagreed with it (hostile suite, alpha = 2^63 − 1,
+    float32). The branch is now decided from dv − clip(dv), which is exact. Expected: exact rationals."""
+    from fractions import Fraction as F
+    p, tokens, mask, pl, reward, cfg, old_values = _value_clip_case()
+    am = np.zeros((2, 4))
+    am[:, 1:] = 1
+    pred = np.where(am > 0, reinforce.loss_and_grad(p, tokens, mask, pl, reward, cfg, ref_logp=np.zeros((2, 4)),
+                                                    old_values=old_values)[0]["values"], 0.0)
+    z = np.zeros((2, 4))
+    ch = reinforce.chain(cfg, am, z, z, z, reward, pred, pred, old_values=np.where(am > 0, old_values, 0.0))
+    G = ch["returns"]
+    for b in range(2):
+        for t in range(1, 4):
+            v, o, g = F(float(pred[b, t])), F(float(old_values[b, t])), F(float(G[b, t]))
+            dv = v - o
+            cv = max(min(dv, F(0.2)), F(-0.2))
+            err, err_clip = v - g, o + cv - g
+            want = err if err ** 2 >= err_clip ** 2 else (err_clip if abs(dv) < F(0.2) else 0)
+            w = F(float(ch["weights"][b, t]))
+            assert ch["d_pred"][b, t] == pytest.approx(float(F(cfg.value_coef) * w * want), rel=1e-12, abs=0), (b, t)
+    assert np.any(ch["d_pred"][am > 0] == 0) and np.any(ch["d_pred"][am > 0] != 0)   # both branches taken
+
+
+@pytest.mark.parametrize("name", CPU)
+def test_value_clip_branch_matches_the_reference_at_huge_returns(name):
+    """Every backend takes the reference's value-clip branch at |G| = 1e17 (value-head gradient)."""
+    be = backend(name)
+    p, tokens, mask, pl, reward, cfg, old_values = _value_clip_case()
+    kw = dict(ref_logp=np.zeros((2, 4)), old_values=old_values)
+    want = reinforce.loss_and_grad(p, tokens, mask, pl, reward, cfg, **kw)[1]
+    got = be.reinforce_loss_and_grad(p, tokens, mask, pl, reward, cfg, **kw)[1]
+    for k in ("value.weight", "value.bias"):
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-9, atol=1e-9 * np.abs(want[k]).max(), err_msg=k)

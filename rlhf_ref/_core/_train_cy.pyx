@@ -194,7 +194,7 @@ def reinforce_chain(const double[:, ::1] logp, const double[:, ::1] ref_logp, co
     cdef Py_ssize_t B = logp.shape[0], T = logp.shape[1], b, t, last, j, first_b
     cdef double x, k, g, tot, disc, N = 0, nrows = 0, n_b = 0, s_b = 0, S_all = 0, mu, var, den, sd_
     cdef double loss_pg = 0, loss_ent = 0, loss_value = 0, loss_kl = 0, e, a_next, v_next, delta, L
-    cdef double rho, un, cl, ec, vc, dv, n_g, s_g
+    cdef double rho, un, cl, ec, vc, dv, cv, dd, n_g, s_g
     cdef bint has_b, has_old = old_logp is not None, has_ratio = ratio is not None
     need(reward.shape[0] == B and _bt(ref_logp, B, T) and _bt(am, B, T) and _bt(values, B, T) and _bt(qb, B, T)
          and _bt(pred_q, B, T) and _bt(ent, B, T) and _bt(kl, B, T) and _bt(rewards, B, T) and _bt(G, B, T)
@@ -412,10 +412,11 @@ def reinforce_chain(const double[:, ::1] logp, const double[:, ::1] ref_logp, co
                     e = pred[b, t] - G[b, t]
                     if value_clip > 0:               # max((V − G)², (V_clip − G)²) around old_values
                         dv = pred[b, t] - old_values[b, t]
-                        vc = old_values[b, t] + (-value_clip if dv < -value_clip else (value_clip if dv > value_clip
-                                                                                       else dv))
+                        cv = -value_clip if dv < -value_clip else (value_clip if dv > value_clip else dv)
+                        vc = old_values[b, t] + cv
                         ec = vc - G[b, t]
-                        if e * e >= ec * ec:
+                        dd = dv - cv                         # e − ec exactly (the reference's test)
+                        if dd == 0 or dd * (e + ec) >= 0:
                             loss_value = loss_value + w[b, t] * e * e
                             d_pred[b, t] = value_coef * w[b, t] * e
                         else:

@@ -123,7 +123,8 @@ def reinforce_chain(logp, ref_logp, am, reward, values, qb, pred_q, critic_q,
                 if value_clip > 0:                           # max((V − G)², (V_clip − G)²)
                     dv = p - old_values[b, t]
                     rc = old_values[b, t] + min(max(dv, -value_clip), value_clip) - G[b, t]
-                    if r * r >= rc * rc:
+                    dd = dv - min(max(dv, -value_clip), value_clip)      # r − rc exactly (the reference's test)
+                    if dd == 0.0 or dd * (r + rc) >= 0.0:
                         loss_val += c_val * 0.5 * w[b, t] * r * r
                         d_pred[b, t] = c_val * w[b, t] * r
                     else:
