@@ -78,8 +78,6 @@ class RLConfig(ReinforceConfig):
         if self.baseline in ("group_mean", "group_loo") and self.group_size < 2:
             raise ValueError(f"baseline={self.baseline!r} needs group_size >= 2 (several samples of each prompt), "
                              f"got group_size={self.group_size}")
-        if self.group_scale != "off" and self.group_size < 2:
-            raise ValueError(f"group_scale={self.group_scale!r} needs group_size >= 2, got group_size={self.group_size}")
 
     @property
     def rows(self):
