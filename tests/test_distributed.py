@@ -38,8 +38,9 @@ NUMPY = backends.get("numpy")
 VOCAB = corpus.default_vocab()
 PROMPTS = sorted({corpus.split_line(ln)[0] for ln in corpus.generate_corpus(200, seed=1)})
 
-# configurations that together take every value of every switch the RL stage supports
-# (kl, returns, baseline without qvalue, whiten, shift_mean, aggregation, γ < 1, entropy bonus)
+# configurations that together take every value of every switch of the first table rows
+# (kl, returns, batch baselines, whiten, shift_mean, aggregation, γ < 1, entropy bonus); issue 9's
+# values and the qvalue critic: NEW_CONVENTIONS and RAY_NEW below
 CONVENTIONS = [
     dict(kl="k1", returns="rtg", baseline="value", whiten="off", shift_mean=True, aggregation="token_mean",
          gamma=1.0, entropy_coef=0.0),

@@ -11,21 +11,24 @@ from the *gathered* per-token arrays, never per shard. One iteration, two phases
    texts with the reward model (``backend.reward_forward``), and runs the policy forward on its
    rows (``model.forward``: logp, entropy, V). It keeps that forward for phase 2 and returns the
    per-token arrays (B_k, T) and per-row rewards.
-2. (learner) concatenates the shards in order (B, T) and forms, with the reference's own
-   functions on the whole batch, KL, shaped rewards, returns, the baseline (``mean``/``loo`` over
-   all rows), the whitening mean and variance (population or Bessel, over all actions), the
-   aggregation weights (token counts N and n_rows of the whole batch) and the three losses —
-   exactly the code of ``reinforce.loss_and_grad``. (workers) worker k gets its rows of the
-   advantages A, returns G and weights w, and returns ∂L/∂θ of its rows: with those constants
+2. (learner) concatenates the shards in order (B, T) and runs ``reinforce.chain`` — the reference's
+   own per-token chain of ``reinforce.loss_and_grad`` — on the whole batch: KL, shaped rewards,
+   returns (GAE included), the baseline (batch, group — the group ids are the batch's, so a group
+   may span shards — or the critic's), group scaling, whitening, the aggregation weights (token
+   counts of the whole batch), the clip ratios against old_logp, the value clip against old_values
+   and the four losses, with their per-token upstream gradients d_logp_pg, d_logp_kl, d_ent, d_pred.
+   (workers) worker k gets its rows of those upstreams and returns ∂L/∂θ of its rows: with them
    L = Σ_k L_k, so ∇L = Σ_k ∇L_k. (learner) sums the shards' gradients in shard order 0, 1, …,
-   clips, takes the Adam step.
+   clips, takes the Adam step. With ppo_epochs > 1 each later epoch repeats the forward on the
+   rows the workers kept (``ShardWorker.forward_again``), then the same step 2, with the same R,
+   group, old_logp (the rollout's log-probs) and old_values (epoch 1's critic predictions).
 
 The guarantee (tests/test_distributed.py checks it):
 
 * float64: every per-iteration metric and the final parameters equal the single-process run's
   to rounding (the tests assert relative 1e-9; measured: at most 7e-13 relative after 5
   iterations on 3 workers, and bit-identical on 1 worker with the NumPy backend), for every convention of
-  ``ReinforceConfig`` the RL stage supports, on any number of workers and any split of the rows
+  ``ReinforceConfig`` (the qvalue critic and issue 9's included), on any number of workers and any split of the rows
   (a shard with one row, a shard with no action). Not bit-identical: the per-row arithmetic is
   the same, but BLAS may block a (B_k, ·) product differently from a (B, ·) one, the gradient is
   a sum of per-shard sums, and phase 2 runs the NumPy reference where the single process may

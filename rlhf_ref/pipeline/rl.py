@@ -96,7 +96,8 @@ def init_qvalue_head(params, seed):
     rng = common.make_rng(seed, "rl-qvalue")
     k = 1.0 / np.sqrt(H)
     dt = params["head.weight"].dtype
-    return {"qvalue.weight": rng.uniform(-k, k, size=(V, H)).astype(dt), "qvalue.bias": rng.uniform(-k, k, size=V).astype(dt)}
+    return {"qvalue.weight": rng.uniform(-k, k, size=(V, H)).astype(dt),
+            "qvalue.bias": rng.uniform(-k, k, size=V).astype(dt)}
 
 
 def sampling_values(params, ro, rcfg):
