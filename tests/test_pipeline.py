@@ -457,3 +457,23 @@ def test_field_settings_errors(ref_params):
         RLConfig(ppo_epochs=0)
     with pytest.raises(ValueError, match="group_scale='std' needs baseline='group_mean' or 'group_loo'"):
         RLConfig(group_size=2, group_scale="std")
+
+
+def test_rl_checkpoint_from_before_group_size_resumes(tmp_path, ref_params):
+    """A checkpoint written before group_size/ppo_epochs existed resumes (their defaults are the old
+    behaviour); one that says otherwise is refused."""
+    cfg = dataclasses.replace(field_cfg("qvalue"), baseline="value")
+    full, _ = run_field(str(tmp_path / "a"), ref_params, cfg)
+    with pytest.raises(Crash):          # stopped in iteration 3: the checkpoint of iteration 2 stays
+        run_field(str(tmp_path / "b"), ref_params, cfg, backend=CrashingBackend("reinforce_loss_and_grad", 3))
+    stem = common.stage_checkpoints(str(tmp_path / "b"), "rl")[-1]
+    with open(stem + ".json") as f:
+        man = json.load(f)
+    for k in ("group_size", "ppo_epochs"):
+        del man["config"][k]
+    with open(stem + ".json", "w") as f:
+        json.dump(man, f)
+    resumed, _ = run_field(str(tmp_path / "b"), ref_params, cfg)
+    same_params(full, resumed)
+    with pytest.raises(ValueError, match="group_size: checkpoint 1, now 2"):
+        run_field(str(tmp_path / "b"), ref_params, dataclasses.replace(cfg, group_size=2))
