@@ -402,6 +402,31 @@ def test_killed_worker_is_replaced_and_the_run_is_unchanged(executors, ref_param
     assert _rows(str(tmp_path / "a")) == _rows(str(tmp_path / "b"))
 
 
+def test_worker_killed_in_a_ppo_epoch_is_replaced_and_the_run_is_unchanged(executors, ref_params, tmp_path):
+    """ppo_epochs 2: a worker killed in iteration 1's second epoch is replaced, given its rows of the
+    batch (``load_batch``), and the epoch is recomputed: the run equals an uninterrupted one."""
+    ex = executors[3]
+    cfg = _cfg(steps=2, surrogate="ppo_clip", ppo_epochs=2, value_clip=0.2)
+    want, _ = _run(ref_params, _reward, cfg, str(tmp_path / "a"), executor=ex)
+    calls = []
+    old = ex.pids()
+
+    def kill_worker_1(executor, phase):                     # iteration 1, epoch 2, just after its forward is sent
+        calls.append(phase)
+        if calls.count(3) == 1 and phase == 3:
+            os.kill(old[1], signal.SIGKILL)
+    ex.on_submit = kill_worker_1
+    try:
+        got, _ = _run(ref_params, _reward, cfg, str(tmp_path / "b"), executor=ex)
+    finally:
+        ex.on_submit = None
+    new = ex.pids()
+    assert new[0] == old[0] and new[2] == old[2] and new[1] != old[1]
+    assert calls.count(1) == 2 and calls.count(3) == 3      # the epoch ran again, not the iteration
+    _same(got, want)
+    assert _rows(str(tmp_path / "a")) == _rows(str(tmp_path / "b"))
+
+
 class Crash(Exception):
     pass
 

@@ -408,7 +408,10 @@ class RayExecutor:
         for attempt in range(self.max_restarts + 1):
             try:
                 p_ref = self.ray.put(params)
-                parts = self._get([a.forward_again.remote(p_ref) for a in self.actors])
+                refs = [a.forward_again.remote(p_ref) for a in self.actors]
+                if self.on_submit:
+                    self.on_submit(self, 3)
+                parts = self._get(refs)
                 return self._phase2(parts, b["rows"], b["ref_logp"], b["R"], rcfg, b["old"], {})
             except self.ray.exceptions.RayActorError as e:
                 if attempt == self.max_restarts:
