@@ -203,7 +203,9 @@ def run_demo(out=None, seed=0, backend="auto", dtype="float32", quick=False, pro
 
     # 4. REINFORCE fine-tuning
     t = time.perf_counter()
-    say(f"\n[4/5] REINFORCE fine-tuning: {lc.steps} iterations of {lc.batch_size} responses "
+    batch = f"{lc.batch_size} prompts × {lc.group_size} samples" if lc.group_size > 1 else f"{lc.batch_size} responses"
+    epochs = f", {lc.ppo_epochs} updates each" if lc.ppo_epochs > 1 else ""
+    say(f"\n[4/5] REINFORCE fine-tuning: {lc.steps} iterations of {batch}{epochs} "
         f"(β={lc.beta}, γ={lc.gamma}, {lc.baseline} baseline, lr={lc.lr}); reward = the reward model")
     policy, linfo = reinforce_finetune(ref, vocab, list(split.train), rm, lc, true_reward=true_reward, backend=be,
                                        run_dir=out, resume=resume, progress=progress, log=say, workers=workers,
@@ -346,6 +348,9 @@ def add_arguments(parser):
                         help="run the RL stage on N Ray workers (pip install 'rlhf-ref[ray]'; default 0: this process)")
     parser.add_argument("--address", default=None,
                         help="with --workers: join the Ray cluster at ADDR (default: start a local one)")
+    parser.add_argument("--set", action="extend", nargs="+", default=[], metavar="NAME=VALUE",
+                        help="set fields of the RL stage's RLConfig (as rlhf-ref train-rl --set), e.g. "
+                             "--set group_size=4 baseline=group_loo")
     return parser
 
 
@@ -360,10 +365,13 @@ def main(args):
         return 2
     if args.threads:
         limit_blas_threads(args.threads)
-    from .pipeline.commands import _user_errors
+    from .pipeline.commands import _user_errors, apply_sets
     try:
+        pc, rc, lc = stage_configs(args.seed, args.dtype, args.quick)
+        configs = (pc, rc, apply_sets(lc, getattr(args, "set", None)))
         run_demo(out=args.out, seed=args.seed, backend=args.backend, dtype=args.dtype, quick=args.quick,
-                 progress=args.progress, resume=args.resume, workers=args.workers, address=args.address)
+                 progress=args.progress, resume=args.resume, workers=args.workers, address=args.address,
+                 configs=configs)
     except _user_errors() as e:
         sys.stderr.write(f"rlhf-ref demo: error: {e}\n")
         return 2

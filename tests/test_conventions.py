@@ -175,12 +175,21 @@ def test_group_is_validated_even_when_unused_and_ignored_otherwise():
 
 @pytest.mark.parametrize("kw", [dict(kl_in="loss"), dict(returns="gae"), dict(baseline="group_loo"),
                                 dict(surrogate="ppo_clip"), dict(value_clip=0.1), dict(aggregation="fixed_len")])
-def test_the_distributed_stage_refuses_what_it_does_not_compute(kw):
-    """pipeline/distributed.py has its own copy of the batch statistics: a convention it lacks is an
-    error there, never a silently different objective."""
+def test_the_distributed_stage_computes_every_convention(kw):
+    """pipeline/distributed.py has no copy of the batch statistics: it runs ``reinforce.chain`` on the
+    gathered arrays, so every convention gives the reference's numbers and its errors."""
     from rlhf_ref.pipeline import distributed
     am = np.array([[0, 1, 1.0], [0, 1, 0.0]])
-    z = np.zeros((2, 3))
-    with pytest.raises(ValueError, match="run without --workers"):
-        distributed.global_statistics(am, z, z, z, z, np.zeros(2), reinforce.ReinforceConfig(**kw))
-    distributed.global_statistics(am, z, z, z, z, np.zeros(2), reinforce.ReinforceConfig())
+    rng = np.random.default_rng(0)
+    logp, ref, vals, ent, old = (np.where(am > 0, rng.normal(size=(2, 3)), 0.0) for _ in range(5))
+    R, group, cfg = np.array([0.5, -1.0]), np.array([3, 3]), reinforce.ReinforceConfig(**kw)
+    got = distributed.global_statistics(am, logp, ref, vals, ent, R, cfg, group=group, old_logp=old, old_values=old)
+    want = reinforce.chain(cfg, am, logp, ref, ent, R, vals, vals, None, group, old, old)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    if cfg.baseline == "group_loo":
+        with pytest.raises(ValueError, match="needs group"):
+            distributed.global_statistics(am, logp, ref, vals, ent, R, cfg)
+    if cfg.value_clip > 0:
+        with pytest.raises(ValueError, match="needs old_values"):
+            distributed.global_statistics(am, logp, ref, vals, ent, R, cfg, group=group)

@@ -11,7 +11,7 @@ import shutil
 import numpy as np
 import pytest
 
-from rlhf_ref import cli
+from rlhf_ref import cli, demo
 from rlhf_ref.metrics import read_metrics
 from rlhf_ref.pipeline import common
 
@@ -132,7 +132,42 @@ def test_train_commands_on_human_style_preferences(quick_run, tmp_path, capsys):
     capsys.readouterr()
 
 
+@pytest.mark.parametrize("sets", [["group_size=4", "baseline=group_loo"],
+                                  ["surrogate=ppo_clip", "ppo_epochs=2", "value_clip=0.2"],
+                                  ["group_size=2", "baseline=group_mean", "group_scale=std", "kl_in=loss", "kl=k3"],
+                                  ["baseline=qvalue"]], ids=["rloo", "ppo", "grpo", "qvalue"])
+def test_train_rl_with_the_field_conventions(quick_run, tmp_path, capsys, sets):
+    """rlhf-ref train-rl --set NAME=VALUE ... (several after one --set) for every issue-9 setting."""
+    out, _ = quick_run
+    run = tmp_path / "field"
+    os.makedirs(run / "checkpoints")
+    for stage in ("pretrain", "reward"):
+        for ext in (".npz", ".json"):
+            shutil.copy(common.stage_checkpoints(out, stage)[0] + ext, run / "checkpoints")
+    assert cli.main(["train-rl", "--out", str(run), "--backend", "numpy", "--set", "steps=2", "batch_size=3",
+                     "norm_samples=8", "max_new=8", "--set", *sets, "--progress", "off"]) == 0, capsys.readouterr().err
+    ck = common.load_stage(common.stage_checkpoints(str(run), "rl")[0], "rl")
+    for s in sets:
+        name, value = s.split("=")
+        assert str(ck["config"][name]) == value
+    rows = read_metrics(run / "metrics" / "rl.jsonl")
+    assert len(rows) == 2 and all("loss_kl" in r for r in rows)
+    assert ("qvalue.weight" in ck["groups"]["policy"]) == ("baseline=qvalue" in sets)
+    capsys.readouterr()
+
+
+def test_demo_passes_set_to_the_rl_stage(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(demo, "run_demo", lambda **kw: seen.update(kw))
+    assert cli.main(["demo", "--quick", "--set", "group_size=4", "baseline=group_loo", "--threads", "0"]) == 0
+    lc = seen["configs"][2]
+    assert lc.group_size == 4 and lc.baseline == "group_loo" and lc.steps == demo.stage_configs(quick=True)[2].steps
+
+
 @pytest.mark.parametrize("argv, message", [
+    (["demo", "--quick", "--set", "baseline=group_loo"], "needs group_size >= 2"),
+    (["demo", "--quick", "--set", "ppo_epochs=0"], "ppo_epochs must be an integer >= 1"),
+    (["train-rl", "--out", "{run}", "--set", "baseline=group_mean"], "needs group_size >= 2"),
     (["demo", "--quick", "--backend", "nope"], "unknown backend 'nope'"),
     (["demo", "--quick", "--threads", "-1"], "--threads must be >= 0"),
     (["sample", "--checkpoint", "{run}", "--alpha", "0"], "alpha must be > 0"),

@@ -38,8 +38,9 @@ NUMPY = backends.get("numpy")
 VOCAB = corpus.default_vocab()
 PROMPTS = sorted({corpus.split_line(ln)[0] for ln in corpus.generate_corpus(200, seed=1)})
 
-# configurations that together take every value of every switch the RL stage supports
-# (kl, returns, baseline without qvalue, whiten, shift_mean, aggregation, γ < 1, entropy bonus)
+# configurations that together take every value of every switch of the first table rows
+# (kl, returns, batch baselines, whiten, shift_mean, aggregation, γ < 1, entropy bonus); issue 9's
+# values and the qvalue critic: NEW_CONVENTIONS and RAY_NEW below
 CONVENTIONS = [
     dict(kl="k1", returns="rtg", baseline="value", whiten="off", shift_mean=True, aggregation="token_mean",
          gamma=1.0, entropy_coef=0.0),
@@ -56,11 +57,11 @@ CONV_IDS = [f"{c['kl']}-{c['returns']}-{c['baseline']}-{c['whiten']}-{c['aggrega
 # ---------------------------------------------------------------------------------------------
 # (a) the arithmetic, no Ray
 
-def _batch(seed, dtype=np.float64):
+def _batch(seed, dtype=np.float64, heads=("head", "value")):
     """A policy with a value head and a batch of 7 rows whose rows 5 and 6 have no action."""
     rng = np.random.default_rng(seed)
     V, T = 9, 8
-    params = lstm.init_params(V, 4, 6, rng, dtype=dtype)
+    params = lstm.init_params(V, 4, 6, rng, heads=heads, dtype=dtype)
     lengths = np.array([8, 5, 3, 8, 6, 4, 7])
     prompt_len = np.array([2, 1, 2, 3, 1, 4, 7])          # rows 5, 6: the prompt fills the row
     tokens = rng.integers(0, V, (7, T))
@@ -88,6 +89,50 @@ def test_two_phase_equals_the_reference(conv, sizes):
     assert sorted(ggot) == sorted(gwant)
     for k in gwant:
         np.testing.assert_allclose(ggot[k], gwant[k], rtol=1e-11, atol=1e-14, err_msg=k)
+
+
+# issue 9's conventions, one configuration per new value (and the qvalue critic); the batch's groups
+# {0, 2}, {1, 3, 4} (rows 5, 6: no action) interleave and span the shards of every split
+NEW_CONVENTIONS = [
+    dict(kl="k3", kl_in="loss", baseline="group_mean", group_scale="std", group_eps=1e-3, aggregation="fixed_len"),
+    dict(kl="k2", baseline="group_loo", aggregation="seq_mean", gamma=0.9, entropy_coef=0.02),
+    dict(returns="gae", lam=0.8, gamma=0.95, surrogate="ppo_clip", clip_low=0.1, clip_high=0.3, value_clip=0.05,
+         aggregation="fixed_len", norm_len=11.0),
+    dict(baseline="qvalue", whiten="population", gamma=0.9, entropy_coef=0.03),
+]
+NEW_IDS = ["grpo", "rloo", "ppo-gae", "qvalue"]
+GROUP = np.array([0, 1, 0, 1, 1, 2, 2])
+
+
+def _old(seed, logp, am):
+    """old_logp = logp + noise (some ratios inside the clip range, some outside), old_values random."""
+    rng = np.random.default_rng(seed)
+    return (np.where(am > 0, logp + rng.normal(size=am.shape) * 0.3, 0.0),
+            np.where(am > 0, rng.normal(size=am.shape) * 0.3, 0.0))
+
+
+@pytest.mark.parametrize("conv", NEW_CONVENTIONS, ids=NEW_IDS)
+@pytest.mark.parametrize("sizes", SPLITS, ids=lambda s: "+".join(map(str, s)))
+def test_two_phase_equals_the_reference_for_issue9_conventions(conv, sizes):
+    cfg = ReinforceConfig(alpha=1.3, eps=0.1, beta=0.3, **conv)
+    params, tokens, mask, pl, ref_logp, reward = _batch(2, heads=("head", cfg.critic))
+    logp = reinforce.sequence_logprobs(params, tokens, mask, pl, cfg.alpha, cfg.eps)
+    old_logp, old_values = _old(3, logp, reinforce.model.action_mask(mask, pl))
+    kw = dict(group=GROUP, old_logp=old_logp, old_values=old_values)
+    want, gwant = reinforce.loss_and_grad(params, tokens, mask, pl, reward, cfg, ref_logp=ref_logp, **kw)
+    got, ggot = dist.two_phase_loss_and_grad(params, tokens, mask, pl, reward, ref_logp, cfg, sizes, **kw)
+    keys = ["action_mask", "logp", "ref_logp", "entropy", "kl", "rewards", "returns", "baseline", "advantages",
+            "ratio", "weights", "loss_pg", "loss_ent", "loss_value", "loss_kl", "loss"]
+    for k in keys + (["values"] if cfg.critic == "value" else []):
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-12, atol=1e-15, err_msg=k)
+    assert sorted(ggot) == sorted(gwant)
+    for k in gwant:
+        np.testing.assert_allclose(ggot[k], gwant[k], rtol=1e-11, atol=1e-14, err_msg=k)
+    if cfg.surrogate == "ppo_clip":                     # the test reaches both branches of the clip
+        r = want["ratio"][want["action_mask"] > 0]
+        assert np.any((r < 1 - cfg.clip_low) | (r > 1 + cfg.clip_high)) and np.any(np.abs(r - 1) < 0.1)
+    if cfg.kl_in == "loss":
+        assert want["loss_kl"] != 0.0
 
 
 def test_per_shard_statistics_would_differ():
@@ -236,13 +281,31 @@ def _same(a, b):
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
-@pytest.mark.parametrize("conv", CONVENTIONS, ids=CONV_IDS)
+# the RL stage's issue-9 settings, one configuration per new value (group_size 2: B = 10 rows, the
+# 3-worker split 1 + 8 + 1 and the 2-worker 5 + 5 cut groups in two; ppo_epochs 2 re-steps on the workers)
+RAY_NEW = [
+    dict(group_size=2, kl="k3", kl_in="loss", baseline="group_mean", group_scale="std", group_eps=1e-3,
+         aggregation="fixed_len"),
+    dict(group_size=2, baseline="group_loo", aggregation="seq_sum", entropy_coef=0.02),
+    dict(returns="gae", lam=0.8, surrogate="ppo_clip", clip_low=0.1, clip_high=0.3, value_clip=0.2, ppo_epochs=2,
+         aggregation="fixed_len", norm_len=9.0),
+    dict(baseline="qvalue", gamma=0.9, ppo_epochs=2, surrogate="ppo_clip", entropy_coef=0.01),
+]
+
+
+@pytest.mark.parametrize("conv", CONVENTIONS + RAY_NEW, ids=CONV_IDS + ["grpo", "rloo", "ppo-gae", "qvalue"])
 def test_float64_equals_one_process_on_1_2_3_workers(conv, executors, ref_params, tmp_path):
     cfg = _cfg(**conv)
     want, _ = _run(ref_params, _reward, cfg, str(tmp_path / "single"))
     rows = _rows(str(tmp_path / "single"))
     for n, ex in executors.items():
-        got, info = _run(ref_params, _reward, cfg, str(tmp_path / f"w{n}"), executor=ex)
+        saved = ex.sizes
+        if saved is not None and cfg.rows != sum(saved):
+            ex.sizes = (1, cfg.rows - 2, 1)
+        try:
+            got, info = _run(ref_params, _reward, cfg, str(tmp_path / f"w{n}"), executor=ex)
+        finally:
+            ex.sizes = saved
         assert info["workers"] == n and info["executor"] == "ray"
         _close(got, want, 1e-9)
         got_rows = _rows(str(tmp_path / f"w{n}"))
@@ -335,6 +398,31 @@ def test_killed_worker_is_replaced_and_the_run_is_unchanged(executors, ref_param
     new = ex.pids()
     assert new[0] == old[0] and new[2] == old[2] and new[1] != old[1]
     assert calls == [1, 2, 1, 1, 2, 1, 2]                   # iteration 2 ran again from phase 1
+    _same(got, want)
+    assert _rows(str(tmp_path / "a")) == _rows(str(tmp_path / "b"))
+
+
+def test_worker_killed_in_a_ppo_epoch_is_replaced_and_the_run_is_unchanged(executors, ref_params, tmp_path):
+    """ppo_epochs 2: a worker killed in iteration 1's second epoch is replaced, given its rows of the
+    batch (``load_batch``), and the epoch is recomputed: the run equals an uninterrupted one."""
+    ex = executors[3]
+    cfg = _cfg(steps=2, surrogate="ppo_clip", ppo_epochs=2, value_clip=0.2)
+    want, _ = _run(ref_params, _reward, cfg, str(tmp_path / "a"), executor=ex)
+    calls = []
+    old = ex.pids()
+
+    def kill_worker_1(executor, phase):                     # iteration 1, epoch 2, just after its forward is sent
+        calls.append(phase)
+        if calls.count(3) == 1 and phase == 3:
+            os.kill(old[1], signal.SIGKILL)
+    ex.on_submit = kill_worker_1
+    try:
+        got, _ = _run(ref_params, _reward, cfg, str(tmp_path / "b"), executor=ex)
+    finally:
+        ex.on_submit = None
+    new = ex.pids()
+    assert new[0] == old[0] and new[2] == old[2] and new[1] != old[1]
+    assert calls.count(1) == 2 and calls.count(3) == 3      # the epoch ran again, not the iteration
     _same(got, want)
     assert _rows(str(tmp_path / "a")) == _rows(str(tmp_path / "b"))
 

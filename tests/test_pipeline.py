@@ -331,3 +331,149 @@ def test_plot_run(tmp_path, ref_params, rm_params):
     out = plot_run(str(tmp_path))
     with open(out, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# the field's conventions in the RL stage (issue 9): GRPO, RLOO, PPO, the qvalue critic
+
+from rlhf_ref import lstm, model, optim, reinforce                           # noqa: E402
+
+FIELD = {
+    "grpo": dict(group_size=3, baseline="group_mean", group_scale="std", kl_in="loss", kl="k3", beta=0.1),
+    "rloo": dict(group_size=2, baseline="group_loo"),
+    "ppo": dict(returns="gae", lam=0.9, surrogate="ppo_clip", value_clip=0.2, ppo_epochs=2, clip_low=0.05,
+                clip_high=0.08, lr=0.05),
+    "qvalue": dict(baseline="qvalue", gamma=0.9),
+}
+
+
+def count_e(prompts, responses):
+    return np.array([len(r) / 10.0 - r.count("e") * 0.3 for r in responses])
+
+
+class Recording:
+    """The numpy backend, recording every rollout's prompt tokens and result."""
+
+    def __init__(self):
+        self.rollouts = []
+
+    def __getattr__(self, name):
+        return getattr(NUMPY, name)
+
+    def rollout(self, params, prompt_tokens, prompt_len, u, **kw):
+        ro = NUMPY.rollout(params, prompt_tokens, prompt_len, u, **kw)
+        self.rollouts.append((np.array(prompt_tokens), np.array(prompt_len), ro))
+        return ro
+
+
+def field_cfg(name, **kw):
+    return RLConfig(**{**dict(steps=4, batch_size=3, max_new=8, ckpt_every=2, seed=9, lr=1e-2), **FIELD[name], **kw})
+
+
+def run_field(run_dir, ref_params, cfg, backend=NUMPY, **kw):
+    return reinforce_finetune(ref_params, VOCAB, PROMPTS, count_e, cfg, backend=backend, run_dir=run_dir,
+                              progress="off", log=quiet, **kw)
+
+
+@pytest.mark.parametrize("name", FIELD)
+def test_field_conventions_run_and_resume_identically(tmp_path, ref_params, name):
+    cfg = field_cfg(name)
+    full, _ = run_field(str(tmp_path / "a"), ref_params, cfg)
+    calls_per_step = cfg.ppo_epochs
+    with pytest.raises(Crash):          # killed in iteration 3 (its last epoch): resumes from iteration 2
+        run_field(str(tmp_path / "b"), ref_params, cfg,
+                  backend=CrashingBackend("reinforce_loss_and_grad", 3 * calls_per_step))
+    resumed, _ = run_field(str(tmp_path / "b"), ref_params, cfg)
+    same_params(full, resumed)
+    rows = read_metrics(tmp_path / "a" / "metrics" / "rl.jsonl")
+    same_rows(rows, read_metrics(tmp_path / "b" / "metrics" / "rl.jsonl"))
+    assert all(math.isfinite(r["loss_kl"]) for r in rows)      # iteration 1: π = π_ref, so k = 0
+    assert any(r["loss_kl"] != 0.0 for r in rows) == (cfg.kl_in == "loss")
+    for r in rows:
+        assert ("ratio_mean" in r) == ("clip_frac" in r) == (cfg.surrogate == "ppo_clip")
+    if cfg.surrogate == "ppo_clip":      # epoch 2 moved the policy off the sampling one
+        assert all(r["ratio_mean"] != 1.0 and 0.0 <= r["clip_frac"] <= 1.0 for r in rows)
+        assert any(r["clip_frac"] > 0 for r in rows)
+    if cfg.critic == "qvalue":           # the stage gave the policy a Q head; the checkpoint carries it
+        assert full["qvalue.weight"].shape == (len(VOCAB), ref_params["head.weight"].shape[1])
+        ck = common.load_stage(common.stage_checkpoints(str(tmp_path / "a"), "rl")[-1], "rl")
+        np.testing.assert_array_equal(ck["groups"]["policy"]["qvalue.weight"], full["qvalue.weight"])
+        one, _ = run_field(None, ref_params, dataclasses.replace(cfg, steps=1))
+        assert not np.array_equal(full["qvalue.weight"], one["qvalue.weight"])      # the Q head is trained
+
+
+@pytest.mark.parametrize("name", FIELD)
+def test_field_iteration_equals_reinforce_loss_and_grad(ref_params, name):
+    """float64: one iteration (ppo_epochs updates) of the stage equals Adam on the gradients of
+    ``reinforce.loss_and_grad`` recomputed here on the sampled batch: the groups from the prompts,
+    old_logp/old_values from the initial parameters, ref_logp from π_ref, R from the reward."""
+    cfg = field_cfg(name, steps=1, dtype="float64")
+    rcfg = cfg.reinforce_config()
+    p0 = {k: v.astype(np.float64) for k, v in ref_params.items()}
+    if cfg.critic == "qvalue":
+        V, _, H = lstm.check_model(p0, ("head",))
+        rng = np.random.default_rng(1)
+        p0.update({"qvalue.weight": rng.normal(size=(V, H)) * 0.3, "qvalue.bias": rng.normal(size=V) * 0.1})
+    rec = Recording()
+    got, _ = run_field(None, ref_params, cfg, backend=rec, init_params=p0)
+    assert len(rec.rollouts) == 1
+    ptok, pl, ro = rec.rollouts[0]
+    B, k = cfg.batch_size * cfg.group_size, cfg.group_size
+    assert ptok.shape[0] == B
+    for g in range(cfg.batch_size):             # k consecutive samples of one prompt
+        for j in range(1, k):
+            np.testing.assert_array_equal(ptok[g * k + j], ptok[g * k])
+            assert pl[g * k + j] == pl[g * k]
+    tokens, mask = np.asarray(ro["tokens"]), np.asarray(ro["mask"])
+    group = np.arange(B) // k
+    R = count_e(None, common.decode_responses(VOCAB, tokens, mask, pl))
+    am = model.action_mask(mask, pl) > 0
+    old_logp = reinforce.sequence_logprobs(p0, tokens, mask, pl, cfg.alpha, cfg.eps)
+    fwd, _ = model.forward(p0, tokens, mask)
+    if cfg.critic == "value":
+        old_values = np.where(am, fwd["values"], 0.0)
+    else:
+        old_values = np.where(am, np.take_along_axis(fwd["qvalues"], tokens[:, :, None], axis=-1)[:, :, 0], 0.0)
+    ref = common.policy_part(p0)
+    want = {k: v.copy() for k, v in p0.items()}
+    state = optim.adam_init(want)
+    for _ in range(cfg.ppo_epochs):
+        _, grads = reinforce.loss_and_grad(want, tokens, mask, pl, R, rcfg, ref_params=ref, group=group,
+                                           old_logp=old_logp, old_values=old_values)
+        grads, _ = optim.clip_grad_norm(grads, cfg.max_grad_norm)
+        optim.adam_step(want, grads, state, lr=cfg.lr)
+    assert sorted(got) == sorted(want)
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-10, atol=1e-13, err_msg=key)
+    assert any(not np.allclose(got[key], p0[key]) for key in p0)
+
+
+def test_field_settings_errors(ref_params):
+    with pytest.raises(ValueError, match="group_size >= 2"):
+        RLConfig(baseline="group_loo")
+    with pytest.raises(ValueError, match="group_size must be an integer >= 1"):
+        RLConfig(group_size=0)
+    with pytest.raises(ValueError, match="ppo_epochs must be an integer >= 1"):
+        RLConfig(ppo_epochs=0)
+    with pytest.raises(ValueError, match="group_scale='std' needs baseline='group_mean' or 'group_loo'"):
+        RLConfig(group_size=2, group_scale="std")
+
+
+def test_rl_checkpoint_from_before_group_size_resumes(tmp_path, ref_params):
+    """A checkpoint written before group_size/ppo_epochs existed resumes (their defaults are the old
+    behaviour); one that says otherwise is refused."""
+    cfg = dataclasses.replace(field_cfg("qvalue"), baseline="value")
+    full, _ = run_field(str(tmp_path / "a"), ref_params, cfg)
+    with pytest.raises(Crash):          # stopped in iteration 3: the checkpoint of iteration 2 stays
+        run_field(str(tmp_path / "b"), ref_params, cfg, backend=CrashingBackend("reinforce_loss_and_grad", 3))
+    stem = common.stage_checkpoints(str(tmp_path / "b"), "rl")[-1]
+    with open(stem + ".json") as f:
+        man = json.load(f)
+    for k in ("group_size", "ppo_epochs"):
+        del man["config"][k]
+    with open(stem + ".json", "w") as f:
+        json.dump(man, f)
+    resumed, _ = run_field(str(tmp_path / "b"), ref_params, cfg)
+    same_params(full, resumed)
+    with pytest.raises(ValueError, match="group_size: checkpoint 1, now 2"):
+        run_field(str(tmp_path / "b"), ref_params, dataclasses.replace(cfg, group_size=2))

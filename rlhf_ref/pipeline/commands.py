@@ -200,8 +200,8 @@ def _common_train_args(p, what):
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p.add_argument("--backend", default="auto", help="auto, numpy, cython, numba or cuda (default auto)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"), help="parameter dtype")
-    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                   help=f"set a field of {what} (repeatable), e.g. --set steps=500 --set lr=3e-3")
+    p.add_argument("--set", action="extend", nargs="+", default=[], metavar="NAME=VALUE",
+                   help=f"set fields of {what} (repeatable), e.g. --set steps=500 lr=3e-3 --set seed=1")
     p.add_argument("--progress", default="auto", choices=("auto", "tqdm", "bar", "lines", "off"))
     return p
 

@@ -386,9 +386,14 @@ def save_and_prune(run_dir, stage, step, **kw):
 
 
 def check_same_config(ckpt, cfg, path):
-    """A resumed stage must run the config it was started with; say which fields differ."""
+    """A resumed stage must run the config it was started with; say which fields differ. A field
+    the checkpoint lacks (written before the field existed) counts as its default, the behaviour
+    of that older version."""
     now = config_dict(cfg)
-    then = ckpt["config"]
+    then = dict(ckpt["config"])
+    for f in dataclasses.fields(cfg):
+        if f.name not in then and f.default is not dataclasses.MISSING:
+            then[f.name] = f.default
     diff = [f"{k}: checkpoint {then.get(k)!r}, now {now[k]!r}" for k in now if then.get(k) != now[k]]
     if diff:
         raise ValueError(f"{path} was written with a different {ckpt['stage']} config ({'; '.join(diff)}); "

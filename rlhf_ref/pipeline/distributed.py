@@ -11,21 +11,24 @@ from the *gathered* per-token arrays, never per shard. One iteration, two phases
    texts with the reward model (``backend.reward_forward``), and runs the policy forward on its
    rows (``model.forward``: logp, entropy, V). It keeps that forward for phase 2 and returns the
    per-token arrays (B_k, T) and per-row rewards.
-2. (learner) concatenates the shards in order (B, T) and forms, with the reference's own
-   functions on the whole batch, KL, shaped rewards, returns, the baseline (``mean``/``loo`` over
-   all rows), the whitening mean and variance (population or Bessel, over all actions), the
-   aggregation weights (token counts N and n_rows of the whole batch) and the three losses —
-   exactly the code of ``reinforce.loss_and_grad``. (workers) worker k gets its rows of the
-   advantages A, returns G and weights w, and returns ∂L/∂θ of its rows: with those constants
+2. (learner) concatenates the shards in order (B, T) and runs ``reinforce.chain`` — the reference's
+   own per-token chain of ``reinforce.loss_and_grad`` — on the whole batch: KL, shaped rewards,
+   returns (GAE included), the baseline (batch, group — the group ids are the batch's, so a group
+   may span shards — or the critic's), group scaling, whitening, the aggregation weights (token
+   counts of the whole batch), the clip ratios against old_logp, the value clip against old_values
+   and the four losses, with their per-token upstream gradients d_logp_pg, d_logp_kl, d_ent, d_pred.
+   (workers) worker k gets its rows of those upstreams and returns ∂L/∂θ of its rows: with them
    L = Σ_k L_k, so ∇L = Σ_k ∇L_k. (learner) sums the shards' gradients in shard order 0, 1, …,
-   clips, takes the Adam step.
+   clips, takes the Adam step. With ppo_epochs > 1 each later epoch repeats the forward on the
+   rows the workers kept (``ShardWorker.forward_again``), then the same step 2, with the same R,
+   group, old_logp (the rollout's log-probs) and old_values (epoch 1's critic predictions).
 
 The guarantee (tests/test_distributed.py checks it):
 
 * float64: every per-iteration metric and the final parameters equal the single-process run's
   to rounding (the tests assert relative 1e-9; measured: at most 7e-13 relative after 5
   iterations on 3 workers, and bit-identical on 1 worker with the NumPy backend), for every convention of
-  ``ReinforceConfig`` the RL stage supports, on any number of workers and any split of the rows
+  ``ReinforceConfig`` (the qvalue critic and issue 9's included), on any number of workers and any split of the rows
   (a shard with one row, a shard with no action). Not bit-identical: the per-row arithmetic is
   the same, but BLAS may block a (B_k, ·) product differently from a (B, ·) one, the gradient is
   a sum of per-shard sums, and phase 2 runs the NumPy reference where the single process may
@@ -62,7 +65,7 @@ import time
 import numpy as np
 
 from .. import model, policy, returns as ret
-from ..reinforce import ReinforceConfig, aggregation_weights, token_logprobs
+from ..reinforce import ReinforceConfig, chain, token_logprobs
 from ..tokenizer import EOS
 from .._validate import as_float_array
 from . import common
@@ -83,56 +86,75 @@ def shard_sizes(batch_size, workers):
 def shard_forward(params, tokens, mask, prompt_len, cfg):
     """Phase 1 on one shard: the policy forward (reference) → (per-token arrays, state for phase 2).
 
-    Returns {'action_mask', 'logp', 'entropy', 'values'} (b, T), the same arrays
-    ``reinforce.loss_and_grad`` computes for these rows, and the forward's cache."""
+    Returns {'action_mask', 'logp', 'entropy', 'values', 'pred', 'qbaseline'} (b, T), the same arrays
+    ``reinforce.loss_and_grad`` computes for these rows (values: V(s_t), zeros without a value head;
+    pred: the critic's prediction at each action, V or Q(s_t, a_t); qbaseline: Σ_a π_ε·Q, zeros for the
+    value critic), and the forward's cache."""
     _, tokens, mask, prompt_len = model.prepare(params, tokens, mask, prompt_len, ("head", cfg.critic))
     am = model.action_mask(mask, prompt_len)
     fwd, cache = model.forward(params, tokens, mask)
     logq = policy.logprobs(fwd["scores"], cfg.alpha, cfg.eps)
+    m = am > 0
+    values = fwd["values"] if "values" in fwd else np.zeros(am.shape)
+    if cfg.critic == "value":
+        pred, qb = np.where(m, fwd["values"], 0.0), np.zeros(am.shape)
+    else:
+        pred = token_logprobs(fwd["qvalues"], tokens, am)                        # Q(s_t, a_t)
+        qb = np.sum(np.exp(logq) * fwd["qvalues"], axis=-1)                      # Σ_a π_ε(a|s_t) Q(s_t, a)
     arrays = {"action_mask": am, "logp": token_logprobs(logq, tokens, am),
-              "entropy": np.where(am > 0, policy.entropy(logq), 0.0), "values": fwd["values"]}
-    return arrays, {"cache": cache, "scores": fwd["scores"], "tokens": tokens, "am": am, "values": fwd["values"]}
+              "entropy": np.where(m, policy.entropy(logq), 0.0), "values": values, "pred": pred, "qbaseline": qb}
+    return arrays, {"cache": cache, "scores": fwd["scores"], "tokens": tokens, "am": am,
+                    "qshape": None if "qvalues" not in fwd else fwd["qvalues"].shape}
 
 
-def global_statistics(am, logp, ref_logp, values, entropy, reward, cfg):
+def global_statistics(am, logp, ref_logp, values, entropy, reward, cfg, pred=None, qbaseline=None, group=None,
+                      old_logp=None, old_values=None):
     """The learner's step between the phases, on the gathered (B, T) arrays of every shard.
 
-    The same lines as ``reinforce.loss_and_grad``: KL, shaped rewards, returns, baseline,
-    (whitened) advantages and weights over the whole batch, and the three losses."""
+    ``reinforce.chain`` on the whole batch (the lines of ``reinforce.loss_and_grad``): KL, shaped
+    rewards, returns (GAE included), the baseline (batch, group or critic), group scaling, whitening,
+    the weights, the four losses and the per-token upstream gradients d_logp_pg, d_logp_kl, d_ent and
+    d_pred that phase 2 sends back to each shard's rows. ``group`` (B,), ``old_logp`` and
+    ``old_values`` (B, T) are the whole batch's (a group may span shards: its statistics are global).
+    ``pred`` defaults to V at the actions (the value critic)."""
     B, T = am.shape
-    if (cfg.kl_in != "reward" or cfg.returns == "gae" or cfg.baseline in ret.GROUP_BASELINES or cfg.surrogate != "reinforce"
-            or cfg.value_clip > 0 or cfg.aggregation == "fixed_len"):       # issue 9's conventions: not here
-        raise ValueError("the distributed RL stage (--workers) computes kl_in='reward', returns rtg/total, the "
-                         "batch baselines, surrogate='reinforce', value_clip=0 and token_mean/seq_mean/seq_sum "
-                         "only: run without --workers for the other conventions")
+    m = am > 0
     reward = as_float_array(reward, "reward", ndim=1, shape=(B,))
-    ref_logp = np.where(am > 0, as_float_array(ref_logp, "ref_logp", shape=(B, T)), 0.0)
-    w = aggregation_weights(am, cfg.aggregation)
-    kl = ret.kl_per_token(logp, ref_logp, am, cfg.kl)
-    rewards = ret.shaped_rewards(kl, reward, am, cfg.beta)
-    G = ret.discounted_returns(rewards, am, cfg.gamma, cfg.returns)
-    b = ret.baseline(cfg.baseline, G, am, values=values)
-    adv = ret.whiten(np.where(am > 0, G - b, 0.0), am, cfg.whiten, cfg.shift_mean)
-    pred = np.where(am > 0, values, 0.0)
-    loss_pg = -np.sum(w * adv * logp)
-    loss_ent = -cfg.entropy_coef * np.sum(w * entropy)
-    loss_value = cfg.value_coef * 0.5 * np.sum(w * (pred - G) ** 2)
-    return {"action_mask": am, "logp": logp, "ref_logp": ref_logp, "entropy": entropy, "kl": kl,
-            "rewards": rewards, "returns": G, "values": values, "baseline": b, "advantages": adv, "weights": w,
-            "loss_pg": loss_pg, "loss_ent": loss_ent, "loss_value": loss_value,
-            "loss": loss_pg + loss_ent + loss_value}
+    ref_logp = np.where(m, as_float_array(ref_logp, "ref_logp", shape=(B, T)), 0.0)
+    group = ret.check_group(group, am, cfg.baseline, cfg.group_scale)
+    if old_logp is not None:
+        old_logp = np.where(m, as_float_array(old_logp, "old_logp", shape=(B, T)), 0.0).astype(np.float64)
+    if old_values is not None:
+        old_values = np.where(m, as_float_array(old_values, "old_values", shape=(B, T)), 0.0).astype(np.float64)
+    elif cfg.value_clip > 0:
+        raise ValueError(f"value_clip={cfg.value_clip} needs old_values (B, T)")
+    if pred is None:
+        pred = np.where(m, values, 0.0)
+    c = chain(cfg, am, logp, ref_logp, entropy, reward, np.where(m, values, 0.0), pred,
+              None if cfg.critic == "value" else qbaseline, group, old_logp, old_values)
+    out = {"action_mask": am, "logp": logp, "ref_logp": ref_logp, "entropy": entropy, "values": values}
+    out.update(c)
+    out["loss"] = c["loss_pg"] + c["loss_ent"] + c["loss_value"] + c["loss_kl"]
+    return out
 
 
-def shard_backward(state, advantages, returns, weights, cfg):
-    """Phase 2 on one shard: ∇ of this shard's part of L given the global A, G and w (b, T)."""
-    am, scores, tokens = state["am"], state["scores"], state["tokens"]
-    w, adv, G = weights, advantages, returns
-    d_logp = -w * adv                                                            # ∂L_pg/∂logp
-    dz_pg = policy.grad_logprob(scores, tokens, d_logp, cfg.alpha, cfg.eps)
-    dz_ent = policy.grad_entropy(scores, -cfg.entropy_coef * w, cfg.alpha, cfg.eps)
-    pred = np.where(am > 0, state["values"], 0.0)
-    d_pred = cfg.value_coef * w * (pred - G)                                     # ∂L_value/∂V
-    return model.backward(state["cache"], dscores=dz_pg + dz_ent, dvalues=d_pred)
+UPSTREAM = ("d_logp_pg", "d_logp_kl", "d_ent", "d_pred")      #: what phase 2 receives per row
+
+
+def shard_backward(state, up, cfg):
+    """Phase 2 on one shard: ∇ of this shard's part of L given its rows of the global upstream
+    gradients ``up`` (``UPSTREAM``, each (b, T)), as ``reinforce.loss_and_grad`` backpropagates them."""
+    scores, tokens = state["scores"], state["tokens"]
+    dz_pg = policy.grad_logprob(scores, tokens, up["d_logp_pg"], cfg.alpha, cfg.eps)
+    dz_kl = policy.grad_logprob(scores, tokens, up["d_logp_kl"], cfg.alpha, cfg.eps)
+    dz_ent = policy.grad_entropy(scores, up["d_ent"], cfg.alpha, cfg.eps)
+    if cfg.critic == "value":
+        dcritic = {"dvalues": up["d_pred"]}
+    else:
+        dq = np.zeros(state["qshape"])
+        np.put_along_axis(dq, tokens[:, :, None], up["d_pred"][:, :, None], axis=-1)
+        dcritic = {"dqvalues": dq}
+    return model.backward(state["cache"], dscores=dz_pg + dz_ent + dz_kl, **dcritic)
 
 
 def sum_in_order(grads_list):
@@ -149,13 +171,12 @@ def _rows(sizes):
     return [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
 
 
-def two_phase_loss_and_grad(params, tokens, mask, prompt_len, reward, ref_logp, cfg=None, sizes=(None,)):
+def two_phase_loss_and_grad(params, tokens, mask, prompt_len, reward, ref_logp, cfg=None, sizes=(None,), *,
+                            group=None, old_logp=None, old_values=None):
     """``reinforce.loss_and_grad`` computed as the workers do, in one process: the rows split into
     contiguous shards of ``sizes`` (default: one shard), phase 1 per shard, the statistics on the
     gathered arrays, phase 2 per shard, the gradients summed in shard order. Returns (out, grads)."""
     cfg = ReinforceConfig() if cfg is None else cfg
-    if cfg.critic != "value":
-        raise ValueError("the distributed step supports the value critic only (baseline='qvalue' is not supported)")
     B = np.shape(tokens)[0]
     sizes = [B] if list(sizes) == [None] else [int(s) for s in sizes]
     if sum(sizes) != B or min(sizes) < 0:
@@ -166,9 +187,10 @@ def two_phase_loss_and_grad(params, tokens, mask, prompt_len, reward, ref_logp, 
         parts.append(a)
         states.append(s)
     g = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    out = global_statistics(g["action_mask"], g["logp"], ref_logp, g["values"], g["entropy"], reward, cfg)
-    grads = [shard_backward(s, out["advantages"][sl], out["returns"][sl], out["weights"][sl], cfg)
-             for s, sl in zip(states, _rows(sizes))]
+    out = global_statistics(g["action_mask"], g["logp"], ref_logp, g["values"], g["entropy"], reward, cfg,
+                            pred=g["pred"], qbaseline=g["qbaseline"], group=group, old_logp=old_logp,
+                            old_values=old_values)
+    grads = [shard_backward(s, {k: out[k][sl] for k in UPSTREAM}, cfg) for s, sl in zip(states, _rows(sizes))]
     return out, sum_in_order(grads)
 
 
@@ -182,7 +204,7 @@ class ShardWorker:
         from .. import backends
         self.be = backends.get(backend_name)
         self.ref = self.rm = self.vocab = self.cfg = None
-        self.state = None
+        self.state = self.batch = None
 
     def pid(self):
         return os.getpid()
@@ -200,7 +222,7 @@ class ShardWorker:
         t0 = time.perf_counter()
         cfg = self.cfg
         if tokens.shape[0] == 0:
-            self.state = None
+            self.state = self.batch = None
             return {"empty": True, "t_compute": 0.0}
         ro = self.be.rollout(params, tokens, prompt_len, u, alpha=cfg.alpha, eps=cfg.eps, kind="boltzmann",
                              eos_id=EOS, ref_params=self.ref)
@@ -209,19 +231,38 @@ class ShardWorker:
             responses = common.decode_responses(self.vocab, ro["tokens"], ro["mask"], prompt_len)
             tk, mk = common.pair_batch(self.vocab, prompts, responses)
             res["rm_raw"] = np.asarray(self.be.reward_forward(self.rm, tk, mk), dtype=np.float64)
+        self.batch = (res["tokens"], res["mask"], np.asarray(prompt_len))     # for the next ppo epochs
         if train:
-            arrays, self.state = shard_forward(params, ro["tokens"], ro["mask"], prompt_len, cfg)
-            res.update(tl_logp=arrays["logp"], entropy=arrays["entropy"], values=arrays["values"],
-                       action_mask=arrays["action_mask"])
+            res.update(self._forward(params))
         res["t_compute"] = time.perf_counter() - t0
         return res
 
-    def phase2(self, advantages, returns, weights):
-        """This shard's gradient under the global statistics (needs this iteration's phase 1)."""
+    def _forward(self, params):
+        arrays, self.state = shard_forward(params, *self.batch, self.cfg)
+        return {"tl_logp": arrays["logp"], "entropy": arrays["entropy"], "values": arrays["values"],
+                "pred": arrays["pred"], "qbaseline": arrays["qbaseline"], "action_mask": arrays["action_mask"]}
+
+    def load_batch(self, tokens, mask, prompt_len):
+        """A replacement worker's copy of its rows of the current batch (for the next ppo epochs)."""
+        self.batch = None if tokens.shape[0] == 0 else (tokens, mask, prompt_len)
+        return True
+
+    def forward_again(self, params):
+        """Phase 1 of a later ppo epoch: the policy forward of this iteration's rows at ``params``."""
+        t0 = time.perf_counter()
+        if self.batch is None:
+            return {"empty": True, "t_compute": 0.0}
+        res = self._forward(params)
+        res["t_compute"] = time.perf_counter() - t0
+        return res
+
+    def phase2(self, up):
+        """This shard's gradient under the global statistics: ``up`` its rows of the upstream
+        gradients (``UPSTREAM``; needs this iteration's phase 1)."""
         t0 = time.perf_counter()
         if self.state is None:
             return None, 0.0
-        grads = shard_backward(self.state, advantages, returns, weights, self.cfg)
+        grads = shard_backward(self.state, up, self.cfg)
         self.state = None
         return grads, time.perf_counter() - t0
 
@@ -333,25 +374,77 @@ class RayExecutor:
             self.ray.shutdown()
             self._owns_cluster = False
 
-    def iteration(self, params, prompts, vocab, rng, max_new, rcfg, score, learner_backend=None):
+    def iteration(self, params, prompts, vocab, rng, max_new, rcfg, score, learner_backend=None, group=None):
         """One iteration's rollout and gradient. Draws u from ``rng`` exactly as
         ``common.generate`` does, then runs the phases (recomputed if a worker dies).
 
         score(ro) -> (R, raw): the learner's reward (it standardises the workers' ``rm_raw``).
-        Returns (ro, R, raw, out, grads)."""
+        group (B,) the rows' group ids (sharded with the rows; the statistics are global). The
+        sampling log-probs (and, with value_clip > 0, the critic's predictions) become this batch's
+        old_logp / old_values, kept with the batch for ``epoch``. Returns (ro, R, raw, out, grads)."""
+        self._batch = None
         prompts = list(prompts)
         tokens, pl = common.encode_prompts(vocab, prompts, max_new)
         u = rng.random(tokens.shape)                                       # (B, T), as common.generate
         for attempt in range(self.max_restarts + 1):
             try:
-                return self._iteration(params, prompts, vocab, tokens, pl, u, rcfg, score, learner_backend)
+                return self._iteration(params, prompts, vocab, tokens, pl, u, rcfg, score, learner_backend, group)
             except self.ray.exceptions.RayActorError as e:
                 if attempt == self.max_restarts:
                     raise RuntimeError(f"Ray workers died {attempt + 1} times in one iteration; giving up ({e})") from e
                 replaced = self._replace_dead()
                 self.log(f"  ray: worker(s) {replaced} died; replaced, recomputing the iteration")
 
-    def _iteration(self, params, prompts, vocab, tokens, pl, u, rcfg, score, learner_backend):
+    def epoch(self, params, rcfg, learner_backend=None):
+        """A later ppo epoch on the last ``iteration``'s batch (kept on the workers) at ``params``:
+        the forward again, the global statistics with the same R, group, old_logp, old_values, the
+        backward. Returns (out, grads)."""
+        b = self._batch
+        if b is None:
+            raise RuntimeError("epoch() needs a batch: call iteration() first")
+        if self.train_step != "workers":
+            return learner_backend.reinforce_loss_and_grad(params, b["tokens"], b["mask"], b["pl"], b["R"], cfg=rcfg,
+                                                           ref_logp=b["ref_logp"], **b["old"])
+        for attempt in range(self.max_restarts + 1):
+            try:
+                p_ref = self.ray.put(params)
+                refs = [a.forward_again.remote(p_ref) for a in self.actors]
+                if self.on_submit:
+                    self.on_submit(self, 3)
+                parts = self._get(refs)
+                return self._phase2(parts, b["rows"], b["ref_logp"], b["R"], rcfg, b["old"], {})
+            except self.ray.exceptions.RayActorError as e:
+                if attempt == self.max_restarts:
+                    raise RuntimeError(f"Ray workers died {attempt + 1} times in one epoch; giving up ({e})") from e
+                replaced = self._replace_dead()
+                self._get([self.actors[k].load_batch.remote(b["tokens"][b["rows"][k]], b["mask"][b["rows"][k]],
+                                                            b["pl"][b["rows"][k]]) for k in replaced])
+                self.log(f"  ray: worker(s) {replaced} died; replaced, recomputing the epoch")
+
+    def _phase2(self, parts, rows, ref_logp, R, rcfg, old, t):
+        """Gather phase 1's arrays, the global statistics (``reinforce.chain``), phase 2 on the shards."""
+        t1 = time.perf_counter()
+        full = [p for p in parts if not p.get("empty")]
+        cat = {k: np.concatenate([p[k] for p in full]) for k in ("action_mask", "tl_logp", "values", "entropy",
+                                                                 "pred", "qbaseline")}
+        if rcfg.value_clip > 0 and old["old_values"] is None:
+            old["old_values"] = cat["pred"]                   # phase 1 at the sampling parameters
+        out = global_statistics(cat["action_mask"], cat["tl_logp"], ref_logp, cat["values"], cat["entropy"], R, rcfg,
+                                pred=cat["pred"], qbaseline=cat["qbaseline"], **old)
+        t["learner"] = t.get("learner", 0.0) + time.perf_counter() - t1
+        t2 = time.perf_counter()
+        refs = [a.phase2.remote({k: out[k][sl] for k in UPSTREAM}) for a, sl in zip(self.actors, rows)]
+        if self.on_submit:
+            self.on_submit(self, 2)
+        res = self._get(refs)
+        t["phase2"] = time.perf_counter() - t2
+        t["compute2"] = max(r[1] for r in res)
+        t3 = time.perf_counter()
+        grads = sum_in_order([g for g, _ in res if g is not None])
+        t["learner"] += time.perf_counter() - t3
+        return out, grads
+
+    def _iteration(self, params, prompts, vocab, tokens, pl, u, rcfg, score, learner_backend, group):
         ray, t = self.ray, {}
         t0 = time.perf_counter()
         B = tokens.shape[0]
@@ -380,28 +473,19 @@ class RayExecutor:
         if rm_on_workers:
             ro["rm_raw"] = cat["rm_raw"]
         R, raw = score(ro)
+        old = {"group": group, "old_logp": ro["logp"], "old_values": None}
         if not train:
+            if rcfg.value_clip > 0:
+                from .rl import sampling_values
+                old["old_values"] = sampling_values(params, ro, rcfg)
             out, grads = learner_backend.reinforce_loss_and_grad(params, ro["tokens"], ro["mask"], pl, R,
-                                                                 cfg=rcfg, ref_logp=ro["ref_logp"])
+                                                                 cfg=rcfg, ref_logp=ro["ref_logp"], **old)
             t["learner"] = time.perf_counter() - t1
-            t["total"] = time.perf_counter() - t0
-            self.timing = t
-            self.history.append(t)
-            return ro, R, raw, out, grads
-        out = global_statistics(cat["action_mask"], cat["tl_logp"], cat["ref_logp"], cat["values"],
-                                cat["entropy"], R, rcfg)
-        t["learner"] = time.perf_counter() - t1
-        t2 = time.perf_counter()
-        refs = [a.phase2.remote(out["advantages"][sl], out["returns"][sl], out["weights"][sl])
-                for a, sl in zip(self.actors, rows)]
-        if self.on_submit:
-            self.on_submit(self, 2)
-        res = self._get(refs)
-        t["phase2"] = time.perf_counter() - t2
-        t["compute2"] = max(r[1] for r in res)
-        t3 = time.perf_counter()
-        grads = sum_in_order([g for g, _ in res if g is not None])
-        t["learner"] += time.perf_counter() - t3
+        else:
+            t["learner"] = time.perf_counter() - t1
+            out, grads = self._phase2(parts, rows, ro["ref_logp"], R, rcfg, old, t)
+        self._batch = {"tokens": ro["tokens"], "mask": ro["mask"], "pl": pl, "R": R, "ref_logp": ro["ref_logp"],
+                       "rows": rows, "old": old}
         t["total"] = time.perf_counter() - t0
         self.timing = t
         self.history.append(t)

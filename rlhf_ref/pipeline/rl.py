@@ -4,6 +4,8 @@ Each iteration (docs/conventions.md §3, ``reinforce.py``):
 
 1. draw a batch of prompts and the uniforms u (B, T) from the stage's one seeded generator, and
    sample responses with ``backend.rollout`` (it also scores them under π_ref: ``ref_logp``);
+   with ``group_size`` k > 1 each prompt fills k consecutive rows (B = batch_size·k) and the rows
+   of one prompt share a ``group`` id (the group baselines: GRPO, RLOO);
 2. score each finished text with the reward — the reward model (``backend.reward_forward`` on
    ``BOS + prompt + response + EOS``, standardised by its mean and spread on π_ref's own samples,
    measured once at the start), or any callable ``reward(prompts, responses) -> (B,)``;
@@ -12,10 +14,25 @@ Each iteration (docs/conventions.md §3, ``reinforce.py``):
    L = L_pg + L_ent + L_value, minimised (descent on L is ascent on J − β·KL);
 4. clip the global gradient norm and take an Adam step.
 
+Steps 3–4 run ``ppo_epochs`` times on the same sampled batch (PPO's reuse): every epoch passes
+``old_logp`` = the sampling log-probs (the rollout's ``logp``) and, when ``value_clip`` > 0,
+``old_values`` = the critic's predictions at sampling (V(s_t), or Q(s_t, a_t) for the qvalue
+critic), both computed once per batch. Epoch 1's ratio is 1 (old_logp is the same policy). With
+surrogate="reinforce" and ppo_epochs > 1 the ratio is not used: plain REINFORCE re-steps on the
+stale batch (each epoch's gradient is REINFORCE's at the current parameters — biased off-policy;
+allowed, it is what "ppo_epochs" means for that surrogate).
+
+The critic: baseline="qvalue" trains the Q head ('qvalue.weight', 'qvalue.bias'); a policy without
+one gets it here, drawn like ``lstm.init_params`` draws heads (U(±1/√H), from its own generator
+seeded by ``seed``, so the stage's generator is untouched), and the checkpoints carry it.
+
 The metrics of every iteration: the losses, the mean reward-model reward (raw), the mean *true*
 reward when a hidden scorer is given (the simulated annotator's — never used for training),
 KL(π‖π_ref) per sequence (k1 summed over each row's actions, averaged over rows), the mean
-entropy per action, the response length, the share ending with EOS and tokens/s.
+entropy per action, the response length, the share ending with EOS and tokens/s; with
+ppo_epochs > 1 the losses, ratio and gradient norm are the last epoch's; ``loss_kl`` always (0 with
+kl_in="reward"); with surrogate="ppo_clip" the mean ratio ``ratio_mean`` and ``clip_frac``, the
+share of actions whose ratio lies outside [1 − clip_low, 1 + clip_high].
 """
 
 from __future__ import annotations
@@ -27,7 +44,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from .. import optim
+from .. import lstm, model, optim
 from ..reinforce import ReinforceConfig
 from ..metrics import MetricsLogger, Progress
 from . import common
@@ -49,10 +66,49 @@ class RLConfig(ReinforceConfig):
     dtype: str = "float32"       #: parameter dtype
     ckpt_every: int = 20         #: checkpoint every this many iterations (and at the end)
     seed: int = 0                #: seeds prompts and sampling
+    group_size: int = 1          #: k ≥ 1 samples of each prompt (consecutive rows, one group id; B = batch_size·k)
+    ppo_epochs: int = 1          #: updates on each sampled batch (old_logp/old_values from the sampling)
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("group_size", "ppo_epochs"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if self.baseline in ("group_mean", "group_loo") and self.group_size < 2:
+            raise ValueError(f"baseline={self.baseline!r} needs group_size >= 2 (several samples of each prompt), "
+                             f"got group_size={self.group_size}")
+
+    @property
+    def rows(self):
+        """Rows of one iteration's batch: batch_size prompts, each sampled group_size times."""
+        return self.batch_size * self.group_size
 
     def reinforce_config(self):
         """The objective's conventions as a ``ReinforceConfig`` (the stage's own fields dropped)."""
         return ReinforceConfig(**{f.name: getattr(self, f.name) for f in fields(ReinforceConfig)})
+
+
+def init_qvalue_head(params, seed):
+    """A Q head ('qvalue.weight' (V, H), 'qvalue.bias' (V,)) for ``params``, drawn as ``lstm.init_params``
+    draws a head (U(−1/√H, 1/√H)) from a generator of its own, seeded by ``seed``."""
+    V, _, H = lstm.check_model(params, ("head",))
+    rng = common.make_rng(seed, "rl-qvalue")
+    k = 1.0 / np.sqrt(H)
+    dt = params["head.weight"].dtype
+    return {"qvalue.weight": rng.uniform(-k, k, size=(V, H)).astype(dt),
+            "qvalue.bias": rng.uniform(-k, k, size=V).astype(dt)}
+
+
+def sampling_values(params, ro, rcfg):
+    """The critic's predictions (B, T) on the sampled batch at the sampling parameters (old_values):
+    V(s_t), or Q(s_t, a_t) for the qvalue critic; 0 off the action mask."""
+    fwd, _ = model.forward(params, ro["tokens"], ro["mask"])
+    am = model.action_mask(ro["mask"], ro["prompt_len"]) > 0
+    if rcfg.critic == "value":
+        return np.where(am, fwd["values"], 0.0)
+    q = np.take_along_axis(fwd["qvalues"], ro["tokens"][:, :, None], axis=-1)[:, :, 0]
+    return np.where(am, q, 0.0)
 
 
 def fingerprint(params):
@@ -97,8 +153,6 @@ def reinforce_finetune(ref_params, vocab, prompts, reward, cfg=None, *, true_rew
     """
     cfg = RLConfig() if cfg is None else cfg
     rcfg = cfg.reinforce_config()
-    if rcfg.critic != "value":
-        raise ValueError("the RL stage trains the value head; baseline='qvalue' is not supported here")
     be = common.resolve_backend(backend)
     dtype = common.check_dtype(cfg.dtype)
     prompts = list(prompts)
@@ -132,8 +186,10 @@ def reinforce_finetune(ref_params, vocab, prompts, reward, cfg=None, *, true_rew
     else:
         rng = common.make_rng(cfg.seed, "rl")
         params = common.cast_params(ref_params if init_params is None else init_params, dtype)
-        if "value.weight" not in params:
+        if rcfg.critic == "value" and "value.weight" not in params:
             raise ValueError("the policy needs a value head ('value.weight', 'value.bias') for the value baseline")
+        if rcfg.critic == "qvalue" and "qvalue.weight" not in params:
+            params.update(init_qvalue_head(params, cfg.seed))
         state = optim.adam_init(params)
         info = {"inputs": inputs}
         if rm is not None:
@@ -168,38 +224,51 @@ def reinforce_finetune(ref_params, vocab, prompts, reward, cfg=None, *, true_rew
             R = (raw - reward_fn.mean) / reward_fn.std
         else:
             R = raw = np.asarray(reward_fn(ro["prompts"], ro["responses"]), dtype=np.float64)
-        if R.shape != (cfg.batch_size,) or not np.all(np.isfinite(R)):
-            raise ValueError(f"the reward must return {cfg.batch_size} finite numbers, got shape {R.shape}")
+        if R.shape != (cfg.rows,) or not np.all(np.isfinite(R)):
+            raise ValueError(f"the reward must return {cfg.rows} finite numbers, got shape {R.shape}")
         return R, raw
 
     bar = Progress(cfg.steps, "RL (REINFORCE)", initial=start, mode=progress)
     try:
         for step in range(start + 1, cfg.steps + 1):
             t0 = time.perf_counter()
-            idx = rng.integers(0, len(prompts), cfg.batch_size)
-            if executor is None:
-                ro = common.generate(be, params, vocab, [prompts[i] for i in idx], rng, cfg.max_new,
-                                     cfg.alpha, cfg.eps, ref_params=ref)
-                R, raw = score(ro)
-                out, grads = be.reinforce_loss_and_grad(params, ro["tokens"], ro["mask"], ro["prompt_len"], R,
-                                                        cfg=rcfg, ref_logp=ro["ref_logp"])
-            else:       # the same draws from rng, the rollout and the gradient on the workers
-                ro, R, raw, out, grads = executor.iteration(params, [prompts[i] for i in idx], vocab, rng,
-                                                            cfg.max_new, rcfg, score, learner_backend=be)
-            grads, gnorm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
-            optim.adam_step(params, grads, state, lr=cfg.lr)
+            idx = np.repeat(rng.integers(0, len(prompts), cfg.batch_size), cfg.group_size)   # k rows per prompt
+            group = np.repeat(np.arange(cfg.batch_size, dtype=np.int64), cfg.group_size)
+            rows = [prompts[i] for i in idx]
+            for epoch in range(cfg.ppo_epochs):
+                if executor is None:
+                    if epoch == 0:
+                        ro = common.generate(be, params, vocab, rows, rng, cfg.max_new, cfg.alpha, cfg.eps,
+                                             ref_params=ref)
+                        R, raw = score(ro)
+                        old = {"group": group, "old_logp": ro["logp"],
+                               "old_values": sampling_values(params, ro, rcfg) if rcfg.value_clip > 0 else None}
+                    out, grads = be.reinforce_loss_and_grad(params, ro["tokens"], ro["mask"], ro["prompt_len"], R,
+                                                            cfg=rcfg, ref_logp=ro["ref_logp"], **old)
+                elif epoch == 0:    # the same draws from rng, the rollout and the gradient on the workers
+                    ro, R, raw, out, grads = executor.iteration(params, rows, vocab, rng, cfg.max_new, rcfg, score,
+                                                                learner_backend=be, group=group)
+                else:               # the workers' stored rollout, the current parameters
+                    out, grads = executor.epoch(params, rcfg, learner_backend=be)
+                grads, gnorm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
+                optim.adam_step(params, grads, state, lr=cfg.lr)
             am = out["action_mask"] > 0
             n_act = int(am.sum())
             dt = time.perf_counter() - t0
             row = {"stage": "rl", "step": step, "loss": float(out["loss"]), "loss_pg": float(out["loss_pg"]),
                    "loss_value": float(out["loss_value"]), "loss_ent": float(out["loss_ent"]),
+                   "loss_kl": float(out["loss_kl"]),
                    "reward": float(R.mean()),
                    "rm_reward": float(raw.mean()),
-                   "kl_per_sequence": float(np.sum(np.where(am, ro["logp"] - ro["ref_logp"], 0.0))) / cfg.batch_size,
+                   "kl_per_sequence": float(np.sum(np.where(am, ro["logp"] - ro["ref_logp"], 0.0))) / cfg.rows,
                    "entropy": float(np.sum(np.where(am, out["entropy"], 0.0)) / max(n_act, 1)),
-                   "response_len": n_act / cfg.batch_size, "eos_rate": float(np.mean(ro["eos"])),
+                   "response_len": n_act / cfg.rows, "eos_rate": float(np.mean(ro["eos"])),
                    "grad_norm": gnorm, "tokens_per_s": n_act / max(dt, 1e-9),
                    "executor": info["executor"], "workers": info["workers"]}
+            if rcfg.surrogate == "ppo_clip":
+                ratio = np.asarray(out["ratio"], dtype=np.float64)[am]
+                row["ratio_mean"] = float(ratio.mean())
+                row["clip_frac"] = float(np.mean((ratio < 1.0 - rcfg.clip_low) | (ratio > 1.0 + rcfg.clip_high)))
             if true_reward is not None:
                 row["true_reward"] = float(np.mean(true_reward(ro["prompts"], ro["responses"])))
             if logger:
