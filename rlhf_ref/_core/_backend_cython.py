@@ -436,7 +436,7 @@ def _reinforce(K, params, tokens, mask, am, reward, ref_logp, cfg, V, group=None
 
     # KL-shaped rewards, returns, baseline, advantages, the losses and their upstream gradients
     kl, rewards, G, bl, adv, w, pred, d_logp, d_ent, d_pred, ratio = (np.empty((B, T)) for _ in range(11))
-    S, sd = np.empty(B), np.empty(B)
+    S, sd, has = np.empty(B), np.empty(B), np.empty(B, np.uint8)
     codes = chain_codes(cfg)
     v64 = np.zeros((B, T)) if values is None else np.ascontiguousarray(np.where(am > 0, values, 0.0), np.float64)
     loss_pg, loss_ent, loss_value, loss_kl = Tr.reinforce_chain(
@@ -447,7 +447,7 @@ def _reinforce(K, params, tokens, mask, am, reward, ref_logp, cfg, V, group=None
         kl_in_loss=cfg.kl_in == "loss", lam=float(cfg.lam), group=group, gscale_code=codes["group_scale"],
         group_eps=float(cfg.group_eps), surr_code=codes["surrogate"], clip_low=float(cfg.clip_low),
         clip_high=float(cfg.clip_high), old_logp=old_logp, value_clip=float(cfg.value_clip), old_values=old_values,
-        norm_len=float(cfg.norm_len), ratio=ratio, S=S, sd=sd)
+        norm_len=float(cfg.norm_len), ratio=ratio, S=S, sd=sd, has=has)
     check_group_sd(cfg, am, group, sd)
 
     # pass 3: ∂L/∂logits in place, then the backward pass

@@ -178,7 +178,8 @@ def reinforce_chain(const double[:, ::1] logp, const double[:, ::1] ref_logp, co
                     bint kl_in_loss=False, double lam=1.0, const int64_t[::1] group=None, int gscale_code=0,
                     double group_eps=1e-4, int surr_code=0, double clip_low=0.2, double clip_high=0.2,
                     const double[:, ::1] old_logp=None, double value_clip=0.0, const double[:, ::1] old_values=None,
-                    double norm_len=0.0, double[:, ::1] ratio=None, double[::1] S=None, double[::1] sd=None):
+                    double norm_len=0.0, double[:, ::1] ratio=None, double[::1] S=None, double[::1] sd=None,
+                    unsigned char[::1] has=None):
     """The per-token chain of returns.py and reinforce.py, float64, every (B, T) output 0 off
     the action mask am. values: V(s_t) (value critic), qb: Σ π_ε Q (qvalue baseline), pred_q:
     Q(s_t, a_t) (qvalue critic). Returns (loss_pg, loss_ent, loss_value, loss_kl). The caller has
@@ -187,15 +188,15 @@ def reinforce_chain(const double[:, ::1] logp, const double[:, ::1] ref_logp, co
 
     Issue 9 (docs/conventions.md §3.1): kl_in_loss (β·k in the loss, not the rewards), returns
     code 2 = GAE(lam), baseline codes 5/6 = group_mean/group_loo over ``group`` (B,) with S (B,)
-    the rows' sequence returns, gscale_code 1 = (G − b)/(σ_g + group_eps) with σ_g in sd (B,),
+    the rows' sequence returns and has (B,) whether the row has an action, gscale_code 1 = (G − b)/(σ_g + group_eps) with σ_g in sd (B,),
     surr_code 1 = PPO clip with ``old_logp`` (None: logp itself) writing ``ratio``, value_clip > 0
     around ``old_values``, aggregation code 3 = fixed_len (m / (B·L)).
     """
-    cdef Py_ssize_t B = logp.shape[0], T = logp.shape[1], b, t, last, j, first_b
+    cdef Py_ssize_t B = logp.shape[0], T = logp.shape[1], b, t, last, j
     cdef double x, k, g, tot, disc, N = 0, nrows = 0, n_b = 0, s_b = 0, S_all = 0, mu, var, den, sd_
     cdef double loss_pg = 0, loss_ent = 0, loss_value = 0, loss_kl = 0, e, a_next, v_next, delta, L
     cdef double rho, un, cl, ec, vc, dv, cv, dd, n_g, s_g
-    cdef bint has_b, has_old = old_logp is not None, has_ratio = ratio is not None
+    cdef bint has_old = old_logp is not None, has_ratio = ratio is not None
     need(reward.shape[0] == B and _bt(ref_logp, B, T) and _bt(am, B, T) and _bt(values, B, T) and _bt(qb, B, T)
          and _bt(pred_q, B, T) and _bt(ent, B, T) and _bt(kl, B, T) and _bt(rewards, B, T) and _bt(G, B, T)
          and _bt(bl, B, T) and _bt(adv, B, T) and _bt(w, B, T) and _bt(pred, B, T) and _bt(d_logp, B, T)
@@ -204,7 +205,8 @@ def reinforce_chain(const double[:, ::1] logp, const double[:, ::1] ref_logp, co
     need(old_logp is None or _bt(old_logp, B, T), "reinforce_chain: old_logp (B, T)")
     need(value_clip <= 0 or (old_values is not None and _bt(old_values, B, T)), "reinforce_chain: old_values (B, T)")
     need((base_code != 5 and base_code != 6) or (group is not None and group.shape[0] == B and S is not None
-         and S.shape[0] == B and sd is not None and sd.shape[0] == B), "reinforce_chain: group, S, sd (B,)")
+         and S.shape[0] == B and sd is not None and sd.shape[0] == B and has is not None and has.shape[0] == B),
+         "reinforce_chain: group, S, sd, has (B,)")
     with nogil:
         for b in range(B):
             n_b = 0
@@ -288,9 +290,11 @@ def reinforce_chain(const double[:, ::1] logp, const double[:, ::1] ref_logp, co
         if base_code == 5 or base_code == 6:        # the rows' sequence returns S_i = G at the first action
             for b in range(B):
                 S[b] = 0
+                has[b] = 0
                 for t in range(T):
                     if am[b, t] > 0:
                         S[b] = G[b, t]
+                        has[b] = 1
                         break
         for b in range(B):
             if base_code == 3:
@@ -301,26 +305,14 @@ def reinforce_chain(const double[:, ::1] logp, const double[:, ::1] ref_logp, co
                         s_b = s_b + G[b, t]
                         n_b = n_b + 1
             elif base_code == 5 or base_code == 6:  # the group's rows with an action (the row: group_mean)
-                has_b = False
-                for t in range(T):
-                    if am[b, t] > 0:
-                        has_b = True
-                        break
                 s_b = 0
                 n_b = 0
                 mu = 0
                 n_g = 0
                 sd[b] = 0
-                if has_b:
+                if has[b]:
                     for j in range(B):
-                        if group[j] != group[b]:
-                            continue
-                        first_b = -1
-                        for t in range(T):
-                            if am[j, t] > 0:
-                                first_b = t
-                                break
-                        if first_b < 0:
+                        if not has[j] or group[j] != group[b]:
                             continue
                         mu = mu + S[j]
                         n_g = n_g + 1
@@ -331,14 +323,7 @@ def reinforce_chain(const double[:, ::1] logp, const double[:, ::1] ref_logp, co
                         mu = mu / n_g
                         var = 0
                         for j in range(B):
-                            if group[j] != group[b]:
-                                continue
-                            first_b = -1
-                            for t in range(T):
-                                if am[j, t] > 0:
-                                    first_b = t
-                                    break
-                            if first_b >= 0:
+                            if has[j] and group[j] == group[b]:
                                 var = var + (S[j] - mu) * (S[j] - mu)
                         sd[b] = sqrt(var / (n_g - 1))
             for t in range(T):
