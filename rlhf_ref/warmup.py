@@ -85,8 +85,8 @@ def cache_counts(K):
     kernels compiled inside their callers) and loaded from the on-disk cache (hits)."""
     miss = hit = 0
     for _, d in _dispatchers(K):
-        miss += sum(d._cache_misses.values())
-        hit += sum(d._cache_hits.values())
+        miss += sum(d.stats.cache_misses.values())
+        hit += sum(d.stats.cache_hits.values())
     return miss, hit
 
 
@@ -99,10 +99,10 @@ def cache_location(K):
         return None, ("no writable cache location (Numba found none): these kernels compile at every first call: "
                       + ", ".join(_nb_common.CACHE_STATE["uncached"][:5]))
     for _, d in _dispatchers(K):
-        impl = getattr(getattr(d, "_cache", None), "_impl", None)
-        loc = getattr(impl, "locator", None) or getattr(impl, "_locator", None)
-        if loc is not None:
-            return loc.get_cache_path(), type(loc).__name__
+        path = getattr(d.stats, "cache_path", None)
+        if path:
+            loc = getattr(getattr(getattr(d, "_cache", None), "_impl", None), "locator", None)
+            return path, (type(loc).__name__ if loc is not None else "Numba's choice")
     return None, "unknown (Numba's internals moved)"
 
 
@@ -190,8 +190,8 @@ def main(args, out=None) -> int:
         sys.stderr.write(f"rlhf-ref warmup: error: {e}\n")
         return 2
     dtypes = DTYPES if args.dtype == "both" else (args.dtype,)
-    print(f"rlhf-ref warmup: compiling the numba kernels of {', '.join(jobs)} for {', '.join(dtypes)} "
-          f"into Numba's on-disk cache", file=out, flush=True)
+    print(f"rlhf-ref warmup: the numba kernels of {', '.join(jobs)} for {', '.join(dtypes)} "
+          f"into Numba's on-disk cache (compiled where missing)", file=out, flush=True)
     t0 = time.perf_counter()
     try:
         r = warm(jobs, dtypes, log=lambda m: print(m, file=out, flush=True))
