@@ -149,7 +149,8 @@ def _calls(b, dtype, job, B, T, V):
 def warm(jobs=JOBS, dtypes=DTYPES, log=print):
     """Run every job's tiny calls on the numba backend; returns {"seconds", "compiled", "loaded",
     "cache_dir", "locator", "steps": [(job, dtype, seconds, compiled)]}. RuntimeError when the numba
-    backend cannot run here (with the reason)."""
+    backend cannot run here or has no on-disk cache (with the reason), or a call fails. It swaps the
+    backend's row-block choice while it runs: not while other threads use the numba backend."""
     t0 = time.perf_counter()
     from .backends import BackendUnavailable, get
     try:
@@ -157,6 +158,9 @@ def warm(jobs=JOBS, dtypes=DTYPES, log=print):
     except BackendUnavailable as e:
         raise RuntimeError(str(e)) from None
     K = b._require()
+    where, how = cache_location(K)
+    if where is None:                       # compiling would keep nothing
+        raise RuntimeError(f"nothing to warm: {how}")
     steps = []
     blocks = b._blocks
     try:
@@ -167,8 +171,12 @@ def warm(jobs=JOBS, dtypes=DTYPES, log=print):
                 m0, h0 = cache_counts(K)
                 t = time.perf_counter()
                 for B, T, V in SHAPES:
-                    for _, call in _calls(b, dtype, job, B, T, V):
-                        call()
+                    for label, call in _calls(b, dtype, job, B, T, V):
+                        try:
+                            call()
+                        except Exception as e:      # a bug: say which call, keep the traceback chained
+                            raise RuntimeError(f"{label} ({dtype}, B, T, V = {B}, {T}, {V}) failed: "
+                                               f"{type(e).__name__}: {e}") from e
                 m1, h1 = cache_counts(K)
                 steps.append((job, dtype, time.perf_counter() - t, m1 - m0))
                 what = (f"compiled {m1 - m0} specialisations" if m1 > m0 else
@@ -177,7 +185,6 @@ def warm(jobs=JOBS, dtypes=DTYPES, log=print):
     finally:
         b._blocks = blocks
     compiled, loaded = cache_counts(K)
-    where, how = cache_location(K)
     return {"seconds": time.perf_counter() - t0, "compiled": compiled, "loaded": loaded,
             "cache_dir": where, "locator": how, "steps": steps}
 
@@ -199,9 +206,6 @@ def main(args, out=None) -> int:
         sys.stderr.write(f"rlhf-ref warmup: {e}\n")
         return 1
     total = time.perf_counter() - t0
-    if r["cache_dir"] is None:
-        print(f"no on-disk cache: {r['locator']}; nothing was kept (took {total:.1f} s)", file=out)
-        return 1
     what = (f"compiled {r['compiled']} kernel specialisations" if r["compiled"]
             else "the cache was already warm, nothing compiled")
     print(f"done in {total:.1f} s (import included): {what}, {r['loaded']} loaded from the cache\n"

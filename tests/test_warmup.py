@@ -92,3 +92,13 @@ def test_bad_dtype_is_a_usage_error(capsys):
         main(["warmup", "--dtype", "float16"])
     assert e.value.code == 2
     assert "--dtype" in capsys.readouterr().err
+
+
+@needs_numba
+def test_no_cache_means_nothing_to_warm_exit_1(tmp_path):
+    """RLHF_REF_NUMBA_CACHE=0: compiling would keep nothing, so it says why and compiles nothing."""
+    e = dict(_env(tmp_path / "cache"), RLHF_REF_NUMBA_CACHE="0")
+    p = subprocess.run([sys.executable, "-m", "rlhf_ref", "warmup", "--jobs", "sft"], env=e, cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1 and "nothing to warm" in p.stderr and "RLHF_REF_NUMBA_CACHE=0" in p.stderr, p
+    assert not (tmp_path / "cache").exists()
