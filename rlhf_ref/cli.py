@@ -50,7 +50,7 @@ COMMANDS = (
     Command("train-rl", "rlhf_ref.pipeline.commands", "REINFORCE fine-tuning against the reward model", "train_rl"),
     Command("vectors", "rlhf_ref.vectors", "write the golden vectors: versioned cases (.npz + manifest) any implementation can check itself on"),
     Command("verify", "rlhf_ref.verify", "compare another implementation's outputs with the golden vectors: first difference, where, why"),
-    Command("warmup", "rlhf_ref.warmup", "compile the numba kernels of every job into Numba's on-disk cache, once per machine: the first call then takes < 2 s"),
+    Command("warmup", "rlhf_ref.warmup", "compile the numba kernels of every job into Numba's on-disk cache, once per machine: first calls then only load them"),
 )
 
 

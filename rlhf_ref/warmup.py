@@ -197,8 +197,8 @@ def main(args, out=None) -> int:
         sys.stderr.write(f"rlhf-ref warmup: error: {e}\n")
         return 2
     dtypes = DTYPES if args.dtype == "both" else (args.dtype,)
-    print(f"rlhf-ref warmup: the numba kernels of {', '.join(jobs)} for {', '.join(dtypes)} "
-          f"into Numba's on-disk cache (compiled where missing)", file=out, flush=True)
+    print(f"rlhf-ref warmup: filling Numba's on-disk cache with the numba kernels of {', '.join(jobs)} "
+          f"for {', '.join(dtypes)} (compiling what is missing)", file=out, flush=True)
     t0 = time.perf_counter()
     try:
         r = warm(jobs, dtypes, log=lambda m: print(m, file=out, flush=True))
