@@ -132,6 +132,13 @@ def _chunks(B, nt):
     return max(1, min(nt, B // _config.CYTHON_MIN_ROWS_PER_THREAD))
 
 
+def smm_rows(rows):
+    """Whether the kernels run a per-step product over ``rows`` rows in their own small product
+    (which reads the weights transposed): ``_common_cy.pxd``'s use_smm, in Python."""
+    return (_config.CYTHON_SMM_MIN_ROWS <= rows <= _config.CYTHON_SMM_MAX_ROWS
+            or (rows == 1 and _require().lstm.isa_clones()))
+
+
 def _pass_threads(entries, nt):
     return nt if entries >= _config.CYTHON_PARALLEL_MIN_ENTRIES else 1
 
@@ -344,13 +351,13 @@ def rollout(params, prompt_tokens, prompt_len, u, alpha=1.0, eps=0.0, kind="bolt
             return P, W_hh, transposed(W_hh, "WT" + tag)
 
         def transposed(W, name):
-            if not smm_rows:
+            if not use_smm:
                 return _empty(dt)
             out = ws.get(name, W.shape[::-1], dt)
             K.lstm.transpose(W, out)
             return out
 
-        smm_rows = any(_config.CYTHON_SMM_MIN_ROWS <= n <= _config.CYTHON_SMM_MAX_ROWS for n in (B // nch, -(-B // nch)))
+        use_smm = smm_rows(B // nch) or smm_rows(-(-B // nch))
         P, W_hh, WT = prep(params, "")
         pad = _config.CYTHON_HEAD_PAD
         Wc, bc, _ = head_stack(params, ("head", "value") if values else ("head",), dt, pad)
