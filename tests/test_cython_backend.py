@@ -405,6 +405,37 @@ def test_a_rows_rollout_does_not_depend_on_its_batch(monkeypatch, dt, H, V):
                 assert_close(one[k][0], whole[k][b], dt, n=T * H, scale=max(1.0, np.abs(whole[k]).max()), name=k)
 
 
+@needs_cython
+@pytest.mark.parametrize("dt", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("V", [17, 600])
+def test_rollout_row_scans_on_wide_vocabularies(dt, V):
+    """The policy's row scans (_policy_cy.pxd: the checked maximum, its first index, the float64
+    CDF search) run 16 lanes and a remainder (V = 17), and the CDF search keeps its running sums
+    only up to V = 512 (V = 600: the two-pass path): tokens tie-aware against the reference,
+    log-probabilities within tolerance, u at both ends of [0, 1) included."""
+    cy = _cy()
+    B, T, H = 5, 10, 12
+    rng = np.random.default_rng(V)
+    p = lstm.init_params(V, H, H, rng, heads=("head",), dtype=dt)
+    p64 = {k: v.astype(np.float64) for k, v in p.items()}
+    prompt = rng.integers(3, V, (B, T))
+    pl = rng.integers(1, 3, B)
+    u = rng.random((B, T))
+    u[0], u[1] = 0.0, 1.0 - 2.0 ** -53
+    kw = dict(alpha=1.4, eps=0.0, kind="boltzmann", eos_id=EOS)
+    ref = ref_rollout.rollout(p64, prompt, pl, u, **kw)
+    out = cy.rollout(p, prompt, pl, u, **kw)
+    fwd, _ = model.forward(p64, ref["tokens"], ref["mask"])
+    cdf = np.cumsum(np.exp(policy.logprobs(fwd["scores"], kw["alpha"], 0.0, "boltzmann")), axis=-1)
+    n = T * 2 * H + H + V
+    div = compare_sampled_tokens(out["tokens"], ref["tokens"], u, cdf, ref["action_mask"], dtype=dt, n=n)
+    assert np.mean(div == T) >= 0.8
+    for b in range(B):
+        m = int(div[b])
+        assert_close(out["logp"][b, :m], ref["logp"][b, :m], dt, n=n, scale=max(1.0, np.abs(ref["logp"]).max()),
+                     name="logp")
+
+
 # ---------------------------------------------------------------------------------------------
 # process state: BLAS threads, work buffers
 
