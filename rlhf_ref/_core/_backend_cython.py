@@ -339,7 +339,7 @@ def rollout(params, prompt_tokens, prompt_len, u, alpha=1.0, eps=0.0, kind="bolt
     K = _require()
     dt = _dtype(params)
     B, T = tok.shape
-    tokens = np.ascontiguousarray(np.where(np.arange(T)[None, :] < pl[:, None], tok, 0), dtype=np.int64)
+    tokens = np.array(tok, dtype=np.int64, order="C")     # a copy; the kernel writes PAD after the prompts
     mask, am, logp = np.zeros((B, T)), np.zeros((B, T)), np.zeros((B, T))
     ref_logp = np.zeros((B, T)) if ref_params is not None else None
     vals = np.zeros((B, T)) if values else None
@@ -373,8 +373,10 @@ def rollout(params, prompt_tokens, prompt_len, u, alpha=1.0, eps=0.0, kind="bolt
         P, W_hh, WT = prep(params, "")
         pad = _config.CYTHON_HEAD_PAD
         if not values and params["head.weight"].shape[0] % pad == 0:
-            pad = 1                     # already aligned rows: params' own head, no stacked copy
-        Wc, bc, _ = head_stack(params, ("head", "value") if values else ("head",), dt, pad)
+            # already aligned rows: params' own head as it is, no stacked copy
+            Wc, bc = _c(params["head.weight"], dt), _c(params["head.bias"], dt)
+        else:
+            Wc, bc, _ = head_stack(params, ("head", "value") if values else ("head",), dt, pad)
         WcT = transposed(Wc, "WcT")
         H, G, Kc = W_hh.shape[1], W_hh.shape[0], Wc.shape[0]
         has_ref = ref_params is not None
