@@ -5,8 +5,9 @@ so that h becomes h_{t−1}, the state token t is chosen in), exactly in the ref
 
 1. the input part of the pre-activations is a row of the table P = E W_ihᵀ + b_ih + b_hh
    (``_lstm_cy.input_table``), then one product a += h W_hhᵀ per block of rows (skipped at
-   t = 1, where h = 0; ``_common_cy.smm`` for 4..64 rows when the transposed weights are given,
-   BLAS otherwise), then the fused cell (``_lstm_cy.cell``) per live row;
+   t = 1, where h = 0; ``_common_cy.smm`` for 4..64 rows, and for one row where the instruction-
+   set clones are built, when the transposed weights are given (``use_smm``), BLAS otherwise),
+   then the fused cell (``_lstm_cy.cell``) per live row;
 2. one product for the stacked heads z = h W_cᵀ + b_c (``head`` and, when asked, ``value``);
 3. per live row: the mask, the value, and at t ≥ prompt_len the policy and the inverse-CDF draw
    with u[b, t] (``_policy_cy.sample_row``), the log-probability of the drawn token under the
