@@ -253,7 +253,7 @@ def rollout(params, prompt_tokens, prompt_len, u, alpha=1.0, eps=0.0, kind="bolt
     mask, am, logp, ref_logp, vals = (np.zeros((B, T)) for _ in range(5))
     args = (P, Wcat, bc, bool(values), Pr, Wcatr, bcr, has_ref,
             tokens, pl, np.ascontiguousarray(u, dtype=np.float64), int(V), float(alpha), float(eps),
-            CODES["policy"][kind], int(eos_id), mask, am, logp, ref_logp, vals)
+            CODES["policy"][kind], int(eos_id), mask, am, logp, ref_logp, vals, *_config.NUMBA_SMM_ROWS)
     nblk = _blocks(B)
     if nblk > 1:
         with _one_blas_thread():

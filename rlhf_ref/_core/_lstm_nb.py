@@ -35,7 +35,9 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ._nb_common import ELEMENTWISE, cst, kernel, vsigmoid, vtanh
+from numba import carray
+
+from ._nb_common import ELEMENTWISE, TILE_COLS as NB, cst, fma, kernel, tile_buffer, tile_rows, vsigmoid, vtanh
 
 
 @kernel
@@ -48,6 +50,65 @@ def transpose(W, Wt):
         for c in range(C):
             for r in range(r0, r1):
                 Wt[c, r] = W[r, c]
+
+
+@kernel
+def smm(A, Bt, C):
+    """C (M×N) = A (M×K) Bt (K×N), single-threaded, for the per-step products of a few rows (M = the
+    rows of a block, 4..64 by ``_config.NUMBA_SMM_ROWS``): OpenBLAS packs the whole of Bt (the weights)
+    on every call, which at M = 16 costs more than the product itself. As the cython backend's
+    ``rr_smm``: tiles of MB rows × NB columns (NB = 64 float32, 32 float64: 16 AVX-512 registers)
+    accumulate over k in order in a stack buffer that LLVM promotes to registers (its indices are
+    constants once the tile loops are unrolled); the last N mod NB columns and M mod MB rows go
+    through plain loops. Every entry of C is the same chain fma(A[m,k], Bt[k,n], ·) over k = 0..K−1
+    from 0, whichever path computes it, so a row's result depends neither on M nor on the row split.
+    """
+    M, K = A.shape
+    N = Bt.shape[1]
+    if Bt.shape[0] != K or C.shape[0] != M or C.shape[1] != N:
+        raise ValueError("smm: A (M, K), Bt (K, N) and C (M, N) do not match")
+    MB = tile_rows(A)
+    acc = carray(tile_buffer(A), (MB, NB))
+    zero = cst(A, 0.0)
+    Nt = N - N % NB
+    for n0 in range(0, Nt, NB):
+        m0 = 0
+        while m0 + MB <= M:                                  # MB × NB tiles, in registers
+            for m in range(MB):
+                for j in range(NB):
+                    acc[m, j] = zero
+            for k in range(K):
+                b = Bt[k, n0:n0 + NB]
+                for m in range(MB):
+                    a = A[m0 + m, k]
+                    for j in range(NB):
+                        acc[m, j] = fma(a, b[j], acc[m, j])
+            for m in range(MB):
+                c = C[m0 + m, n0:n0 + NB]
+                for j in range(NB):
+                    c[j] = acc[m, j]
+            m0 += MB
+        for m in range(m0, M):                               # the last M mod MB rows: 1 × NB tiles
+            for j in range(NB):
+                acc[0, j] = zero
+            for k in range(K):
+                b = Bt[k, n0:n0 + NB]
+                a = A[m, k]
+                for j in range(NB):
+                    acc[0, j] = fma(a, b[j], acc[0, j])
+            c = C[m, n0:n0 + NB]
+            for j in range(NB):
+                c[j] = acc[0, j]
+    if Nt < N:                                               # the last N mod NB columns, in C itself
+        for m in range(M):
+            c = C[m, Nt:N]
+            for j in range(N - Nt):
+                c[j] = zero
+            for k in range(K):
+                b = Bt[k, Nt:N]
+                a = A[m, k]
+                for j in range(N - Nt):
+                    c[j] = fma(a, b[j], c[j])
 
 
 @kernel

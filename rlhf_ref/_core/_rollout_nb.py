@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ._lstm_nb import cell
+from ._lstm_nb import cell, smm
 from ._nb_common import kernel
 from ._policy_nb import logprob_row, row_ok, sample_row
 
@@ -25,7 +25,7 @@ PAD = 0
 @kernel
 def rollout_rows(P, Wcat, bc, has_value, Pr, Wcatr, bcr, has_ref,
                  tokens, prompt_len, u, V, alpha, eps, kind, eos_id,
-                 mask, am, logp, ref_logp, vals, r0, r1):
+                 mask, am, logp, ref_logp, vals, smm_min, smm_max, r0, r1):
     """Sample rows r0:r1 (rows are independent). tokens (B, T) holds the prompts (PAD after) on
     entry, the batch on exit.
 
@@ -61,12 +61,18 @@ def rollout_rows(P, Wcat, bc, has_value, Pr, Wcatr, bcr, has_ref,
         for i in range(n):
             if not done[i]:
                 cell(out[i, :G], P[tokens[r0 + i, t - 1]], c[t % 2, i], c[(t + 1) % 2, i], h[i])
-        np.dot(h, Wcat, out)                                 # next step's h W_hhᵀ and this step's scores
+        if smm_min <= n <= smm_max:                          # next step's h W_hhᵀ and this step's scores
+            smm(h, Wcat, out)
+        else:
+            np.dot(h, Wcat, out)
         if has_ref:
             for i in range(n):
                 if not done[i]:
                     cell(outr[i, :Gr], Pr[tokens[r0 + i, t - 1]], cr[t % 2, i], cr[(t + 1) % 2, i], hr[i])
-            np.dot(hr, Wcatr, outr)
+            if smm_min <= n <= smm_max:
+                smm(hr, Wcatr, outr)
+            else:
+                np.dot(hr, Wcatr, outr)
         for i in range(n):
             b = r0 + i
             if done[i]:
@@ -109,16 +115,17 @@ def rollout_rows(P, Wcat, bc, has_value, Pr, Wcatr, bcr, has_ref,
 
 @kernel
 def rollout(P, Wcat, bc, has_value, Pr, Wcatr, bcr, has_ref,
-            tokens, prompt_len, u, V, alpha, eps, kind, eos_id, mask, am, logp, ref_logp, vals):
+            tokens, prompt_len, u, V, alpha, eps, kind, eos_id, mask, am, logp, ref_logp, vals, smm_min, smm_max):
     """``rollout_rows`` over the whole batch in one block (BLAS may thread each product)."""
     rollout_rows(P, Wcat, bc, has_value, Pr, Wcatr, bcr, has_ref,
                  tokens, prompt_len, u, V, alpha, eps, kind, eos_id, mask, am, logp, ref_logp, vals,
-                 0, tokens.shape[0])
+                 smm_min, smm_max, 0, tokens.shape[0])
 
 
 @kernel(parallel=True)
 def rollout_par(P, Wcat, bc, has_value, Pr, Wcatr, bcr, has_ref,
-                tokens, prompt_len, u, V, alpha, eps, kind, eos_id, mask, am, logp, ref_logp, vals, nblk):
+                tokens, prompt_len, u, V, alpha, eps, kind, eos_id, mask, am, logp, ref_logp, vals,
+                smm_min, smm_max, nblk):
     """``rollout_rows`` over nblk row blocks, one per thread, each with its own buffers and
     single-threaded BLAS products (the caller holds BLAS to one thread). The split depends on
     nblk only: a fixed thread count gives bit-identical results."""
@@ -126,4 +133,4 @@ def rollout_par(P, Wcat, bc, has_value, Pr, Wcatr, bcr, has_ref,
     for j in prange(nblk):
         rollout_rows(P, Wcat, bc, has_value, Pr, Wcatr, bcr, has_ref,
                      tokens, prompt_len, u, V, alpha, eps, kind, eos_id, mask, am, logp, ref_logp, vals,
-                     j * B // nblk, (j + 1) * B // nblk)
+                     smm_min, smm_max, j * B // nblk, (j + 1) * B // nblk)
