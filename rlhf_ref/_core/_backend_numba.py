@@ -152,7 +152,8 @@ class _Body:
         self.cs = np.empty((T + 1, B, H), dt)
         self.hs = np.empty((T + 1, B, H), dt)
         self.nblk = _blocks(B)
-        args = (self.P, self.XP, self.use_table, self.ids, self.lengths, self.Wt_hh, self.gates, self.cs, self.hs)
+        args = (self.P, self.XP, self.use_table, self.ids, self.lengths, self.Wt_hh, self.gates, self.cs, self.hs,
+                *_config.NUMBA_SMM_ROWS)
         if self.nblk > 1:
             with _one_blas_thread():
                 K.lstm.forward_par(*args, self.nblk)
@@ -172,8 +173,8 @@ class _Body:
         has = dlogits is not None
         if not has:
             dlogits, Wc = np.empty((0, 0), dt), np.empty((0, 0), dt)
-        args = (self.gates, self.cs, self.hs, self.lengths, self.Wt_hh, dlogits, Wc, has, dh, dc,
-                np.empty((B, H), dt), np.empty((B, H), dt))
+        args = (self.gates, self.cs, self.hs, self.lengths, self.Wt_hh, self.W_hh, dlogits, Wc, has, dh, dc,
+                np.empty((B, H), dt), np.empty((B, H), dt), *_config.NUMBA_SMM_ROWS)
         if self.nblk > 1:
             with _one_blas_thread():
                 K.lstm.backward_par(*args, self.nblk)

@@ -64,15 +64,24 @@ def transpose(W, Wt):
 
 
 @kernel
+def use_smm(rows, N, smm_min, smm_max):
+    """Whether a per-step product of ``rows`` rows and N columns goes to ``smm``: smm_min..smm_max rows
+    and at least one full tile of columns (narrower products run its plain edge loops only, slower
+    than BLAS)."""
+    return smm_min <= rows <= smm_max and N >= NB
+
+
+@kernel
 def smm(A, Bt, C):
     """C (M×N) = A (M×K) Bt (K×N), single-threaded, for the per-step products of a few rows (M = the
-    rows of a block, 4..64 by ``_config.NUMBA_SMM_ROWS``): OpenBLAS packs the whole of Bt (the weights)
-    on every call, which at M = 16 costs more than the product itself. As the cython backend's
-    ``rr_smm``: tiles of MB rows × NB columns (NB = 64 float32, 32 float64: 16 AVX-512 registers)
-    accumulate over k in order in a stack buffer that LLVM promotes to registers (its indices are
-    constants once the tile loops are unrolled); the last N mod NB columns and M mod MB rows go
-    through plain loops. Every entry of C is the same chain fma(A[m,k], Bt[k,n], ·) over k = 0..K−1
-    from 0, whichever path computes it, so a row's result depends neither on M nor on the row split.
+    rows of a block; ``use_smm`` decides): OpenBLAS packs the whole of Bt (the weights) on every
+    call, which at M = 16 costs more than the product itself. As the cython backend's ``rr_smm``:
+    tiles of MB rows × NB columns (4 × 64 float32, 2 × 64 float64: 16 AVX-512 registers) accumulate
+    over k in order in a stack buffer that LLVM promotes to registers (its indices are constants
+    once the tile loops are unrolled; measured 100 GFLOP/s at (16, 128) × (128, 576) float32 against
+    55 for OpenBLAS); the last N mod NB columns and M mod MB rows go through plain loops. Every entry
+    of C is the same chain fma(A[m,k], Bt[k,n], ·) over k = 0..K−1 from 0, whichever path computes
+    it, so a row's result depends neither on M nor on the row split.
     """
     M, K = A.shape
     N = Bt.shape[1]
@@ -168,12 +177,13 @@ def cell(a, x, c_prev, c, h):
 
 
 @kernel
-def forward_rows(P, XP, use_table, ids, lengths, Wt_hh, gates, cs, hs, r0, r1):
+def forward_rows(P, XP, use_table, ids, lengths, Wt_hh, gates, cs, hs, smm_min, smm_max, r0, r1):
     """The masked LSTM over rows r0:r1 of the batch (rows are independent), time-major.
 
     P (V, 4H) with use_table, else XP (T·B, 4H): the input projection (both biases in).
     ids (B, T) int64 (0 on padding), lengths (B,) real tokens per row; Wt_hh = W_hhᵀ (H, 4H),
-    C-contiguous (OpenBLAS is 2–3× faster on the B = 1 product in this layout, measured).
+    C-contiguous (OpenBLAS is 2–3× faster on the B = 1 product in this layout, measured); blocks of
+    smm_min..smm_max rows multiply in ``smm``.
     Fills gates (T, B, 4H), cs and hs (T+1, B, H) on these rows, from hs[0] = cs[0] = 0;
     padding carries (h, c).
     """
@@ -181,7 +191,10 @@ def forward_rows(P, XP, use_table, ids, lengths, Wt_hh, gates, cs, hs, r0, r1):
     hs[0, r0:r1] = 0.0
     cs[0, r0:r1] = 0.0
     for t in range(T):
-        np.dot(hs[t, r0:r1], Wt_hh, gates[t, r0:r1])         # h_{t-1} W_hhᵀ  (rows, 4H)
+        if use_smm(r1 - r0, Wt_hh.shape[1], smm_min, smm_max):    # h_{t-1} W_hhᵀ  (rows, 4H)
+            smm(hs[t, r0:r1], Wt_hh, gates[t, r0:r1])
+        else:
+            np.dot(hs[t, r0:r1], Wt_hh, gates[t, r0:r1])
         for b in range(r0, r1):
             if t < lengths[b]:
                 x = P[ids[b, t]] if use_table else XP[t * B + b]
@@ -192,18 +205,19 @@ def forward_rows(P, XP, use_table, ids, lengths, Wt_hh, gates, cs, hs, r0, r1):
 
 
 @kernel
-def forward(P, XP, use_table, ids, lengths, Wt_hh, gates, cs, hs):
+def forward(P, XP, use_table, ids, lengths, Wt_hh, gates, cs, hs, smm_min, smm_max):
     """``forward_rows`` over the whole batch in one block (BLAS may thread each product)."""
-    forward_rows(P, XP, use_table, ids, lengths, Wt_hh, gates, cs, hs, 0, ids.shape[0])
+    forward_rows(P, XP, use_table, ids, lengths, Wt_hh, gates, cs, hs, smm_min, smm_max, 0, ids.shape[0])
 
 
 @kernel(parallel=True)
-def forward_par(P, XP, use_table, ids, lengths, Wt_hh, gates, cs, hs, nblk):
+def forward_par(P, XP, use_table, ids, lengths, Wt_hh, gates, cs, hs, smm_min, smm_max, nblk):
     """``forward_rows`` over nblk row blocks, one per thread (the caller holds BLAS to one thread).
     The split depends on nblk only: a fixed thread count gives bit-identical results."""
     B = ids.shape[0]
     for i in prange(nblk):
-        forward_rows(P, XP, use_table, ids, lengths, Wt_hh, gates, cs, hs, i * B // nblk, (i + 1) * B // nblk)
+        forward_rows(P, XP, use_table, ids, lengths, Wt_hh, gates, cs, hs, smm_min, smm_max,
+                     i * B // nblk, (i + 1) * B // nblk)
 
 
 @kernel(fastmath=ELEMENTWISE)
@@ -227,7 +241,8 @@ def _cell_backward(a, c_prev, c, dh, dc):
 
 
 @kernel
-def backward_rows(gates, cs, hs, lengths, Wt_hh, dlogits, Wc, has_heads, dh, dc, tmp, tmp2, r0, r1):
+def backward_rows(gates, cs, hs, lengths, Wt_hh, W_hh, dlogits, Wc, has_heads, dh, dc, tmp, tmp2,
+                  smm_min, smm_max, r0, r1):
     """Backpropagation through time over rows r0:r1, in place.
 
     The heads' gradient enters step by step: ∂L/∂h_t = dlogits[t+1] Wc (the heads read h_t at
@@ -235,12 +250,17 @@ def backward_rows(gates, cs, hs, lengths, Wt_hh, dlogits, Wc, has_heads, dh, dc,
     time-major and Wc (K, H), used when has_heads.
     dh, dc (B, H): ∂L/∂h, ∂L/∂c after the last step on entry (dh_final, dc_final);
     ∂L/∂h₀, ∂L/∂c₀ on exit. gates (T, B, 4H) becomes da, ∂L/∂(pre-activations), 0 on padding.
-    tmp, tmp2 (B, H) are scratch; Wt_hh = W_hhᵀ (H, 4H) as in ``forward``.
+    tmp, tmp2 (B, H) are scratch; Wt_hh = W_hhᵀ (H, 4H) as in ``forward``, W_hh (4H, H) C-contiguous
+    (what ``smm`` reads for blocks of smm_min..smm_max rows).
     """
+    small = use_smm(r1 - r0, Wt_hh.shape[0], smm_min, smm_max)
     T, B = gates.shape[0], gates.shape[1]
     for t in range(T - 1, -1, -1):
         if has_heads and t + 1 < T:
-            np.dot(dlogits[(t + 1) * B + r0:(t + 1) * B + r1], Wc, tmp2[r0:r1])
+            if use_smm(r1 - r0, Wc.shape[1], smm_min, smm_max):
+                smm(dlogits[(t + 1) * B + r0:(t + 1) * B + r1], Wc, tmp2[r0:r1])
+            else:
+                np.dot(dlogits[(t + 1) * B + r0:(t + 1) * B + r1], Wc, tmp2[r0:r1])
         for b in range(r0, r1):
             if has_heads and t + 1 < T:
                 dh[b] += tmp2[b]                             # the output h_t feeds the heads at t+1
@@ -248,25 +268,30 @@ def backward_rows(gates, cs, hs, lengths, Wt_hh, dlogits, Wc, has_heads, dh, dc,
                 _cell_backward(gates[t, b], cs[t, b], cs[t + 1, b], dh[b], dc[b])
             else:
                 gates[t, b] = 0.0                            # padding: no gradient, dh and dc pass through
-        np.dot(gates[t, r0:r1], Wt_hh.T, tmp[r0:r1])         # dh_{t-1} = da_t W_hh
+        if small:                                            # dh_{t-1} = da_t W_hh
+            smm(gates[t, r0:r1], W_hh, tmp[r0:r1])
+        else:
+            np.dot(gates[t, r0:r1], Wt_hh.T, tmp[r0:r1])
         for b in range(r0, r1):
             if t < lengths[b]:
                 dh[b] = tmp[b]
 
 
 @kernel
-def backward(gates, cs, hs, lengths, Wt_hh, dlogits, Wc, has_heads, dh, dc, tmp, tmp2):
+def backward(gates, cs, hs, lengths, Wt_hh, W_hh, dlogits, Wc, has_heads, dh, dc, tmp, tmp2, smm_min, smm_max):
     """``backward_rows`` over the whole batch in one block."""
-    backward_rows(gates, cs, hs, lengths, Wt_hh, dlogits, Wc, has_heads, dh, dc, tmp, tmp2, 0, gates.shape[1])
+    backward_rows(gates, cs, hs, lengths, Wt_hh, W_hh, dlogits, Wc, has_heads, dh, dc, tmp, tmp2, smm_min, smm_max,
+                  0, gates.shape[1])
 
 
 @kernel(parallel=True)
-def backward_par(gates, cs, hs, lengths, Wt_hh, dlogits, Wc, has_heads, dh, dc, tmp, tmp2, nblk):
+def backward_par(gates, cs, hs, lengths, Wt_hh, W_hh, dlogits, Wc, has_heads, dh, dc, tmp, tmp2, smm_min, smm_max,
+                 nblk):
     """``backward_rows`` over nblk row blocks, one per thread (as ``forward_par``)."""
     B = gates.shape[1]
     for i in prange(nblk):
-        backward_rows(gates, cs, hs, lengths, Wt_hh, dlogits, Wc, has_heads, dh, dc, tmp, tmp2,
-                      i * B // nblk, (i + 1) * B // nblk)
+        backward_rows(gates, cs, hs, lengths, Wt_hh, W_hh, dlogits, Wc, has_heads, dh, dc, tmp, tmp2,
+                      smm_min, smm_max, i * B // nblk, (i + 1) * B // nblk)
 
 
 @kernel

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ._lstm_nb import cell, smm
+from ._lstm_nb import cell, smm, use_smm
 from ._nb_common import kernel
 from ._policy_nb import logprob_row, row_ok, sample_row
 
@@ -61,7 +61,7 @@ def rollout_rows(P, Wcat, bc, has_value, Pr, Wcatr, bcr, has_ref,
         for i in range(n):
             if not done[i]:
                 cell(out[i, :G], P[tokens[r0 + i, t - 1]], c[t % 2, i], c[(t + 1) % 2, i], h[i])
-        if smm_min <= n <= smm_max:                          # next step's h W_hhᵀ and this step's scores
+        if use_smm(n, Wcat.shape[1], smm_min, smm_max):      # next step's h W_hhᵀ and this step's scores
             smm(h, Wcat, out)
         else:
             np.dot(h, Wcat, out)
@@ -69,7 +69,7 @@ def rollout_rows(P, Wcat, bc, has_value, Pr, Wcatr, bcr, has_ref,
             for i in range(n):
                 if not done[i]:
                     cell(outr[i, :Gr], Pr[tokens[r0 + i, t - 1]], cr[t % 2, i], cr[(t + 1) % 2, i], hr[i])
-            if smm_min <= n <= smm_max:
+            if use_smm(n, Wcatr.shape[1], smm_min, smm_max):
                 smm(hr, Wcatr, outr)
             else:
                 np.dot(hr, Wcatr, outr)
