@@ -53,6 +53,7 @@ def rollout_rows(P, Wcat, bc, has_value, Pr, Wcatr, bcr, has_ref,
     cr = np.zeros((2, n, Gr // 4), dt)
     outr = np.zeros((n, Wcatr.shape[1] if has_ref else 0), dt)
     e = np.empty(V, dt)
+    cdf = np.empty(V, np.float64)
     done = np.zeros(n, np.bool_)
     for b in range(r0, r1):
         mask[b, 0] = 1.0
@@ -99,7 +100,7 @@ def rollout_rows(P, Wcat, bc, has_value, Pr, Wcatr, bcr, has_ref,
                 tokens[b, t] = -2
                 done[i] = True
                 continue
-            tok, lp = sample_row(zb, V, alpha, eps, kind, u[b, t], e)
+            tok, lp = sample_row(zb, V, alpha, eps, kind, u[b, t], e, cdf)
             if tok < 0 or tok >= V:                          # cannot happen on a row_ok row
                 tokens[b, t] = -1
                 done[i] = True
