@@ -26,8 +26,10 @@ order of the sums:
   this beat one block with 2 BLAS threads at every benchmark size (B = 16: 8-row products also
   take OpenBLAS's faster small-matrix path).
 
-All matrix products are ``np.dot`` inside the kernels (SciPy's BLAS, one runtime for the
-whole hot loop); the elementwise work is fused loops over SIMD ``vsigmoid``/``vtanh``.
+The matrix products are ``np.dot`` inside the kernels (SciPy's BLAS, one runtime for the
+whole hot loop), except the per-step products of blocks of a few rows (``_config.NUMBA_SMM_ROWS``),
+which run in ``smm`` (register tiles; OpenBLAS packs the weights on every call, which at 16 rows
+costs more than the product); the elementwise work is fused loops over SIMD ``vsigmoid``/``vtanh``.
 """
 
 from __future__ import annotations
@@ -63,12 +65,16 @@ def transpose(W, Wt):
             Wt[c, r] = W[r, c]
 
 
+SMM_MAX_AK = 1 << 18      # rows × K: smm does not block over k, so A must stay in L2 (1 MiB of float32)
+
+
 @kernel
-def use_smm(rows, N, smm_min, smm_max):
-    """Whether a per-step product of ``rows`` rows and N columns goes to ``smm``: smm_min..smm_max rows
-    and at least one full tile of columns (narrower products run its plain edge loops only, slower
-    than BLAS)."""
-    return smm_min <= rows <= smm_max and N >= NB
+def use_smm(rows, K, N, smm_min, smm_max):
+    """Whether a per-step product (rows × K) (K × N) goes to ``smm``: smm_min..smm_max rows, at least
+    one full tile of columns (narrower products run its plain edge loops only, slower than BLAS) and
+    rows·K ≤ SMM_MAX_AK (measured float32: 128 × 2048 × 512 87 GFLOP/s vs OpenBLAS 79, 256 × 2048 × 512
+    36 vs 38)."""
+    return smm_min <= rows <= smm_max and N >= NB and rows * K <= SMM_MAX_AK
 
 
 @kernel
@@ -191,7 +197,7 @@ def forward_rows(P, XP, use_table, ids, lengths, Wt_hh, gates, cs, hs, smm_min, 
     hs[0, r0:r1] = 0.0
     cs[0, r0:r1] = 0.0
     for t in range(T):
-        if use_smm(r1 - r0, Wt_hh.shape[1], smm_min, smm_max):    # h_{t-1} W_hhᵀ  (rows, 4H)
+        if use_smm(r1 - r0, Wt_hh.shape[0], Wt_hh.shape[1], smm_min, smm_max):   # h_{t-1} W_hhᵀ (rows, 4H)
             smm(hs[t, r0:r1], Wt_hh, gates[t, r0:r1])
         else:
             np.dot(hs[t, r0:r1], Wt_hh, gates[t, r0:r1])
@@ -253,11 +259,11 @@ def backward_rows(gates, cs, hs, lengths, Wt_hh, W_hh, dlogits, Wc, has_heads, d
     tmp, tmp2 (B, H) are scratch; Wt_hh = W_hhᵀ (H, 4H) as in ``forward``, W_hh (4H, H) C-contiguous
     (what ``smm`` reads for blocks of smm_min..smm_max rows).
     """
-    small = use_smm(r1 - r0, Wt_hh.shape[0], smm_min, smm_max)
+    small = use_smm(r1 - r0, Wt_hh.shape[1], Wt_hh.shape[0], smm_min, smm_max)
     T, B = gates.shape[0], gates.shape[1]
     for t in range(T - 1, -1, -1):
         if has_heads and t + 1 < T:
-            if use_smm(r1 - r0, Wc.shape[1], smm_min, smm_max):
+            if use_smm(r1 - r0, Wc.shape[0], Wc.shape[1], smm_min, smm_max):
                 smm(dlogits[(t + 1) * B + r0:(t + 1) * B + r1], Wc, tmp2[r0:r1])
             else:
                 np.dot(dlogits[(t + 1) * B + r0:(t + 1) * B + r1], Wc, tmp2[r0:r1])

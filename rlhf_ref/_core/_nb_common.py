@@ -33,6 +33,9 @@ Imported only when the numba backend is asked for (``rlhf_ref.backends`` imports
   1 − 2/(e^{2|x|} + 1) with the sign restored, so small arguments keep full relative precision.
   They are plain ``@overload``s: LLVM inlines and vectorises them in the calling loop
   (``inline="always"``, Numba's IR-level inlining, only adds pedantic SSA warnings).
+* ``fma(a, b, c)``: llvm.fma, one rounding whether LLVM vectorises the loop or not (fast-math
+  contraction is a licence, not a promise); ``tile_buffer``/``tile_rows``/``TILE_COLS``: the stack
+  tile of ``_lstm_nb.smm`` that LLVM keeps in registers.
 * Loops that should vectorise run from 0 (``for j in range(H): a[2*H + j]``): LLVM left
   ``for j in range(2*H, 3*H)`` scalar (measured 18× slower for the tanh gate).
 """
@@ -152,7 +155,7 @@ def _fma_ov(a, b, c):
         return lambda a, b, c: _fma(a, b, c)
 
 
-TILE_COLS = 64            # a register tile: TILE_COLS columns × 4 rows (float32) or 2 rows (float64) = 16 AVX-512 registers
+TILE_COLS = 64            # a register tile: 64 columns × 4 rows (float32) or 2 rows (float64) = 16 AVX-512 registers
 
 
 def tile_rows(like):
@@ -169,16 +172,16 @@ def _tile_rows(like):
 
 @intrinsic
 def tile_buffer(typingctx, like):
-    """A pointer to a 4 × TILE_COLS buffer of like's dtype (an array) on the stack. A kernel that indexes it only
-    at indices LLVM can resolve at compile time (fully unrolled loops) gets it promoted to registers."""
+    """A pointer to a 4 × TILE_COLS buffer of like's dtype (an array) on the stack. A kernel that indexes
+    it only at indices LLVM can resolve at compile time (fully unrolled loops) gets it promoted to
+    registers (``_lstm_nb.smm``; a heap array from np.empty never is)."""
     if not (isinstance(like, types.Array) and like.dtype in (types.float32, types.float64)):
         return None
     dt = like.dtype
     n = 4 * TILE_COLS
 
     def codegen(context, builder, sig, args):
-        ptr = cgutils.alloca_once(builder, context.get_value_type(dt), size=context.get_constant(types.intp, n))
-        return ptr
+        return cgutils.alloca_once(builder, context.get_value_type(dt), size=context.get_constant(types.intp, n))
     return types.CPointer(dt)(like), codegen
 
 

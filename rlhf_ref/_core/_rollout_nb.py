@@ -1,9 +1,9 @@
 """Numba twin of ``rlhf_ref/rollout.py``: batched autoregressive sampling in one kernel call.
 
 The whole time loop runs inside the kernel: per step the fused cell (the input projection is a
-row of the table ``P = E W_ihᵀ + b_ih + b_hh``, see ``_lstm_nb``), one BLAS product of the new
-state with ``[W_hhᵀ | heads ᵀ]`` (the heads are ``head`` and, when asked, ``value``), then per
-row the policy and the inverse-CDF draw (``_policy_nb.sample_row``) and the EOS bookkeeping,
+row of the table ``P = E W_ihᵀ + b_ih + b_hh``, see ``_lstm_nb``), one product of the new
+state with ``[W_hhᵀ | heads ᵀ]`` (the heads are ``head`` and, when asked, ``value``; ``_lstm_nb.smm``
+for blocks of NUMBA_SMM_ROWS rows, else BLAS), then per row the policy and the inverse-CDF draw (``_policy_nb.sample_row``) and the EOS bookkeeping,
 exactly as the reference orders them. The frozen reference policy,
 when given, runs beside it with its own state. Rows that have ended are not stepped (the
 reference steps them and discards the result). Rows are independent, so ``rollout_par`` runs
@@ -62,7 +62,8 @@ def rollout_rows(P, Wcat, bc, has_value, Pr, Wcatr, bcr, has_ref,
         for i in range(n):
             if not done[i]:
                 cell(out[i, :G], P[tokens[r0 + i, t - 1]], c[t % 2, i], c[(t + 1) % 2, i], h[i])
-        if use_smm(n, Wcat.shape[1], smm_min, smm_max):      # next step's h W_hhᵀ and this step's scores
+        # next step's h W_hhᵀ and this step's scores
+        if use_smm(n, Wcat.shape[0], Wcat.shape[1], smm_min, smm_max):
             smm(h, Wcat, out)
         else:
             np.dot(h, Wcat, out)
@@ -70,7 +71,7 @@ def rollout_rows(P, Wcat, bc, has_value, Pr, Wcatr, bcr, has_ref,
             for i in range(n):
                 if not done[i]:
                     cell(outr[i, :Gr], Pr[tokens[r0 + i, t - 1]], cr[t % 2, i], cr[(t + 1) % 2, i], hr[i])
-            if use_smm(n, Wcatr.shape[1], smm_min, smm_max):
+            if use_smm(n, Wcatr.shape[0], Wcatr.shape[1], smm_min, smm_max):
                 smm(hr, Wcatr, outr)
             else:
                 np.dot(hr, Wcatr, outr)
