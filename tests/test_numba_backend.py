@@ -221,6 +221,26 @@ def test_rollout_small_product_and_blas_paths_agree(dt, monkeypatch):
 
 
 @needs_numba
+@pytest.mark.parametrize("dt", [np.float32, np.float64], ids=["float32", "float64"])
+def test_training_small_product_and_blas_paths_agree(dt, monkeypatch):
+    """The LSTM forward and BPTT with their per-step products in ``smm`` (H = 64: every product has a
+    full tile, the backward one included) and in BLAS: the same loss and gradients up to rounding."""
+    p, prompt, pl, u = problem(dt, B=9, T=12, V=7, E=6, H=64)
+    ro = nbk.rollout(p, prompt, pl, u, eos_id=EOS)
+    reward = np.linspace(-1, 1, len(pl))
+    cfg = reinforce.ReinforceConfig(entropy_coef=0.1, eps=0.1)
+    res = {}
+    for name, rows in (("smm", (1, 64)), ("blas", (0, -1))):
+        monkeypatch.setattr(_config, "NUMBA_SMM_ROWS", rows)
+        res[name] = nbk.reinforce_loss_and_grad(p, ro["tokens"], ro["mask"], pl, reward, cfg, ref_logp=ro["logp"] * 0.9)
+    tol = 1e-4 if dt == np.float32 else 1e-12
+    (o1, g1), (o2, g2) = res["smm"], res["blas"]
+    assert abs(o1["loss"] - o2["loss"]) <= tol * max(1.0, abs(o1["loss"]))
+    for k in g1:
+        np.testing.assert_allclose(g1[k], g2[k], rtol=tol, atol=tol * np.abs(g2[k]).max(), err_msg=k)
+
+
+@needs_numba
 def test_float32_is_computed_in_float32():
     """The float32 kernels must not run in float64 (a float64 literal silently promotes in Numba)."""
     p32, prompt, pl, u = problem(np.float32, B=8, T=12, V=11, E=16, H=16)
