@@ -160,20 +160,27 @@ def test_vectorised_math_special_values(dt):
 @needs_numba
 @pytest.mark.parametrize("dt", [np.float32, np.float64], ids=["float32", "float64"])
 def test_table_and_direct_input_projection_agree(dt, monkeypatch):
-    """The (V, 4H) input table (B·T ≥ V) and the direct gather-GEMM give the same training step."""
-    p, prompt, pl, u = problem(dt)
+    """The (V, 4H) input table (B·T ≥ V), its rows of the tokens read only, and the direct gather-GEMM
+    give the same training step."""
+    p, prompt, pl, u = problem(dt, V=11)
     ro = nbk.rollout(p, prompt, pl, u, eos_id=EOS)
+    assert len(np.unique(ro["tokens"][ro["mask"] > 0])) < 11                  # some rows of the table unread
     reward = np.linspace(-1, 1, len(pl))
     cfg = reinforce.ReinforceConfig(entropy_coef=0.1, eps=0.1)
     res = {}
+    monkeypatch.setattr(_config, "NUMBA_TABLE_ROWS_FRACTION", 0.0)      # every row of the table
     for mode, ratio in (("table", 0.0), ("direct", 1e9)):
         monkeypatch.setattr(_config, "NUMBA_TABLE_MIN_POSITIONS", ratio)
         res[mode] = nbk.reinforce_loss_and_grad(p, ro["tokens"], ro["mask"], pl, reward, cfg, ref_logp=ro["logp"] * 0.9)
+    monkeypatch.setattr(_config, "NUMBA_TABLE_MIN_POSITIONS", 0.0)
+    monkeypatch.setattr(_config, "NUMBA_TABLE_ROWS_FRACTION", 1.0)      # only the rows the batch reads
+    res["rows"] = nbk.reinforce_loss_and_grad(p, ro["tokens"], ro["mask"], pl, reward, cfg, ref_logp=ro["logp"] * 0.9)
     tol = 1e-4 if dt == np.float32 else 1e-12
-    (o1, g1), (o2, g2) = res["table"], res["direct"]
-    assert abs(o1["loss"] - o2["loss"]) <= tol * max(1.0, abs(o1["loss"]))
-    for k in g1:
-        np.testing.assert_allclose(g1[k], g2[k], rtol=tol, atol=tol * np.abs(g1[k]).max(), err_msg=k)
+    for other in ("direct", "rows"):
+        (o1, g1), (o2, g2) = res["table"], res[other]
+        assert abs(o1["loss"] - o2["loss"]) <= tol * max(1.0, abs(o1["loss"])), other
+        for k in g1:
+            np.testing.assert_allclose(g1[k], g2[k], rtol=tol, atol=tol * np.abs(g1[k]).max(), err_msg=f"{other} {k}")
 
 
 @needs_numba

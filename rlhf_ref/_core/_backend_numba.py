@@ -139,9 +139,18 @@ class _Body:
         self.lengths = mask.sum(axis=1).astype(np.int64)
         self.ids = np.ascontiguousarray(np.where(mask > 0, tokens, 0), dtype=np.int64)   # padded ids never read
         self.use_table = B * T >= _config.NUMBA_TABLE_MIN_POSITIONS * V
+        self.rows = None                                     # the table's rows the batch reads, when only some
         if self.use_table:
             self.P = np.empty((V, G), dt)
-            K.lstm.input_table(self.E, self.W_ih, b_ih, b_hh, self.P)
+            present = np.zeros(V, bool)
+            present[self.ids[mask > 0]] = True
+            if 0 < present.sum() <= _config.NUMBA_TABLE_ROWS_FRACTION * V:
+                self.rows = np.flatnonzero(present)
+                U = len(self.rows)
+                K.lstm.input_table_rows(self.E, self.W_ih, b_ih, b_hh, self.rows, np.empty((U, Ed), dt),
+                                        np.empty((U, G), dt), self.P)
+            else:
+                K.lstm.input_table(self.E, self.W_ih, b_ih, b_hh, self.P)
             self.X = self.XP = np.empty((0, 0), dt)
         else:
             self.P = np.empty((0, 0), dt)
@@ -186,7 +195,11 @@ class _Body:
         K.lstm.weight_grads(DA, self.HS(), dW_hh, db)
         dW_ih = np.empty_like(self.W_ih)
         dE = np.empty_like(self.E)
-        if self.use_table:
+        if self.use_table and self.rows is not None:
+            U, Ed = len(self.rows), self.E.shape[1]
+            K.lstm.input_backward_table_rows(DA, self.ids, self.E, self.W_ih, self.rows, self.P, np.empty((U, Ed), dt),
+                                             np.empty((U, G), dt), dW_ih, np.empty((U, Ed), dt), dE)
+        elif self.use_table:
             dP = self.P                                      # the table is not needed any more: reuse it
             K.lstm.input_backward_table(DA, self.ids, self.E, self.W_ih, dP, dW_ih, dE)
         else:

@@ -26,6 +26,9 @@ CYTHON_HEAD_PAD = 16
 # ---- numba (_backend_numba.py)
 #: the input projection goes through the (V, 4H) table when B·T ≥ this × V
 NUMBA_TABLE_MIN_POSITIONS = 1.0
+#: the training passes compute (and backpropagate through) only the table rows of the tokens the batch
+#: reads when they are at most this fraction of the vocabulary (B = 1, T = 64, V = 64 reads ~40)
+NUMBA_TABLE_ROWS_FRACTION = 0.75
 #: "auto": the recurrences (rollout, LSTM forward and backward) run row blocks on Numba's threads
 #: when there are ≥ 2 of them and the BLAS thread count can be held to 1 meanwhile; "on" also
 #: without that control; "off": one block (BLAS threads each product). Env RLHF_REF_NUMBA_PARALLEL.

@@ -148,6 +148,21 @@ def input_table(E, W_ih, b_ih, b_hh, P):
 
 
 @kernel
+def input_table_rows(E, W_ih, b_ih, b_hh, rows, X, XP, P):
+    """``input_table`` for the vocabulary rows ``rows`` only (the tokens a batch reads; P's other rows
+    are left unwritten): X (U, E) gathers E[rows], XP (U, 4H) = X W_ihᵀ, then P[rows] = XP + b_ih + b_hh."""
+    U = rows.shape[0]
+    for i in range(U):
+        X[i] = E[rows[i]]
+    np.dot(X, W_ih.T, XP)
+    G = XP.shape[1]
+    for i in range(U):
+        v = rows[i]
+        for g in range(G):
+            P[v, g] = XP[i, g] + (b_ih[g] + b_hh[g])
+
+
+@kernel
 def input_direct(E, W_ih, b_ih, b_hh, ids, lengths, X, XP):
     """XP (T·B, 4H) = E[ids] W_ihᵀ + b_ih + b_hh for every position (time-major); X (T·B, E) is the gather."""
     B, T = ids.shape
@@ -323,6 +338,29 @@ def input_backward_table(DA, ids, E, W_ih, dP, dW_ih, dE):
                 dP[v, g] += DA[t * B + b, g]
     np.dot(dP.T, E, dW_ih)
     np.dot(dP, W_ih, dE)
+
+
+@kernel
+def input_backward_table_rows(DA, ids, E, W_ih, rows, dP, X, dPu, dW_ih, dEu, dE):
+    """``input_backward_table`` when the batch reads only the vocabulary rows ``rows`` (U of them): dP
+    summed per token as there, then the two GEMMs over those U rows (X (U, E), dPu (U, 4H), dEu (U, E)
+    scratch): dW_ih = dP[rows]ᵀ E[rows], dE[rows] = dP[rows] W_ih, dE 0 elsewhere."""
+    B, T = ids.shape
+    G = DA.shape[1]
+    dP[:] = 0.0
+    for t in range(T):                                       # a fixed order: deterministic
+        for b in range(B):
+            v = ids[b, t]
+            for g in range(G):
+                dP[v, g] += DA[t * B + b, g]
+    for i in range(rows.shape[0]):
+        dPu[i] = dP[rows[i]]
+        X[i] = E[rows[i]]
+    np.dot(dPu.T, X, dW_ih)
+    np.dot(dPu, W_ih, dEu)
+    dE[:] = 0.0
+    for i in range(rows.shape[0]):
+        dE[rows[i]] = dEu[i]
 
 
 @kernel
