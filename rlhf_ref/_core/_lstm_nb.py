@@ -13,7 +13,9 @@ order of the sums:
   (``B·T ≥ V``) it is read from the table ``P = E W_ihᵀ + b_ih + b_hh`` (V, 4H), one GEMM;
   the backward pass sums ``∂L/∂a`` per token into ``dP`` (V, 4H) and then
   ``dW_ih = dPᵀ E`` and ``dE = dP W_ih``: two (V × 4H × E) GEMMs in place of two
-  (B·T × 4H × E) ones. Otherwise ``X = E[ids]`` is gathered and multiplied directly.
+  (B·T × 4H × E) ones. When the batch reads at most ``NUMBA_TABLE_ROWS_FRACTION`` of the rows,
+  only those are computed and backpropagated (``*_rows``). Otherwise ``X = E[ids]`` is gathered
+  and multiplied directly.
 * **Only the recurrent product is per step** (``h_{t-1} W_hhᵀ`` forward, ``da_t W_hh``
   backward); ``dW_hh = Σ_t da_tᵀ h_{t-1}`` is one (4H × B·T × H) GEMM after the loop, and
   ``da`` is written over ``gates`` as the loop goes, and the heads' gradient enters one step at
