@@ -5,9 +5,10 @@ row of the table ``P = E W_ihᵀ + b_ih + b_hh``, see ``_lstm_nb``), one product
 state with ``[W_hhᵀ | heads ᵀ]`` (the heads are ``head`` and, when asked, ``value``;
 ``_lstm_nb.smm`` for blocks of NUMBA_SMM_ROWS rows, else BLAS), then per row the policy and the
 inverse-CDF draw (``_policy_nb.sample_row``) and the EOS bookkeeping, exactly as the reference
-orders them. The frozen reference policy, when given, runs beside it with its own state. Rows that have ended are not stepped (the
-reference steps them and discards the result). Rows are independent, so ``rollout_par`` runs
-row blocks on Numba's threads (see ``_lstm_nb`` for why this beats threaded BLAS).
+orders them. The frozen reference policy, when given, runs beside it with its own state. Rows
+that have ended are not stepped (the reference steps them and discards the result). Rows are
+independent, so ``rollout_par`` runs row blocks on Numba's threads (see ``_lstm_nb`` for why this
+beats threaded BLAS).
 """
 
 from __future__ import annotations
