@@ -160,20 +160,91 @@ def test_vectorised_math_special_values(dt):
 @needs_numba
 @pytest.mark.parametrize("dt", [np.float32, np.float64], ids=["float32", "float64"])
 def test_table_and_direct_input_projection_agree(dt, monkeypatch):
-    """The (V, 4H) input table (B·T ≥ V) and the direct gather-GEMM give the same training step."""
-    p, prompt, pl, u = problem(dt)
+    """The (V, 4H) input table (B·T ≥ V), its rows of the tokens read only, and the direct gather-GEMM
+    give the same training step."""
+    p, prompt, pl, u = problem(dt, V=11)
+    ro = nbk.rollout(p, prompt, pl, u, eos_id=EOS)
+    assert len(np.unique(ro["tokens"][ro["mask"] > 0])) < 11                  # some rows of the table unread
+    reward = np.linspace(-1, 1, len(pl))
+    cfg = reinforce.ReinforceConfig(entropy_coef=0.1, eps=0.1)
+    res = {}
+    monkeypatch.setattr(_config, "NUMBA_TABLE_ROWS_FRACTION", 0.0)      # every row of the table
+    for mode, ratio in (("table", 0.0), ("direct", 1e9)):
+        monkeypatch.setattr(_config, "NUMBA_TABLE_MIN_POSITIONS", ratio)
+        res[mode] = nbk.reinforce_loss_and_grad(p, ro["tokens"], ro["mask"], pl, reward, cfg, ref_logp=ro["logp"] * 0.9)
+    monkeypatch.setattr(_config, "NUMBA_TABLE_MIN_POSITIONS", 0.0)
+    monkeypatch.setattr(_config, "NUMBA_TABLE_ROWS_FRACTION", 1.0)      # only the rows the batch reads
+    res["rows"] = nbk.reinforce_loss_and_grad(p, ro["tokens"], ro["mask"], pl, reward, cfg, ref_logp=ro["logp"] * 0.9)
+    tol = 1e-4 if dt == np.float32 else 1e-12
+    for other in ("direct", "rows"):
+        (o1, g1), (o2, g2) = res["table"], res[other]
+        assert abs(o1["loss"] - o2["loss"]) <= tol * max(1.0, abs(o1["loss"])), other
+        for k in g1:
+            np.testing.assert_allclose(g1[k], g2[k], rtol=tol, atol=tol * np.abs(g1[k]).max(), err_msg=f"{other} {k}")
+
+
+@needs_numba
+@pytest.mark.parametrize("dt", [np.float32, np.float64], ids=["float32", "float64"])
+def test_small_matrix_product_every_path(dt):
+    """``_lstm_nb.smm`` (register tiles, the last rows and the last columns by plain loops) against
+    the float64 product, within the standard bound |C − AB| ≤ K·u·|A||B| (u the unit roundoff); a row
+    computed alone gives the same bits as in any batch (every entry is one fma chain over k)."""
+    from rlhf_ref._core import _lstm_nb
+    rng = np.random.default_rng(3)
+    u = np.finfo(dt).eps / 2
+    for M, K, N in [(1, 1, 1), (3, 7, 63), (4, 128, 64), (5, 9, 65), (16, 20, 128), (17, 33, 130), (64, 5, 200)]:
+        A = rng.standard_normal((M, K)).astype(dt)
+        Bt = rng.standard_normal((K, N)).astype(dt)
+        C = np.full((M, N), np.nan, dt)
+        _lstm_nb.smm(A, Bt, C)
+        A64, B64 = A.astype(np.float64), Bt.astype(np.float64)
+        bound = K * u * (np.abs(A64) @ np.abs(B64)) * 1.01
+        assert np.all(np.abs(C - A64 @ B64) <= bound), (M, K, N)
+        for m in (0, M // 2, M - 1):
+            c1 = np.full((1, N), np.nan, dt)
+            _lstm_nb.smm(A[m:m + 1].copy(), Bt, c1)
+            np.testing.assert_array_equal(c1[0], C[m], err_msg=f"row {m} of {(M, K, N)} alone")
+    with pytest.raises(ValueError, match="smm"):
+        _lstm_nb.smm(np.ones((2, 3), dt), np.ones((4, 5), dt), np.empty((2, 5), dt))
+    with pytest.raises(ValueError, match="smm"):
+        _lstm_nb.smm(np.ones((2, 3), dt), np.ones((3, 5), dt), np.empty((2, 4), dt))
+
+
+@needs_numba
+@pytest.mark.parametrize("dt", [np.float32, np.float64], ids=["float32", "float64"])
+def test_rollout_small_product_and_blas_paths_agree(dt, monkeypatch):
+    """The rollout with its per-step products in ``smm`` (blocks of NUMBA_SMM_ROWS rows) and in BLAS:
+    the same tokens, log-probs and values up to the rounding of a differently ordered product."""
+    p, prompt, pl, u = problem(dt, B=9, T=12, V=7, E=6, H=20)
+    pr = lstm.init_params(7, 6, 17, np.random.default_rng(9), heads=("head",), dtype=dt)
+    res = {}
+    for name, rows in (("smm", (1, 64)), ("blas", (0, -1))):
+        monkeypatch.setattr(_config, "NUMBA_SMM_ROWS", rows)
+        res[name] = nbk.rollout(p, prompt, pl, u, eps=0.1, eos_id=EOS, ref_params=pr, values=True)
+    tol = 1e-4 if dt == np.float32 else 1e-12
+    np.testing.assert_array_equal(res["smm"]["tokens"], res["blas"]["tokens"])
+    for k in ("logp", "ref_logp", "values"):
+        np.testing.assert_allclose(res["smm"][k], res["blas"][k], rtol=tol, atol=tol, err_msg=k)
+
+
+@needs_numba
+@pytest.mark.parametrize("dt", [np.float32, np.float64], ids=["float32", "float64"])
+def test_training_small_product_and_blas_paths_agree(dt, monkeypatch):
+    """The LSTM forward and BPTT with their per-step products in ``smm`` (H = 64: every product has a
+    full tile, the backward one included) and in BLAS: the same loss and gradients up to rounding."""
+    p, prompt, pl, u = problem(dt, B=9, T=12, V=7, E=6, H=64)
     ro = nbk.rollout(p, prompt, pl, u, eos_id=EOS)
     reward = np.linspace(-1, 1, len(pl))
     cfg = reinforce.ReinforceConfig(entropy_coef=0.1, eps=0.1)
     res = {}
-    for mode, ratio in (("table", 0.0), ("direct", 1e9)):
-        monkeypatch.setattr(_config, "NUMBA_TABLE_MIN_POSITIONS", ratio)
-        res[mode] = nbk.reinforce_loss_and_grad(p, ro["tokens"], ro["mask"], pl, reward, cfg, ref_logp=ro["logp"] * 0.9)
+    for name, rows in (("smm", (1, 64)), ("blas", (0, -1))):
+        monkeypatch.setattr(_config, "NUMBA_SMM_ROWS", rows)
+        res[name] = nbk.reinforce_loss_and_grad(p, ro["tokens"], ro["mask"], pl, reward, cfg, ref_logp=ro["logp"] * 0.9)
     tol = 1e-4 if dt == np.float32 else 1e-12
-    (o1, g1), (o2, g2) = res["table"], res["direct"]
+    (o1, g1), (o2, g2) = res["smm"], res["blas"]
     assert abs(o1["loss"] - o2["loss"]) <= tol * max(1.0, abs(o1["loss"]))
     for k in g1:
-        np.testing.assert_allclose(g1[k], g2[k], rtol=tol, atol=tol * np.abs(g1[k]).max(), err_msg=k)
+        np.testing.assert_allclose(g1[k], g2[k], rtol=tol, atol=tol * np.abs(g2[k]).max(), err_msg=k)
 
 
 @needs_numba

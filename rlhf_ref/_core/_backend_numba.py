@@ -140,9 +140,18 @@ class _Body:
         self.lengths = mask.sum(axis=1).astype(np.int64)
         self.ids = np.ascontiguousarray(np.where(mask > 0, tokens, 0), dtype=np.int64)   # padded ids never read
         self.use_table = B * T >= _config.NUMBA_TABLE_MIN_POSITIONS * V
+        self.rows = None                                     # the table's rows the batch reads, when only some
         if self.use_table:
             self.P = np.empty((V, G), dt)
-            K.lstm.input_table(self.E, self.W_ih, b_ih, b_hh, self.P)
+            present = np.zeros(V, bool)
+            present[self.ids[mask > 0]] = True
+            if 0 < present.sum() <= _config.NUMBA_TABLE_ROWS_FRACTION * V:
+                self.rows = np.flatnonzero(present)
+                U = len(self.rows)
+                K.lstm.input_table_rows(self.E, self.W_ih, b_ih, b_hh, self.rows, np.empty((U, Ed), dt),
+                                        np.empty((U, G), dt), self.P)
+            else:
+                K.lstm.input_table(self.E, self.W_ih, b_ih, b_hh, self.P)
             self.X = self.XP = np.empty((0, 0), dt)
         else:
             self.P = np.empty((0, 0), dt)
@@ -153,7 +162,8 @@ class _Body:
         self.cs = np.empty((T + 1, B, H), dt)
         self.hs = np.empty((T + 1, B, H), dt)
         self.nblk = _blocks(B)
-        args = (self.P, self.XP, self.use_table, self.ids, self.lengths, self.Wt_hh, self.gates, self.cs, self.hs)
+        args = (self.P, self.XP, self.use_table, self.ids, self.lengths, self.Wt_hh, self.gates, self.cs, self.hs,
+                *_config.NUMBA_SMM_ROWS)
         if self.nblk > 1:
             with _one_blas_thread():
                 K.lstm.forward_par(*args, self.nblk)
@@ -173,8 +183,8 @@ class _Body:
         has = dlogits is not None
         if not has:
             dlogits, Wc = np.empty((0, 0), dt), np.empty((0, 0), dt)
-        args = (self.gates, self.cs, self.hs, self.lengths, self.Wt_hh, dlogits, Wc, has, dh, dc,
-                np.empty((B, H), dt), np.empty((B, H), dt))
+        args = (self.gates, self.cs, self.hs, self.lengths, self.Wt_hh, self.W_hh, dlogits, Wc, has, dh, dc,
+                np.empty((B, H), dt), np.empty((B, H), dt), *_config.NUMBA_SMM_ROWS)
         if self.nblk > 1:
             with _one_blas_thread():
                 K.lstm.backward_par(*args, self.nblk)
@@ -186,7 +196,11 @@ class _Body:
         K.lstm.weight_grads(DA, self.HS(), dW_hh, db)
         dW_ih = np.empty_like(self.W_ih)
         dE = np.empty_like(self.E)
-        if self.use_table:
+        if self.use_table and self.rows is not None:
+            U, Ed = len(self.rows), self.E.shape[1]
+            K.lstm.input_backward_table_rows(DA, self.ids, self.E, self.W_ih, self.rows, self.P, np.empty((U, Ed), dt),
+                                             np.empty((U, G), dt), dW_ih, np.empty((U, Ed), dt), dE)
+        elif self.use_table:
             dP = self.P                                      # the table is not needed any more: reuse it
             K.lstm.input_backward_table(DA, self.ids, self.E, self.W_ih, dP, dW_ih, dE)
         else:
@@ -254,7 +268,7 @@ def rollout(params, prompt_tokens, prompt_len, u, alpha=1.0, eps=0.0, kind="bolt
     mask, am, logp, ref_logp, vals = (np.zeros((B, T)) for _ in range(5))
     args = (P, Wcat, bc, bool(values), Pr, Wcatr, bcr, has_ref,
             tokens, pl, np.ascontiguousarray(u, dtype=np.float64), int(V), float(alpha), float(eps),
-            CODES["policy"][kind], int(eos_id), mask, am, logp, ref_logp, vals)
+            CODES["policy"][kind], int(eos_id), mask, am, logp, ref_logp, vals, *_config.NUMBA_SMM_ROWS)
     nblk = _blocks(B)
     if nblk > 1:
         with _one_blas_thread():

@@ -27,10 +27,18 @@ CYTHON_HEAD_PAD = 16
 # ---- numba (_backend_numba.py)
 #: the input projection goes through the (V, 4H) table when B·T ≥ this × V
 NUMBA_TABLE_MIN_POSITIONS = 1.0
+#: the training passes compute (and backpropagate through) only the table rows of the tokens the batch
+#: reads when they are at most this fraction of the vocabulary (B = 1, T = 64, V = 64 reads ~40)
+NUMBA_TABLE_ROWS_FRACTION = 0.75
 #: "auto": the recurrences (rollout, LSTM forward and backward) run row blocks on Numba's threads
 #: when there are ≥ 2 of them and the BLAS thread count can be held to 1 meanwhile; "on" also
 #: without that control; "off": one block (BLAS threads each product). Env RLHF_REF_NUMBA_PARALLEL.
 NUMBA_PARALLEL = os.environ.get("RLHF_REF_NUMBA_PARALLEL", "auto")
+#: (min, max): the per-step products of blocks of min..max rows (and ≥ 64 columns) use the kernels'
+#: own register-tiled product (``_lstm_nb.smm``) instead of BLAS, which packs the weights on every call.
+#: Measured float32, 1 thread (GFLOP/s, smm vs OpenBLAS): 2 rows 60 vs 105; 16 × 128 × 576: 97 vs 55;
+#: 64 × 256 × 1152: 105 vs 87; 256 × 512 × 2304: 106 vs 97–101; 1024 × 128 × 576: 89 vs 102
+NUMBA_SMM_ROWS = (4, 256)
 #: the rollout's [W_hhᵀ | Wcᵀ] is padded to a width that is a multiple of this: OpenBLAS's B = 1
 #: product is then ~30% faster (measured)
 NUMBA_ROLLOUT_WIDTH_PAD = 16

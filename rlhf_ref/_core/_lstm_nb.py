@@ -13,7 +13,9 @@ order of the sums:
   (``B·T ≥ V``) it is read from the table ``P = E W_ihᵀ + b_ih + b_hh`` (V, 4H), one GEMM;
   the backward pass sums ``∂L/∂a`` per token into ``dP`` (V, 4H) and then
   ``dW_ih = dPᵀ E`` and ``dE = dP W_ih``: two (V × 4H × E) GEMMs in place of two
-  (B·T × 4H × E) ones. Otherwise ``X = E[ids]`` is gathered and multiplied directly.
+  (B·T × 4H × E) ones. When the batch reads at most ``NUMBA_TABLE_ROWS_FRACTION`` of the rows,
+  only those are computed and backpropagated (``*_rows``). Otherwise ``X = E[ids]`` is gathered
+  and multiplied directly.
 * **Only the recurrent product is per step** (``h_{t-1} W_hhᵀ`` forward, ``da_t W_hh``
   backward); ``dW_hh = Σ_t da_tᵀ h_{t-1}`` is one (4H × B·T × H) GEMM after the loop, and
   ``da`` is written over ``gates`` as the loop goes, and the heads' gradient enters one step at
@@ -26,8 +28,10 @@ order of the sums:
   this beat one block with 2 BLAS threads at every benchmark size (B = 16: 8-row products also
   take OpenBLAS's faster small-matrix path).
 
-All matrix products are ``np.dot`` inside the kernels (SciPy's BLAS, one runtime for the
-whole hot loop); the elementwise work is fused loops over SIMD ``vsigmoid``/``vtanh``.
+The matrix products are ``np.dot`` inside the kernels (SciPy's BLAS, one runtime for the
+whole hot loop), except the per-step products of blocks of a few rows (``_config.NUMBA_SMM_ROWS``),
+which run in ``smm`` (register tiles; OpenBLAS packs the weights on every call, which at 16 rows
+costs more than the product); the elementwise work is fused loops over SIMD ``vsigmoid``/``vtanh``.
 """
 
 from __future__ import annotations
@@ -35,19 +39,104 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ._nb_common import ELEMENTWISE, cst, kernel, vsigmoid, vtanh
+from numba import carray
+
+from ._nb_common import ELEMENTWISE, TILE_COLS as NB, cst, fma, kernel, tile_buffer, tile_rows, vsigmoid, vtanh
 
 
 @kernel
 def transpose(W, Wt):
-    """Wt = Wᵀ (C-contiguous), in 16-row strips: each strip's column is 64 contiguous bytes of a
-    row of Wt (NumPy's ``ascontiguousarray(W.T)`` is 2× slower at (512, 128), 9× at (2048, 512))."""
+    """Wt = Wᵀ (Wt may be a column slice of a wider array), by 8 × 8 blocks: constant trip counts, so
+    LLVM unrolls each block into shuffles (at (512, 128) float32, 3× faster than 16-row strips and
+    NumPy's ``ascontiguousarray(W.T)``; 5× at (2048, 512), measured); the edges by plain loops."""
     R, C = W.shape
-    for r0 in range(0, R, 16):
-        r1 = min(r0 + 16, R)
-        for c in range(C):
-            for r in range(r0, r1):
+    if Wt.shape[0] != C or Wt.shape[1] != R:
+        raise ValueError("transpose: Wt must be (C, R) for W (R, C)")
+    R8, C8 = R - R % 8, C - C % 8
+    for r0 in range(0, R8, 8):
+        for c0 in range(0, C8, 8):
+            for c in range(8):
+                d = Wt[c0 + c, r0:r0 + 8]
+                for r in range(8):
+                    d[r] = W[r0 + r, c0 + c]
+        for c in range(C8, C):
+            for r in range(r0, r0 + 8):
                 Wt[c, r] = W[r, c]
+    for r in range(R8, R):
+        for c in range(C):
+            Wt[c, r] = W[r, c]
+
+
+SMM_MAX_AK = 1 << 18      # rows × K: smm does not block over k, so A must stay in L2 (1 MiB of float32)
+
+
+@kernel
+def use_smm(rows, K, N, smm_min, smm_max):
+    """Whether a per-step product (rows × K) (K × N) goes to ``smm``: smm_min..smm_max rows, at least
+    one full tile of columns (narrower products run its plain edge loops only, slower than BLAS) and
+    rows·K ≤ SMM_MAX_AK (measured float32: 128 × 2048 × 512 87 GFLOP/s vs OpenBLAS 79, 256 × 2048 × 512
+    36 vs 38)."""
+    return smm_min <= rows <= smm_max and N >= NB and rows * K <= SMM_MAX_AK
+
+
+@kernel
+def smm(A, Bt, C):
+    """C (M×N) = A (M×K) Bt (K×N), single-threaded, for the per-step products of a few rows (M = the
+    rows of a block; ``use_smm`` decides): OpenBLAS packs the whole of Bt (the weights) on every
+    call, which at M = 16 costs more than the product itself. As the cython backend's ``rr_smm``:
+    tiles of MB rows × NB columns (4 × 64 float32, 2 × 64 float64: 16 AVX-512 registers) accumulate
+    over k in order in a stack buffer that LLVM promotes to registers (its indices are constants
+    once the tile loops are unrolled; measured 100 GFLOP/s at (16, 128) × (128, 576) float32 against
+    55 for OpenBLAS); the last N mod NB columns and M mod MB rows go through plain loops. Every entry
+    of C is the same chain fma(A[m,k], Bt[k,n], ·) over k = 0..K−1 from 0, whichever path computes
+    it, so a row's result depends neither on M nor on the row split.
+    """
+    M, K = A.shape
+    N = Bt.shape[1]
+    if Bt.shape[0] != K or C.shape[0] != M or C.shape[1] != N:
+        raise ValueError("smm: A (M, K), Bt (K, N) and C (M, N) do not match")
+    MB = tile_rows(A)
+    acc = carray(tile_buffer(A), (MB, NB))
+    zero = cst(A, 0.0)
+    Nt = N - N % NB
+    for n0 in range(0, Nt, NB):
+        m0 = 0
+        while m0 + MB <= M:                                  # MB × NB tiles, in registers
+            for m in range(MB):
+                for j in range(NB):
+                    acc[m, j] = zero
+            for k in range(K):
+                b = Bt[k, n0:n0 + NB]
+                for m in range(MB):
+                    a = A[m0 + m, k]
+                    for j in range(NB):
+                        acc[m, j] = fma(a, b[j], acc[m, j])
+            for m in range(MB):
+                c = C[m0 + m, n0:n0 + NB]
+                for j in range(NB):
+                    c[j] = acc[m, j]
+            m0 += MB
+        for m in range(m0, M):                               # the last M mod MB rows: 1 × NB tiles
+            for j in range(NB):
+                acc[0, j] = zero
+            for k in range(K):
+                b = Bt[k, n0:n0 + NB]
+                a = A[m, k]
+                for j in range(NB):
+                    acc[0, j] = fma(a, b[j], acc[0, j])
+            c = C[m, n0:n0 + NB]
+            for j in range(NB):
+                c[j] = acc[0, j]
+    if Nt < N:                                               # the last N mod NB columns, in C itself
+        for m in range(M):
+            c = C[m, Nt:N]
+            for j in range(N - Nt):
+                c[j] = zero
+            for k in range(K):
+                b = Bt[k, Nt:N]
+                a = A[m, k]
+                for j in range(N - Nt):
+                    c[j] = fma(a, b[j], c[j])
 
 
 @kernel
@@ -58,6 +147,21 @@ def input_table(E, W_ih, b_ih, b_hh, P):
     for v in range(V):
         for g in range(G):
             P[v, g] += b_ih[g] + b_hh[g]
+
+
+@kernel
+def input_table_rows(E, W_ih, b_ih, b_hh, rows, X, XP, P):
+    """``input_table`` for the vocabulary rows ``rows`` only (the tokens a batch reads; P's other rows
+    are left unwritten): X (U, E) gathers E[rows], XP (U, 4H) = X W_ihᵀ, then P[rows] = XP + b_ih + b_hh."""
+    U = rows.shape[0]
+    for i in range(U):
+        X[i] = E[rows[i]]
+    np.dot(X, W_ih.T, XP)
+    G = XP.shape[1]
+    for i in range(U):
+        v = rows[i]
+        for g in range(G):
+            P[v, g] = XP[i, g] + (b_ih[g] + b_hh[g])
 
 
 @kernel
@@ -96,12 +200,13 @@ def cell(a, x, c_prev, c, h):
 
 
 @kernel
-def forward_rows(P, XP, use_table, ids, lengths, Wt_hh, gates, cs, hs, r0, r1):
+def forward_rows(P, XP, use_table, ids, lengths, Wt_hh, gates, cs, hs, smm_min, smm_max, r0, r1):
     """The masked LSTM over rows r0:r1 of the batch (rows are independent), time-major.
 
     P (V, 4H) with use_table, else XP (T·B, 4H): the input projection (both biases in).
     ids (B, T) int64 (0 on padding), lengths (B,) real tokens per row; Wt_hh = W_hhᵀ (H, 4H),
-    C-contiguous (OpenBLAS is 2–3× faster on the B = 1 product in this layout, measured).
+    C-contiguous (OpenBLAS is 2–3× faster on the B = 1 product in this layout, measured); blocks of
+    smm_min..smm_max rows multiply in ``smm``.
     Fills gates (T, B, 4H), cs and hs (T+1, B, H) on these rows, from hs[0] = cs[0] = 0;
     padding carries (h, c).
     """
@@ -109,7 +214,10 @@ def forward_rows(P, XP, use_table, ids, lengths, Wt_hh, gates, cs, hs, r0, r1):
     hs[0, r0:r1] = 0.0
     cs[0, r0:r1] = 0.0
     for t in range(T):
-        np.dot(hs[t, r0:r1], Wt_hh, gates[t, r0:r1])         # h_{t-1} W_hhᵀ  (rows, 4H)
+        if use_smm(r1 - r0, Wt_hh.shape[0], Wt_hh.shape[1], smm_min, smm_max):   # h_{t-1} W_hhᵀ (rows, 4H)
+            smm(hs[t, r0:r1], Wt_hh, gates[t, r0:r1])
+        else:
+            np.dot(hs[t, r0:r1], Wt_hh, gates[t, r0:r1])
         for b in range(r0, r1):
             if t < lengths[b]:
                 x = P[ids[b, t]] if use_table else XP[t * B + b]
@@ -120,18 +228,19 @@ def forward_rows(P, XP, use_table, ids, lengths, Wt_hh, gates, cs, hs, r0, r1):
 
 
 @kernel
-def forward(P, XP, use_table, ids, lengths, Wt_hh, gates, cs, hs):
+def forward(P, XP, use_table, ids, lengths, Wt_hh, gates, cs, hs, smm_min, smm_max):
     """``forward_rows`` over the whole batch in one block (BLAS may thread each product)."""
-    forward_rows(P, XP, use_table, ids, lengths, Wt_hh, gates, cs, hs, 0, ids.shape[0])
+    forward_rows(P, XP, use_table, ids, lengths, Wt_hh, gates, cs, hs, smm_min, smm_max, 0, ids.shape[0])
 
 
 @kernel(parallel=True)
-def forward_par(P, XP, use_table, ids, lengths, Wt_hh, gates, cs, hs, nblk):
+def forward_par(P, XP, use_table, ids, lengths, Wt_hh, gates, cs, hs, smm_min, smm_max, nblk):
     """``forward_rows`` over nblk row blocks, one per thread (the caller holds BLAS to one thread).
     The split depends on nblk only: a fixed thread count gives bit-identical results."""
     B = ids.shape[0]
     for i in prange(nblk):
-        forward_rows(P, XP, use_table, ids, lengths, Wt_hh, gates, cs, hs, i * B // nblk, (i + 1) * B // nblk)
+        forward_rows(P, XP, use_table, ids, lengths, Wt_hh, gates, cs, hs, smm_min, smm_max,
+                     i * B // nblk, (i + 1) * B // nblk)
 
 
 @kernel(fastmath=ELEMENTWISE)
@@ -155,7 +264,8 @@ def _cell_backward(a, c_prev, c, dh, dc):
 
 
 @kernel
-def backward_rows(gates, cs, hs, lengths, Wt_hh, dlogits, Wc, has_heads, dh, dc, tmp, tmp2, r0, r1):
+def backward_rows(gates, cs, hs, lengths, Wt_hh, W_hh, dlogits, Wc, has_heads, dh, dc, tmp, tmp2,
+                  smm_min, smm_max, r0, r1):
     """Backpropagation through time over rows r0:r1, in place.
 
     The heads' gradient enters step by step: ∂L/∂h_t = dlogits[t+1] Wc (the heads read h_t at
@@ -163,12 +273,17 @@ def backward_rows(gates, cs, hs, lengths, Wt_hh, dlogits, Wc, has_heads, dh, dc,
     time-major and Wc (K, H), used when has_heads.
     dh, dc (B, H): ∂L/∂h, ∂L/∂c after the last step on entry (dh_final, dc_final);
     ∂L/∂h₀, ∂L/∂c₀ on exit. gates (T, B, 4H) becomes da, ∂L/∂(pre-activations), 0 on padding.
-    tmp, tmp2 (B, H) are scratch; Wt_hh = W_hhᵀ (H, 4H) as in ``forward``.
+    tmp, tmp2 (B, H) are scratch; Wt_hh = W_hhᵀ (H, 4H) as in ``forward``, W_hh (4H, H) C-contiguous
+    (what ``smm`` reads for blocks of smm_min..smm_max rows).
     """
+    small = use_smm(r1 - r0, Wt_hh.shape[1], Wt_hh.shape[0], smm_min, smm_max)
     T, B = gates.shape[0], gates.shape[1]
     for t in range(T - 1, -1, -1):
         if has_heads and t + 1 < T:
-            np.dot(dlogits[(t + 1) * B + r0:(t + 1) * B + r1], Wc, tmp2[r0:r1])
+            if use_smm(r1 - r0, Wc.shape[0], Wc.shape[1], smm_min, smm_max):
+                smm(dlogits[(t + 1) * B + r0:(t + 1) * B + r1], Wc, tmp2[r0:r1])
+            else:
+                np.dot(dlogits[(t + 1) * B + r0:(t + 1) * B + r1], Wc, tmp2[r0:r1])
         for b in range(r0, r1):
             if has_heads and t + 1 < T:
                 dh[b] += tmp2[b]                             # the output h_t feeds the heads at t+1
@@ -176,25 +291,30 @@ def backward_rows(gates, cs, hs, lengths, Wt_hh, dlogits, Wc, has_heads, dh, dc,
                 _cell_backward(gates[t, b], cs[t, b], cs[t + 1, b], dh[b], dc[b])
             else:
                 gates[t, b] = 0.0                            # padding: no gradient, dh and dc pass through
-        np.dot(gates[t, r0:r1], Wt_hh.T, tmp[r0:r1])         # dh_{t-1} = da_t W_hh
+        if small:                                            # dh_{t-1} = da_t W_hh
+            smm(gates[t, r0:r1], W_hh, tmp[r0:r1])
+        else:
+            np.dot(gates[t, r0:r1], Wt_hh.T, tmp[r0:r1])
         for b in range(r0, r1):
             if t < lengths[b]:
                 dh[b] = tmp[b]
 
 
 @kernel
-def backward(gates, cs, hs, lengths, Wt_hh, dlogits, Wc, has_heads, dh, dc, tmp, tmp2):
+def backward(gates, cs, hs, lengths, Wt_hh, W_hh, dlogits, Wc, has_heads, dh, dc, tmp, tmp2, smm_min, smm_max):
     """``backward_rows`` over the whole batch in one block."""
-    backward_rows(gates, cs, hs, lengths, Wt_hh, dlogits, Wc, has_heads, dh, dc, tmp, tmp2, 0, gates.shape[1])
+    backward_rows(gates, cs, hs, lengths, Wt_hh, W_hh, dlogits, Wc, has_heads, dh, dc, tmp, tmp2, smm_min, smm_max,
+                  0, gates.shape[1])
 
 
 @kernel(parallel=True)
-def backward_par(gates, cs, hs, lengths, Wt_hh, dlogits, Wc, has_heads, dh, dc, tmp, tmp2, nblk):
+def backward_par(gates, cs, hs, lengths, Wt_hh, W_hh, dlogits, Wc, has_heads, dh, dc, tmp, tmp2, smm_min, smm_max,
+                 nblk):
     """``backward_rows`` over nblk row blocks, one per thread (as ``forward_par``)."""
     B = gates.shape[1]
     for i in prange(nblk):
-        backward_rows(gates, cs, hs, lengths, Wt_hh, dlogits, Wc, has_heads, dh, dc, tmp, tmp2,
-                      i * B // nblk, (i + 1) * B // nblk)
+        backward_rows(gates, cs, hs, lengths, Wt_hh, W_hh, dlogits, Wc, has_heads, dh, dc, tmp, tmp2,
+                      smm_min, smm_max, i * B // nblk, (i + 1) * B // nblk)
 
 
 @kernel
@@ -220,6 +340,29 @@ def input_backward_table(DA, ids, E, W_ih, dP, dW_ih, dE):
                 dP[v, g] += DA[t * B + b, g]
     np.dot(dP.T, E, dW_ih)
     np.dot(dP, W_ih, dE)
+
+
+@kernel
+def input_backward_table_rows(DA, ids, E, W_ih, rows, dP, X, dPu, dW_ih, dEu, dE):
+    """``input_backward_table`` when the batch reads only the vocabulary rows ``rows`` (U of them): dP
+    summed per token as there, then the two GEMMs over those U rows (X (U, E), dPu (U, 4H), dEu (U, E)
+    scratch): dW_ih = dP[rows]ᵀ E[rows], dE[rows] = dP[rows] W_ih, dE 0 elsewhere."""
+    B, T = ids.shape
+    G = DA.shape[1]
+    dP[:] = 0.0
+    for t in range(T):                                       # a fixed order: deterministic
+        for b in range(B):
+            v = ids[b, t]
+            for g in range(G):
+                dP[v, g] += DA[t * B + b, g]
+    for i in range(rows.shape[0]):
+        dPu[i] = dP[rows[i]]
+        X[i] = E[rows[i]]
+    np.dot(dPu.T, X, dW_ih)
+    np.dot(dPu, W_ih, dEu)
+    dE[:] = 0.0
+    for i in range(rows.shape[0]):
+        dE[rows[i]] = dEu[i]
 
 
 @kernel

@@ -33,6 +33,9 @@ Imported only when the numba backend is asked for (``rlhf_ref.backends`` imports
   1 − 2/(e^{2|x|} + 1) with the sign restored, so small arguments keep full relative precision.
   They are plain ``@overload``s: LLVM inlines and vectorises them in the calling loop
   (``inline="always"``, Numba's IR-level inlining, only adds pedantic SSA warnings).
+* ``fma(a, b, c)``: llvm.fma, one rounding whether LLVM vectorises the loop or not (fast-math
+  contraction is a licence, not a promise); ``tile_buffer``/``tile_rows``/``TILE_COLS``: the stack
+  tile of ``_lstm_nb.smm`` that LLVM keeps in registers.
 * Loops that should vectorise run from 0 (``for j in range(H): a[2*H + j]``): LLVM left
   ``for j in range(2*H, 3*H)`` scalar (measured 18× slower for the tanh gate).
 """
@@ -45,6 +48,7 @@ import os
 import numpy as np
 import numba
 from numba import types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 from llvmlite import ir
 
@@ -123,6 +127,62 @@ def _i64_as_f64(typingctx, x):
     def codegen(context, builder, sig, args):
         return builder.bitcast(args[0], ir.DoubleType())
     return types.float64(types.int64), codegen
+
+
+# ----------------------------------------------------------------------------- fma, register tiles
+
+def fma(a, b, c):
+    """a·b + c with one rounding (llvm.fma), in every loop that calls it, vectorised or not."""
+    raise NotImplementedError("fma is only callable inside a numba kernel")
+
+
+@intrinsic
+def _fma(typingctx, a, b, c):
+    if not (isinstance(a, types.Float) and a == b == c):
+        return None
+    sig = a(a, b, c)
+
+    def codegen(context, builder, sig, args):
+        ty = context.get_value_type(sig.return_type)
+        f = builder.module.declare_intrinsic("llvm.fma", [ty], ir.FunctionType(ty, [ty, ty, ty]))
+        return builder.call(f, args)
+    return sig, codegen
+
+
+@overload(fma)
+def _fma_ov(a, b, c):
+    if isinstance(a, types.Float) and a == b == c:
+        return lambda a, b, c: _fma(a, b, c)
+
+
+TILE_COLS = 64            # a register tile: 64 columns × 4 rows (float32) or 2 rows (float64) = 16 AVX-512 registers
+
+
+def tile_rows(like):
+    """The rows of a register tile for like's dtype (4 float32, 2 float64), a compile-time constant."""
+    raise NotImplementedError("tile_rows is only callable inside a numba kernel")
+
+
+@overload(tile_rows)
+def _tile_rows(like):
+    if isinstance(like, types.Array) and like.dtype in (types.float32, types.float64):
+        n = 4 if like.dtype == types.float32 else 2
+        return lambda like: n
+
+
+@intrinsic
+def tile_buffer(typingctx, like):
+    """A pointer to a 4 × TILE_COLS buffer of like's dtype (an array) on the stack. A kernel that indexes
+    it only at indices LLVM can resolve at compile time (fully unrolled loops) gets it promoted to
+    registers (``_lstm_nb.smm``; a heap array from np.empty never is)."""
+    if not (isinstance(like, types.Array) and like.dtype in (types.float32, types.float64)):
+        return None
+    dt = like.dtype
+    n = 4 * TILE_COLS
+
+    def codegen(context, builder, sig, args):
+        return cgutils.alloca_once(builder, context.get_value_type(dt), size=context.get_constant(types.intp, n))
+    return types.CPointer(dt)(like), codegen
 
 
 # ----------------------------------------------------------------------------- exp, σ, tanh

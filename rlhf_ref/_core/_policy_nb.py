@@ -87,8 +87,9 @@ def argmax_row(z, V):
 
 
 @kernel
-def sample_row(z, V, alpha, eps, kind, u, e):
+def sample_row(z, V, alpha, eps, kind, u, e, cdf):
     """Sample one token from the policy over scores z[:V] with the uniform u; returns (a, log q(a)).
+    cdf (V,) float64 is a work row (the running sums of q).
 
     The log-probability is in the row's dtype (float64 intermediate for the ε-mixture, as in
     the reference).
@@ -111,19 +112,19 @@ def sample_row(z, V, alpha, eps, kind, u, e):
         for k in range(V):
             e[k] = lo
         e[g] = hi
-    # inverse CDF: the first k with cdf_k > u
-    a = -1
+    # inverse CDF: a = #{k : cdf_k ≤ u·cdf_{V−1}}, the first k with cdf_k > u·cdf_{V-1} (cdf is
+    # non-decreasing: the running sums of q ≥ 0 in float64); the count is a vectorised pass, not a
+    # second dependent chain of additions
     tot = 0.0
     for k in range(V):
         tot += np.float64(e[k])
+        cdf[k] = tot
     u = u * tot                                              # the CDF in float64, u scaled by its total
-    acc = 0.0
+    a = 0
     for k in range(V):
-        acc += np.float64(e[k])
-        if acc > u:
-            a = k
-            break
-    if a < 0:                                                # rounding left u ≥ cdf_{V−1}
+        a += cdf[k] <= u
+    if a >= V or not cdf[a] > u:                             # rounding left u ≥ cdf_{V−1}
+        a = -1
         for k in range(V - 1, -1, -1):
             if e[k] > zero:
                 a = k

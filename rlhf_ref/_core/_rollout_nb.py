@@ -1,13 +1,14 @@
 """Numba twin of ``rlhf_ref/rollout.py``: batched autoregressive sampling in one kernel call.
 
 The whole time loop runs inside the kernel: per step the fused cell (the input projection is a
-row of the table ``P = E W_ihᵀ + b_ih + b_hh``, see ``_lstm_nb``), one BLAS product of the new
-state with ``[W_hhᵀ | heads ᵀ]`` (the heads are ``head`` and, when asked, ``value``), then per
-row the policy and the inverse-CDF draw (``_policy_nb.sample_row``) and the EOS bookkeeping,
-exactly as the reference orders them. The frozen reference policy,
-when given, runs beside it with its own state. Rows that have ended are not stepped (the
-reference steps them and discards the result). Rows are independent, so ``rollout_par`` runs
-row blocks on Numba's threads (see ``_lstm_nb`` for why this beats threaded BLAS).
+row of the table ``P = E W_ihᵀ + b_ih + b_hh``, see ``_lstm_nb``), one product of the new
+state with ``[W_hhᵀ | heads ᵀ]`` (the heads are ``head`` and, when asked, ``value``;
+``_lstm_nb.smm`` for blocks of NUMBA_SMM_ROWS rows, else BLAS), then per row the policy and the
+inverse-CDF draw (``_policy_nb.sample_row``) and the EOS bookkeeping, exactly as the reference
+orders them. The frozen reference policy, when given, runs beside it with its own state. Rows
+that have ended are not stepped (the reference steps them and discards the result). Rows are
+independent, so ``rollout_par`` runs row blocks on Numba's threads (see ``_lstm_nb`` for why this
+beats threaded BLAS).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ._lstm_nb import cell
+from ._lstm_nb import cell, smm, use_smm
 from ._nb_common import kernel
 from ._policy_nb import logprob_row, row_ok, sample_row
 
@@ -25,7 +26,7 @@ PAD = 0
 @kernel
 def rollout_rows(P, Wcat, bc, has_value, Pr, Wcatr, bcr, has_ref,
                  tokens, prompt_len, u, V, alpha, eps, kind, eos_id,
-                 mask, am, logp, ref_logp, vals, r0, r1):
+                 mask, am, logp, ref_logp, vals, smm_min, smm_max, r0, r1):
     """Sample rows r0:r1 (rows are independent). tokens (B, T) holds the prompts (PAD after) on
     entry, the batch on exit.
 
@@ -53,6 +54,7 @@ def rollout_rows(P, Wcat, bc, has_value, Pr, Wcatr, bcr, has_ref,
     cr = np.zeros((2, n, Gr // 4), dt)
     outr = np.zeros((n, Wcatr.shape[1] if has_ref else 0), dt)
     e = np.empty(V, dt)
+    cdf = np.empty(V, np.float64)
     done = np.zeros(n, np.bool_)
     for b in range(r0, r1):
         mask[b, 0] = 1.0
@@ -61,12 +63,19 @@ def rollout_rows(P, Wcat, bc, has_value, Pr, Wcatr, bcr, has_ref,
         for i in range(n):
             if not done[i]:
                 cell(out[i, :G], P[tokens[r0 + i, t - 1]], c[t % 2, i], c[(t + 1) % 2, i], h[i])
-        np.dot(h, Wcat, out)                                 # next step's h W_hhᵀ and this step's scores
+        # next step's h W_hhᵀ and this step's scores
+        if use_smm(n, Wcat.shape[0], Wcat.shape[1], smm_min, smm_max):
+            smm(h, Wcat, out)
+        else:
+            np.dot(h, Wcat, out)
         if has_ref:
             for i in range(n):
                 if not done[i]:
                     cell(outr[i, :Gr], Pr[tokens[r0 + i, t - 1]], cr[t % 2, i], cr[(t + 1) % 2, i], hr[i])
-            np.dot(hr, Wcatr, outr)
+            if use_smm(n, Wcatr.shape[0], Wcatr.shape[1], smm_min, smm_max):
+                smm(hr, Wcatr, outr)
+            else:
+                np.dot(hr, Wcatr, outr)
         for i in range(n):
             b = r0 + i
             if done[i]:
@@ -93,7 +102,7 @@ def rollout_rows(P, Wcat, bc, has_value, Pr, Wcatr, bcr, has_ref,
                 tokens[b, t] = -2
                 done[i] = True
                 continue
-            tok, lp = sample_row(zb, V, alpha, eps, kind, u[b, t], e)
+            tok, lp = sample_row(zb, V, alpha, eps, kind, u[b, t], e, cdf)
             if tok < 0 or tok >= V:                          # cannot happen on a row_ok row
                 tokens[b, t] = -1
                 done[i] = True
@@ -109,16 +118,17 @@ def rollout_rows(P, Wcat, bc, has_value, Pr, Wcatr, bcr, has_ref,
 
 @kernel
 def rollout(P, Wcat, bc, has_value, Pr, Wcatr, bcr, has_ref,
-            tokens, prompt_len, u, V, alpha, eps, kind, eos_id, mask, am, logp, ref_logp, vals):
+            tokens, prompt_len, u, V, alpha, eps, kind, eos_id, mask, am, logp, ref_logp, vals, smm_min, smm_max):
     """``rollout_rows`` over the whole batch in one block (BLAS may thread each product)."""
     rollout_rows(P, Wcat, bc, has_value, Pr, Wcatr, bcr, has_ref,
                  tokens, prompt_len, u, V, alpha, eps, kind, eos_id, mask, am, logp, ref_logp, vals,
-                 0, tokens.shape[0])
+                 smm_min, smm_max, 0, tokens.shape[0])
 
 
 @kernel(parallel=True)
 def rollout_par(P, Wcat, bc, has_value, Pr, Wcatr, bcr, has_ref,
-                tokens, prompt_len, u, V, alpha, eps, kind, eos_id, mask, am, logp, ref_logp, vals, nblk):
+                tokens, prompt_len, u, V, alpha, eps, kind, eos_id, mask, am, logp, ref_logp, vals,
+                smm_min, smm_max, nblk):
     """``rollout_rows`` over nblk row blocks, one per thread, each with its own buffers and
     single-threaded BLAS products (the caller holds BLAS to one thread). The split depends on
     nblk only: a fixed thread count gives bit-identical results."""
@@ -126,4 +136,4 @@ def rollout_par(P, Wcat, bc, has_value, Pr, Wcatr, bcr, has_ref,
     for j in prange(nblk):
         rollout_rows(P, Wcat, bc, has_value, Pr, Wcatr, bcr, has_ref,
                      tokens, prompt_len, u, V, alpha, eps, kind, eos_id, mask, am, logp, ref_logp, vals,
-                     j * B // nblk, (j + 1) * B // nblk)
+                     smm_min, smm_max, j * B // nblk, (j + 1) * B // nblk)
