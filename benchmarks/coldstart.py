@@ -4,7 +4,8 @@
 
 Prints one JSON line: import_s (importing the implementation and what it needs),
 first_call_s (the first call: compilation, cache loading, workspace), second_call_s (the steady
-state, for comparison). ``harness.cold_start`` runs it with a chosen NUMBA_CACHE_DIR.
+state, for comparison). ``harness.cold_start`` runs it with a chosen NUMBA_CACHE_DIR: empty,
+warm (filled by the same call before), and filled by ``rlhf-ref warmup``.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ To add a subcommand, write those two functions in your module and add one line t
     rlhf-ref info        versions, BLAS, CPU, optional parts and the backend registry (rlhf_ref.info)
     rlhf-ref demo        the end-to-end RLHF demo (rlhf_ref.demo)
     rlhf-ref label       judge pairs (or rate samples) in the terminal (rlhf_ref.label)
+    rlhf-ref warmup      fill Numba's on-disk cache with every kernel a job reaches (rlhf_ref.warmup)
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ COMMANDS = (
     Command("train-rl", "rlhf_ref.pipeline.commands", "REINFORCE fine-tuning against the reward model", "train_rl"),
     Command("vectors", "rlhf_ref.vectors", "write the golden vectors: versioned cases (.npz + manifest) any implementation can check itself on"),
     Command("verify", "rlhf_ref.verify", "compare another implementation's outputs with the golden vectors: first difference, where, why"),
+    Command("warmup", "rlhf_ref.warmup", "compile the numba kernels of every job into Numba's on-disk cache, once per machine: first calls then only load them"),
 )
 
 

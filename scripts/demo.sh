@@ -34,5 +34,19 @@ step "upgrade pip"
 step "install rlhf_ref with every optional extra (editable)"
 "${PIP[@]}" install --quiet -e ".[all]"
 
+# The numba kernels compile once into Numba's on-disk cache (about a minute, for the demo's dtype:
+# float32 unless --dtype says otherwise), not at the demo's first call; under a second when the
+# cache is already warm. A failure here is not fatal: the demo then runs on another backend or
+# compiles at its first call.
+DTYPE=float32
+prev=
+for a in "$@"; do
+    if [ "$prev" = --dtype ]; then DTYPE=$a; fi
+    case "$a" in --dtype=*) DTYPE=${a#--dtype=} ;; esac
+    prev=$a
+done
+step "rlhf-ref warmup --dtype $DTYPE"
+"$VENV/bin/rlhf-ref" warmup --dtype "$DTYPE" || echo "rlhf-ref warmup failed (see above); the demo runs anyway"
+
 step "rlhf-ref demo $*"
 exec "$VENV/bin/rlhf-ref" demo "$@"

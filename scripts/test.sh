@@ -57,6 +57,11 @@ step "install the frameworks extra (not in all: ~470 MB; tests/test_frameworks.p
 step "rlhf-ref info"
 "$VENV/bin/rlhf-ref" info
 
+# Every numba kernel compiled once into the cache beside the sources (the suite's numba tests then
+# load them instead of compiling each at its first call); it must work here: numba is installed.
+step "rlhf-ref warmup"
+"$VENV/bin/rlhf-ref" warmup
+
 # Backends that must be available: numpy always; numba (the numba extra is installed); cython as
 # soon as the tree has Cython sources or the cython backend module. Becomes strict by itself.
 if [ -z "${RLHF_REF_REQUIRE_BACKENDS:-}" ]; then

@@ -360,6 +360,82 @@ def test_rollout_matches_reference_on_larger_shapes(monkeypatch, dt, B, nthreads
             assert_close(out[k][b, :m], ref[k][b, :m], dt, n=n, scale=max(1.0, np.abs(ref[k]).max()), name=k)
 
 
+@needs_cython
+@pytest.mark.parametrize("dt", [np.float32, np.float64], ids=["float32", "float64"])
+def test_transpose_is_exact_on_every_shape(dt):
+    """The kernels' transposed copy (4 x 4 register blocks in tiles, entries one by one at the
+    edges) equals NumPy's transpose bit for bit, whatever R and C are modulo the block and tile."""
+    K = _cy()._require()
+    rng = np.random.default_rng(3)
+    for R in (1, 2, 3, 4, 5, 7, 8, 9, 17, 63, 64, 65, 129, 512):
+        for C in (1, 3, 4, 5, 8, 9, 12, 17, 128, 131):
+            A = rng.standard_normal((R, C)).astype(dt)
+            out = np.full((C, R), np.nan, dt)
+            K.lstm.transpose(A, out)
+            assert out.tobytes() == np.ascontiguousarray(A.T).tobytes(), (R, C)
+
+
+@needs_cython
+@pytest.mark.parametrize("dt", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("H,V", [(24, 13), (70, 150)])
+def test_a_rows_rollout_does_not_depend_on_its_batch(monkeypatch, dt, H, V):
+    """Where the instruction-set clones are built, a row's per-step products are the same sequence
+    of multiply-adds whether the row runs alone (B = 1: smm's one-row pass), in a block of 4
+    (smm's register blocks) or left over after the blocks: the same bits. H = 70, V = 150 give
+    column blocks that end inside smm's block widths. Without the clones one row goes to BLAS's
+    gemv: the same tokens, the numbers within rounding."""
+    cy = _cy()
+    monkeypatch.setattr(cy, "_nthreads", lambda: 1)
+    B, T = 6, 12
+    rng = np.random.default_rng(4)
+    p = lstm.init_params(V, H, H, rng, heads=("head", "value"), dtype=dt)
+    p["head.bias"][EOS] = -30.0
+    prompt = rng.integers(3, V, (B, T))
+    pl = rng.integers(1, 4, B)
+    u = rng.random((B, T))
+    whole = cy.rollout(p, prompt, pl, u, eos_id=EOS, values=True)
+    same_bits = cy._require().lstm.isa_clones()
+    for b in (0, 3, 4, 5):                          # in the block of 4, and the two rows after it
+        one = cy.rollout(p, prompt[b:b + 1], pl[b:b + 1], u[b:b + 1], eos_id=EOS, values=True)
+        np.testing.assert_array_equal(one["tokens"][0], whole["tokens"][b])
+        for k in ("logp", "values"):
+            if same_bits:
+                assert one[k][0].tobytes() == whole[k][b].tobytes(), (b, k)
+            else:
+                assert_close(one[k][0], whole[k][b], dt, n=T * H, scale=max(1.0, np.abs(whole[k]).max()), name=k)
+
+
+@needs_cython
+@pytest.mark.parametrize("dt", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("V", [17, 600])
+def test_rollout_row_scans_on_wide_vocabularies(dt, V):
+    """The policy's row scans (_policy_cy.pxd: the checked maximum, its first index, the float64
+    CDF search) run 16 lanes and a remainder (V = 17), and the CDF search keeps its running sums
+    only up to V = 512 (V = 600: the two-pass path): tokens tie-aware against the reference,
+    log-probabilities within tolerance, u at both ends of [0, 1) included."""
+    cy = _cy()
+    B, T, H = 5, 10, 12
+    rng = np.random.default_rng(V)
+    p = lstm.init_params(V, H, H, rng, heads=("head",), dtype=dt)
+    p64 = {k: v.astype(np.float64) for k, v in p.items()}
+    prompt = rng.integers(3, V, (B, T))
+    pl = rng.integers(1, 3, B)
+    u = rng.random((B, T))
+    u[0], u[1] = 0.0, 1.0 - 2.0 ** -53
+    kw = dict(alpha=1.4, eps=0.0, kind="boltzmann", eos_id=EOS)
+    ref = ref_rollout.rollout(p64, prompt, pl, u, **kw)
+    out = cy.rollout(p, prompt, pl, u, **kw)
+    fwd, _ = model.forward(p64, ref["tokens"], ref["mask"])
+    cdf = np.cumsum(np.exp(policy.logprobs(fwd["scores"], kw["alpha"], 0.0, "boltzmann")), axis=-1)
+    n = T * 2 * H + H + V
+    div = compare_sampled_tokens(out["tokens"], ref["tokens"], u, cdf, ref["action_mask"], dtype=dt, n=n)
+    assert np.mean(div == T) >= 0.8
+    for b in range(B):
+        m = int(div[b])
+        assert_close(out["logp"][b, :m], ref["logp"][b, :m], dt, n=n, scale=max(1.0, np.abs(ref["logp"]).max()),
+                     name="logp")
+
+
 # ---------------------------------------------------------------------------------------------
 # process state: BLAS threads, work buffers
 

@@ -33,7 +33,8 @@ process with an empty cache compiles for about 6 s (``rollout``, float32) and 17
 (``reinforce_loss_and_grad``, float32, incl. its parallel kernels); both dtypes and every kernel
 about 25–30 s. With the on-disk cache warm (``cache=True``, stamped with a hash of every kernel
 file), ``import`` + ``probe()`` takes 0.7 s and each first call 0.02–0.25 s.
-``RLHF_REF_NUMBA_CACHE=0`` turns the cache off.
+``RLHF_REF_NUMBA_CACHE=0`` turns the cache off. ``rlhf-ref warmup`` (``rlhf_ref/warmup.py``) fills the
+cache ahead of the first call: every kernel and specialisation the public functions reach, both dtypes.
 """
 
 from __future__ import annotations

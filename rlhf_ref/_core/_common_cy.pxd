@@ -192,65 +192,137 @@ cdef extern from *:
        (47-64 GFLOP/s measured, against ~190 here on one AVX-512 core). Blocks of MB rows x NB
        columns are accumulated in registers over k, in order; every entry of C is the same
        sequence of multiply-adds whichever path (block or remainder) computes it, so the result
-       does not depend on M or on how the rows are split. */
+       does not depend on M or on how the rows are split. A row outside the blocks of MB (and
+       M = 1: the B = 1 rollout's gemv) is accumulated NB1 = 2 NB columns at a time (8 AVX-512 /
+       16 AVX2 registers), in one pass over k per block: the W_hh (512 x 128) product of one row
+       then streams the weights from L2 at 2.25 us against OpenBLAS sgemv's 2.75 us (AVX-512; AVX2
+       2.35 us; measured in C on one core, the weights in L2). The baseline build (16 SSE
+       registers) runs it at 3.5 us: one row goes to smm only where the clones are built
+       (use_smm). */
     #define RR_SMM(NAME, T, NB)                                                                 \\
     RR_CLONES static void NAME(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const T* restrict A,        \\
                                ptrdiff_t lda, const T* restrict Bt, ptrdiff_t ldb, int accumulate, \\
                                T* restrict C, ptrdiff_t ldc) {                                  \\
         enum { MB = 4 };                                                                        \\
-        ptrdiff_t n0, m0, k, nb, n;                                                             \\
+        ptrdiff_t n0, m0, k, nb, n, Mb = M - M % MB, Nb = N - N % NB;                        \\
         int m;                                                                                  \\
-        for (n0 = 0; n0 < N; n0 += NB) {                                                        \\
-            nb = N - n0 < NB ? N - n0 : NB;                                                     \\
-            m0 = 0;                                                                             \\
-            if (nb == NB) {                                                                     \\
-                for (; m0 + MB <= M; m0 += MB) {                                                \\
-                    T acc[MB][NB];                                                              \\
-                    for (m = 0; m < MB; m++)                                                    \\
-                        for (n = 0; n < NB; n++)                                                \\
-                            acc[m][n] = accumulate ? C[(m0 + m) * ldc + n0 + n] : (T)0;         \\
-                    for (k = 0; k < K; k++) {                                                   \\
-                        const T* b = Bt + k * ldb + n0;                                         \\
-                        for (m = 0; m < MB; m++) {                                              \\
-                            T a = A[(m0 + m) * lda + k];                                        \\
-                            for (n = 0; n < NB; n++) acc[m][n] += a * b[n];                     \\
-                        }                                                                       \\
-                    }                                                                           \\
-                    for (m = 0; m < MB; m++)                                                    \\
-                        for (n = 0; n < NB; n++) C[(m0 + m) * ldc + n0 + n] = acc[m][n];        \\
-                }                                                                               \\
-            }                                                                                   \\
-            for (; m0 < M; m0++) {                                                              \\
-                T acc[NB];                                                                      \\
-                T* c = C + m0 * ldc + n0;                                                       \\
-                for (n = 0; n < nb; n++) acc[n] = accumulate ? c[n] : (T)0;                     \\
+        for (n0 = 0; n0 < Nb; n0 += NB)                 /* blocks of MB rows x NB columns */     \\
+            for (m0 = 0; m0 < Mb; m0 += MB) {                                                   \\
+                T acc[MB][NB];                                                                  \\
+                for (m = 0; m < MB; m++)                                                        \\
+                    for (n = 0; n < NB; n++)                                                    \\
+                        acc[m][n] = accumulate ? C[(m0 + m) * ldc + n0 + n] : (T)0;             \\
                 for (k = 0; k < K; k++) {                                                       \\
-                    T a = A[m0 * lda + k];                                                      \\
                     const T* b = Bt + k * ldb + n0;                                             \\
-                    for (n = 0; n < nb; n++) acc[n] += a * b[n];                                \\
+                    for (m = 0; m < MB; m++) {                                                  \\
+                        T a = A[(m0 + m) * lda + k];                                            \\
+                        for (n = 0; n < NB; n++) acc[m][n] += a * b[n];                         \\
+                    }                                                                           \\
                 }                                                                               \\
-                for (n = 0; n < nb; n++) c[n] = acc[n];                                         \\
+                for (m = 0; m < MB; m++)                                                        \\
+                    for (n = 0; n < NB; n++) C[(m0 + m) * ldc + n0 + n] = acc[m][n];            \\
             }                                                                                   \\
-        }                                                                                       \\
+        /* one row at a time, 2 NB columns per pass over k (then NB, then what is left: loops of
+           constant length keep acc in registers): the columns from Nb on of the rows in
+           blocks, then every column of the rows left over */                                   \\
+        for (m0 = 0; m0 < M; m0++)                                                              \\
+            for (n0 = m0 < Mb ? Nb : 0; n0 < N; n0 += nb) {                                     \\
+                T acc[2 * NB];                                                                  \\
+                T* c = C + m0 * ldc + n0;                                                       \\
+                const T* a = A + m0 * lda;                                                      \\
+                nb = N - n0 >= 2 * NB ? 2 * NB : N - n0 >= NB ? NB : N - n0;                    \\
+                if (nb == 2 * NB) {                                                             \\
+                    for (n = 0; n < 2 * NB; n++) acc[n] = accumulate ? c[n] : (T)0;             \\
+                    for (k = 0; k < K; k++)                                                     \\
+                        for (n = 0; n < 2 * NB; n++) acc[n] += a[k] * Bt[k * ldb + n0 + n];     \\
+                    for (n = 0; n < 2 * NB; n++) c[n] = acc[n];                                 \\
+                } else if (nb == NB) {                                                          \\
+                    for (n = 0; n < NB; n++) acc[n] = accumulate ? c[n] : (T)0;                 \\
+                    for (k = 0; k < K; k++)                                                     \\
+                        for (n = 0; n < NB; n++) acc[n] += a[k] * Bt[k * ldb + n0 + n];         \\
+                    for (n = 0; n < NB; n++) c[n] = acc[n];                                     \\
+                } else {                                                                        \\
+                    for (n = 0; n < nb; n++) acc[n] = accumulate ? c[n] : (T)0;                 \\
+                    for (k = 0; k < K; k++)                                                     \\
+                        for (n = 0; n < nb; n++) acc[n] += a[k] * Bt[k * ldb + n0 + n];         \\
+                    for (n = 0; n < nb; n++) c[n] = acc[n];                                     \\
+                }                                                                               \\
+            }                                                                                   \\
     }
     RR_SMM(rr_smm_f32, float, 64)
     RR_SMM(rr_smm_f64, double, 32)
 
-    /* B (C x R) = A (R x C)^T, row-major, by 16 x 16 tiles (both sides stay in L1). */
-    #define RR_TRANSPOSE(NAME, T)                                                               \\
+    /* B (C x R) = A (R x C)^T, row-major. Tiles of RR_TI rows x RR_TJ columns of A, each cut
+       into 4 x 4 blocks transposed in registers (two rounds of two-source shuffles: GCC/Clang
+       vector extensions, lowered to SSE2 shuffles in the baseline build); the edges that do not
+       fill a block are copied one entry at a time. The tile shape keeps the TJ rows of B that a
+       tile writes (at a stride of R, a power of two for the LSTM's 4H x H) to a few L1 sets:
+       W_hh (512 x 128) 7 us against 60-110 us by 16 x 16 scalar tiles (measured on one AVX-512
+       core). A pure copy: the result is exact whichever path moves an entry. */
+    #if defined(__GNUC__) || defined(__clang__)
+    typedef int rr_v4i __attribute__((vector_size(16)));
+    typedef long long rr_v4l __attribute__((vector_size(32)));
+    typedef float rr_v4f __attribute__((vector_size(16)));
+    typedef double rr_v4d __attribute__((vector_size(32)));
+    #define RR_HAVE_V4 1
+    #else
+    #define RR_HAVE_V4 0
+    #endif
+    enum { RR_TI = 64, RR_TJ = 8 };
+    #if RR_HAVE_V4
+    #if defined(__clang__)
+    #define RR_BLOCK4(T, VT, IT)                                                                \\
+        do {                                                                                    \\
+            VT r0, r1, r2, r3, t0, t1, t2, t3;                                                  \\
+            memcpy(&r0, A + i * C + j, sizeof r0); memcpy(&r1, A + (i + 1) * C + j, sizeof r1);  \\
+            memcpy(&r2, A + (i + 2) * C + j, sizeof r2); memcpy(&r3, A + (i + 3) * C + j, sizeof r3); \\
+            t0 = __builtin_shufflevector(r0, r1, 0, 4, 1, 5); t1 = __builtin_shufflevector(r0, r1, 2, 6, 3, 7); \\
+            t2 = __builtin_shufflevector(r2, r3, 0, 4, 1, 5); t3 = __builtin_shufflevector(r2, r3, 2, 6, 3, 7); \\
+            r0 = __builtin_shufflevector(t0, t2, 0, 1, 4, 5); r1 = __builtin_shufflevector(t0, t2, 2, 3, 6, 7); \\
+            r2 = __builtin_shufflevector(t1, t3, 0, 1, 4, 5); r3 = __builtin_shufflevector(t1, t3, 2, 3, 6, 7); \\
+            memcpy(B + j * R + i, &r0, sizeof r0); memcpy(B + (j + 1) * R + i, &r1, sizeof r1);  \\
+            memcpy(B + (j + 2) * R + i, &r2, sizeof r2); memcpy(B + (j + 3) * R + i, &r3, sizeof r3); \\
+        } while (0)
+    #else
+    #define RR_BLOCK4(T, VT, IT)                                                                \\
+        do {                                                                                    \\
+            VT r0, r1, r2, r3, t0, t1, t2, t3;                                                  \\
+            memcpy(&r0, A + i * C + j, sizeof r0); memcpy(&r1, A + (i + 1) * C + j, sizeof r1);  \\
+            memcpy(&r2, A + (i + 2) * C + j, sizeof r2); memcpy(&r3, A + (i + 3) * C + j, sizeof r3); \\
+            t0 = __builtin_shuffle(r0, r1, (IT){0, 4, 1, 5}); t1 = __builtin_shuffle(r0, r1, (IT){2, 6, 3, 7}); \\
+            t2 = __builtin_shuffle(r2, r3, (IT){0, 4, 1, 5}); t3 = __builtin_shuffle(r2, r3, (IT){2, 6, 3, 7}); \\
+            r0 = __builtin_shuffle(t0, t2, (IT){0, 1, 4, 5}); r1 = __builtin_shuffle(t0, t2, (IT){2, 3, 6, 7}); \\
+            r2 = __builtin_shuffle(t1, t3, (IT){0, 1, 4, 5}); r3 = __builtin_shuffle(t1, t3, (IT){2, 3, 6, 7}); \\
+            memcpy(B + j * R + i, &r0, sizeof r0); memcpy(B + (j + 1) * R + i, &r1, sizeof r1);  \\
+            memcpy(B + (j + 2) * R + i, &r2, sizeof r2); memcpy(B + (j + 3) * R + i, &r3, sizeof r3); \\
+        } while (0)
+    #endif
+    #else
+    #define RR_BLOCK4(T, VT, IT)                                                                \\
+        do {                                                                                    \\
+            ptrdiff_t ii, jj;                                                                   \\
+            for (jj = j; jj < j + 4; jj++)                                                      \\
+                for (ii = i; ii < i + 4; ii++) B[jj * R + ii] = A[ii * C + jj];                  \\
+        } while (0)
+    #endif
+    #define RR_TRANSPOSE(NAME, T, VT, IT)                                                       \\
     RR_UNUSED static void NAME(const T* restrict A, ptrdiff_t R, ptrdiff_t C, T* restrict B) {  \\
-        ptrdiff_t i0, j0, i, j, i1, j1;                                                         \\
-        for (i0 = 0; i0 < R; i0 += 16) {                                                        \\
-            i1 = i0 + 16 < R ? i0 + 16 : R;                                                     \\
-            for (j0 = 0; j0 < C; j0 += 16) {                                                    \\
-                j1 = j0 + 16 < C ? j0 + 16 : C;                                                 \\
-                for (j = j0; j < j1; j++)                                                       \\
-                    for (i = i0; i < i1; i++) B[j * R + i] = A[i * C + j];                      \\
+        ptrdiff_t R4 = R - R % 4, C4 = C - C % 4, i0, j0, i1, j1, i, j;                          \\
+        for (j0 = 0; j0 < C4; j0 += RR_TJ) {                                                    \\
+            j1 = j0 + RR_TJ < C4 ? j0 + RR_TJ : C4;                                              \\
+            for (i0 = 0; i0 < R4; i0 += RR_TI) {                                                \\
+                i1 = i0 + RR_TI < R4 ? i0 + RR_TI : R4;                                          \\
+                for (i = i0; i < i1; i += 4)                                                    \\
+                    for (j = j0; j < j1; j += 4) RR_BLOCK4(T, VT, IT);                           \\
             }                                                                                   \\
         }                                                                                       \\
+        for (i = R4; i < R; i++)                          /* the last R % 4 rows of A */         \\
+            for (j = 0; j < C; j++) B[j * R + i] = A[i * C + j];                                \\
+        for (j = C4; j < C; j++)                          /* the last C % 4 columns */           \\
+            for (i = 0; i < R4; i++) B[j * R + i] = A[i * C + j];                               \\
     }
-    RR_TRANSPOSE(rr_transpose_f32, float)
-    RR_TRANSPOSE(rr_transpose_f64, double)
+    RR_TRANSPOSE(rr_transpose_f32, float, rr_v4f, rr_v4i)
+    RR_TRANSPOSE(rr_transpose_f64, double, rr_v4d, rr_v4l)
 
     /* Whether this module was compiled with OpenMP, and its thread count. */
     #ifdef _OPENMP
@@ -345,9 +417,11 @@ cdef inline void transpose(const floating* A, Py_ssize_t R, Py_ssize_t C, floati
 
 
 cdef inline bint use_smm(Py_ssize_t rows) noexcept nogil:
-    """Whether a per-step product over ``rows`` rows goes to smm (else to BLAS: gemv for one row,
-    whose speed smm does not beat, and the packed GEMM from SMM_MAX_ROWS rows on)."""
-    return SMM_MIN_ROWS <= rows <= SMM_MAX_ROWS
+    """Whether a per-step product over ``rows`` rows goes to smm (else to BLAS: the packed GEMM
+    from SMM_MAX_ROWS rows on, and below SMM_MIN_ROWS; one row goes to smm where the instruction-
+    set clones are built (its one-row pass beats OpenBLAS's gemv there, not in the SSE2 baseline:
+    RR_SMM's comment), else to gemv). _backend_cython.smm_rows is this rule in Python."""
+    return SMM_MIN_ROWS <= rows <= SMM_MAX_ROWS or (rows == 1 and RR_HAVE_CLONES)
 
 
 cdef inline void smm(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const floating* A, Py_ssize_t lda,

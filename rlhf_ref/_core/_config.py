@@ -13,7 +13,8 @@ from dataclasses import dataclass
 # ---- cython (_backend_cython.py)
 #: the per-step products of blocks of SMM_MIN_ROWS..SMM_MAX_ROWS rows use the kernels' own small
 #: matrix product (as _common_cy.pxd's use_smm decides: the same numbers, compiled in there), which
-#: reads the weights transposed
+#: reads the weights transposed; so does a block of one row where the instruction-set clones are
+#: built (_backend_cython.smm_rows)
 CYTHON_SMM_MIN_ROWS, CYTHON_SMM_MAX_ROWS = 4, 64
 #: rows per block below which the recurrences are not split over threads
 CYTHON_MIN_ROWS_PER_THREAD = 4

@@ -15,7 +15,8 @@ The same equations as the reference (its docstring), gate order i, f, g, o. Layo
   never costs more than the gathered-inputs product X W_ihᵀ over the B·T positions and is far
   cheaper when ids repeat. Per step only h W_hhᵀ remains (skipped at t = 0 where h = 0), one
   product per block of rows — ``_common_cy.smm`` for 4..64 rows (it does not repack W_hh on
-  every call as BLAS does), BLAS otherwise (gemv for one row) — then the fused cell per row
+  every call as BLAS does) and for one row where the instruction-set clones are built (it
+  streams W_hhᵀ faster than OpenBLAS's gemv there), BLAS otherwise — then the fused cell per row
   (``_lstm_cy.pxd``: C compiled for AVX-512, AVX2 and the baseline, picked at load time).
 * Backward: per step the fused cell backward per row and one product da W_hh per block of rows;
   then the weight gradients as whole-sequence GEMMs: dW_hh = DAᵀ HS, db = Σ DA, and from the

@@ -28,7 +28,95 @@
 
 from cython cimport floating
 from libc.math cimport log, log1p, exp as libm_exp, INFINITY
-from ._common_cy cimport vexp, exp_row, logaddexp, log1m
+from ._common_cy cimport vexp, exp_row, logaddexp, log1m, RR_HAVE_CLONES   # noqa: the C below uses RR_CLONES
+
+cdef extern from *:
+    """
+    /* The scans of a row that the policy runs once per sampled token, in C with the instruction-
+       set clones (RR_CLONES): in the Cython loops they were scalar, with a branch per entry
+       (row_ok, the maximum and its index, q = e / S with its float64 total, the CDF search),
+       and took most of the policy's share of a rollout step. Each returns what its scalar
+       loop returned, bit for bit (the sign of a zero maximum aside: see rr_max_first). */
+
+    /* max_k s_k over s (V), NaN/+inf-free or not: 16 running maxima (vectorised selects), then
+       combined; *kmax = the first k with s_k == max (NumPy's argmax; ties to the lowest index).
+       As the scalar loop (m = s_0; m = s_k where s_k > m): s_0 NaN gives m = NaN, kmax = 0;
+       other NaN entries are skipped. Only the sign of a zero maximum may differ (+0 where the
+       scalar loop kept an earlier -0): equal values, the same kmax. */
+    #define RR_MAX_FIRST(NAME, T)                                                               \\
+    RR_CLONES static T NAME(const T* restrict s, ptrdiff_t V, ptrdiff_t* restrict kmax) {       \\
+        T mx[16], m;                                                                            \\
+        ptrdiff_t k, l, V16 = V - V % 16;                                                       \\
+        if (V <= 0) { *kmax = 0; return (T)(-INFINITY); }                                       \\
+        if (s[0] != s[0]) { *kmax = 0; return s[0]; }                                           \\
+        for (l = 0; l < 16; l++) mx[l] = s[0];                                                  \\
+        for (k = 0; k < V16; k += 16)                                                           \\
+            for (l = 0; l < 16; l++) mx[l] = s[k + l] > mx[l] ? s[k + l] : mx[l];               \\
+        for (k = V16; k < V; k++) mx[0] = s[k] > mx[0] ? s[k] : mx[0];                          \\
+        m = mx[0];                                                                              \\
+        for (l = 1; l < 16; l++) m = mx[l] > m ? mx[l] : m;                                     \\
+        for (k = 0; k < V && !(s[k] == m); k++) {}                                              \\
+        *kmax = k < V ? k : 0;                                                                  \\
+        return m;                                                                               \\
+    }
+    RR_MAX_FIRST(rr_max_first_f32, float)
+    RR_MAX_FIRST(rr_max_first_f64, double)
+
+    /* policy.check_scores for one row: max_k al*z_k (rounded to T) is finite, i.e. no NaN, no
+       +inf, and not every entry -inf. */
+    #define RR_ROW_OK(NAME, T)                                                                  \\
+    RR_CLONES static int NAME(const T* restrict z, ptrdiff_t V, T al) {                         \\
+        T mx[16], m = (T)(-INFINITY), x;                                                        \\
+        int bad = 0;                                                                            \\
+        ptrdiff_t k, l, V16 = V - V % 16;                                                       \\
+        for (l = 0; l < 16; l++) mx[l] = (T)(-INFINITY);                                        \\
+        for (k = 0; k < V16; k += 16)                                                           \\
+            for (l = 0; l < 16; l++) {                                                          \\
+                x = al * z[k + l];                                                              \\
+                bad |= (x != x) | (x == (T)INFINITY);                                           \\
+                mx[l] = x > mx[l] ? x : mx[l];                                                  \\
+            }                                                                                   \\
+        for (k = V16; k < V; k++) {                                                             \\
+            x = al * z[k];                                                                      \\
+            bad |= (x != x) | (x == (T)INFINITY);                                               \\
+            mx[0] = x > mx[0] ? x : mx[0];                                                      \\
+        }                                                                                       \\
+        for (l = 0; l < 16; l++) m = mx[l] > m ? mx[l] : m;                                     \\
+        return !bad && m > (T)(-INFINITY);                                                      \\
+    }
+    RR_ROW_OK(rr_row_ok_f32, float)
+    RR_ROW_OK(rr_row_ok_f64, double)
+
+    /* Inverse-CDF draw over e (V): e_k <- e_k / S in place (q in the row's dtype), the CDF of q
+       accumulated in float64 from index 0, u scaled by its total; returns #{k : cdf_k <= u tot},
+       the first k with cdf_k > u tot, or -1 when there is none. The running sum is one serial
+       pass (the reference's cumsum order), kept for the search when V <= 512. */
+    #define RR_CDF_DRAW(NAME, T)                                                                \\
+    RR_CLONES static ptrdiff_t NAME(T* restrict e, ptrdiff_t V, T S, double u) {                \\
+        double cdf[512], acc = 0, thr;                                                          \\
+        ptrdiff_t k;                                                                            \\
+        for (k = 0; k < V; k++) e[k] = e[k] / S;                                                \\
+        if (V <= 512) {                                                                         \\
+            for (k = 0; k < V; k++) { acc = acc + (double)e[k]; cdf[k] = acc; }                 \\
+            thr = u * acc;                                                                      \\
+            for (k = 0; k < V; k++) if (cdf[k] > thr) return k;                                 \\
+            return -1;                                                                          \\
+        }                                                                                       \\
+        for (k = 0; k < V; k++) acc = acc + (double)e[k];                                       \\
+        thr = u * acc;                                                                          \\
+        acc = 0;                                                                                \\
+        for (k = 0; k < V; k++) { acc = acc + (double)e[k]; if (acc > thr) return k; }          \\
+        return -1;                                                                              \\
+    }
+    RR_CDF_DRAW(rr_cdf_draw_f32, float)
+    RR_CDF_DRAW(rr_cdf_draw_f64, double)
+    """
+    float rr_max_first_f32(const float* s, Py_ssize_t V, Py_ssize_t* kmax) noexcept nogil
+    double rr_max_first_f64(const double* s, Py_ssize_t V, Py_ssize_t* kmax) noexcept nogil
+    int rr_row_ok_f32(const float* z, Py_ssize_t V, float al) noexcept nogil
+    int rr_row_ok_f64(const double* z, Py_ssize_t V, double al) noexcept nogil
+    Py_ssize_t rr_cdf_draw_f32(float* e, Py_ssize_t V, float S, double u) noexcept nogil
+    Py_ssize_t rr_cdf_draw_f64(double* e, Py_ssize_t V, double S, double u) noexcept nogil
 
 cdef enum:
     BOLTZMANN = 0
@@ -63,15 +151,11 @@ cdef inline floating row_sum(const floating* e, Py_ssize_t V) noexcept nogil:
 cdef inline bint row_ok(const floating* z, Py_ssize_t V, double alpha, int kind) noexcept nogil:
     """The row gives a policy (policy.check_scores): max_k α·z_k (max_k z_k for the greedy kinds),
     NaN-propagating, is finite. α·z is rounded to the row's dtype, as the reference rounds it."""
-    cdef floating al = <floating>alpha if kind == BOLTZMANN else <floating>1, x, m = -INFINITY
-    cdef Py_ssize_t k
-    for k in range(V):
-        x = al * z[k]
-        if x != x or x == INFINITY:             # NaN or +inf
-            return False
-        if x > m:
-            m = x
-    return m > -INFINITY
+    cdef floating al = <floating>alpha if kind == BOLTZMANN else <floating>1
+    if floating is float:
+        return rr_row_ok_f32(z, V, al) != 0
+    else:
+        return rr_row_ok_f64(z, V, al) != 0
 
 
 cdef inline Py_ssize_t argmax_row(const floating* z, Py_ssize_t V) noexcept nogil:
@@ -93,11 +177,10 @@ cdef inline floating softmax_row(const floating* z, Py_ssize_t V, floating al, f
     cdef floating m
     for k in range(V):
         e[k] = al * z[k]
-    m = e[0]
-    for k in range(1, V):
-        if e[k] > m:
-            m = e[k]
-            kmax = k
+    if floating is float:                       # m = max_k e_k, kmax its first index
+        m = rr_max_first_f32(e, V, &kmax)
+    else:
+        m = rr_max_first_f64(e, V, &kmax)
     exp_row(e, V, <floating>1, -m, e)          # exp(s_k − m): s_k − m is exact or one rounding
     e[kmax] = 0
     s1[0] = row_sum(e, V)
@@ -251,15 +334,11 @@ cdef inline Py_ssize_t sample_row(const floating* z, Py_ssize_t V, double alpha,
             return a
         # q_k = π_k = e_k / S (the reference samples from exp(log π_k): equal up to rounding,
         # which only moves a tie at a CDF boundary)
-        for k in range(V):
-            e[k] = e[k] / S
-            tot = tot + <double>e[k]
-        u = u * tot                             # the CDF in float64, u scaled by its total (policy.sample)
-        for k in range(V):
-            accd = accd + <double>e[k]
-            if accd > u:
-                a = k
-                break
+        # e_k <- π_k = e_k / S; the CDF in float64, u scaled by its total (policy.sample)
+        if floating is float:
+            a = rr_cdf_draw_f32(e, V, S, u)
+        else:
+            a = rr_cdf_draw_f64(e, V, S, u)
         if a < 0:
             for k in range(V - 1, -1, -1):
                 if e[k] > 0:

@@ -5,8 +5,9 @@ so that h becomes h_{t−1}, the state token t is chosen in), exactly in the ref
 
 1. the input part of the pre-activations is a row of the table P = E W_ihᵀ + b_ih + b_hh
    (``_lstm_cy.input_table``), then one product a += h W_hhᵀ per block of rows (skipped at
-   t = 1, where h = 0; ``_common_cy.smm`` for 4..64 rows when the transposed weights are given,
-   BLAS otherwise), then the fused cell (``_lstm_cy.cell``) per live row;
+   t = 1, where h = 0; ``_common_cy.smm`` for 4..64 rows, and for one row where the instruction-
+   set clones are built, when the transposed weights are given (``use_smm``), BLAS otherwise),
+   then the fused cell (``_lstm_cy.cell``) per live row;
 2. one product for the stacked heads z = h W_cᵀ + b_c (``head`` and, when asked, ``value``);
 3. per live row: the mask, the value, and at t ≥ prompt_len the policy and the inverse-CDF draw
    with u[b, t] (``_policy_cy.sample_row``), the log-probability of the drawn token under the
@@ -164,7 +165,8 @@ def rollout(const floating[:, ::1] P, const floating[:, ::1] W_hh, const floatin
             double[:, ::1] vals, floating[:, ::1] h, floating[:, ::1] c, floating[:, ::1] cn, floating[:, ::1] a,
             floating[:, ::1] z, floating[:, ::1] hr, floating[:, ::1] cr, floating[:, ::1] cnr, floating[:, ::1] ar,
             floating[:, ::1] zr, floating[:, ::1] work, uint8_t[::1] done, int nchunks=1):
-    """Sample every row. tokens (B, T) holds the prompts (PAD after) on entry, the batch on exit.
+    """Sample every row. tokens (B, T) holds the prompts on entry (what follows each prompt is set
+    to PAD here, before sampling), the batch on exit.
 
     P (V, 4H) input table, W_hh (4H, H) and WT = W_hhᵀ, Wc (K, H) and WcT = Wcᵀ, bc (K,): the
     stacked head [head; value]. WT, WcT may be empty: then every block's products go to BLAS
@@ -203,6 +205,9 @@ def rollout(const floating[:, ::1] P, const floating[:, ::1] W_hh, const floatin
         need(1 <= prompt_len[b] <= T, "prompt_len in [1, T]")
         for t in range(prompt_len[b]):
             need(0 <= tokens[b, t] < V, "prompt tokens in [0, V)")
+    for b in range(B):                      # after the prompt: PAD (0) until sampled
+        for t in range(prompt_len[b], T):
+            tokens[b, t] = 0
     if B * T == 0:
         return
     cdef floating* w = &work[0, 0]
