@@ -39,7 +39,8 @@ def check_rollout_args(params, prompt_tokens, prompt_len, u, alpha, eps, kind, e
     tok = as_int_array(prompt_tokens, "prompt_tokens", ndim=2)
     B, T = tok.shape
     pl = as_int_array(prompt_len, "prompt_len", shape=(B,))
-    if np.any(pl < 1) or np.any(pl > T):
+    # (the ndarray methods: np.any's dispatch costs microseconds a call, issue 12)
+    if B and (pl.min() < 1 or pl.max() > T):
         b = int(np.argwhere((pl < 1) | (pl > T))[0, 0])
         raise ValueError(f"prompt_len must lie in [1, {T}] (BOS included); prompt_len[{b}] = {pl[b]}")
     prompt = np.arange(T)[None, :] < pl[:, None]
@@ -47,8 +48,8 @@ def check_rollout_args(params, prompt_tokens, prompt_len, u, alpha, eps, kind, e
     if bad.any():
         b, t = (int(i) for i in np.argwhere(bad)[0])
         raise ValueError(f"prompt_tokens must lie in [0, {V}) within the prompt; prompt_tokens[{b}, {t}] = {tok[b, t]}")
-    u = as_float_array(u, "u", shape=(B, T))
-    if np.any((u < 0) | (u >= 1)):
+    u = as_float_array(u, "u", shape=(B, T))                  # finite
+    if u.size and (u.min() < 0 or u.max() >= 1):
         raise ValueError("u must hold uniforms in [0, 1)")
     check_eos_id(eos_id, V)
     return tok, np.ascontiguousarray(pl), u, V

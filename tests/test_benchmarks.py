@@ -67,3 +67,16 @@ def test_thread_cpu_accounting_sees_this_threads_work():
     assert len(times["busy"]) == 1 and times["busy"][0] > 0
     assert u["threads_over_5pct"] >= 1
     assert 0.0 < u["cpu_per_wall"] <= os.cpu_count() + 0.1
+
+
+def test_b1_roofline_is_the_table_at_peak_plus_the_weights_at_cache_bandwidth():
+    """At H = E = 128, V = 64, T = 64, 100 GB/s and 100 GFLOP/s: the table is 2·64·128·512 FLOP =
+    83.886 µs; each of the 63 steps reads (512 + 64)·128·4 = 294,912 B = 2.94912 µs; 63 tokens in
+    269.68 µs is 233.6k tokens/s (worked by hand from the definitions in the report's docstring)."""
+    from benchmarks import report
+    run = {"cache_bw": {"gb_per_s": 100.0}, "gemm_peak": {"gflops_median": 100.0}}
+    rl = report.roofline(run, {"H": 128, "V": 64, "E": 128, "T": 64})
+    assert rl["bytes"] == 294912
+    assert rl["table_s"] == pytest.approx(83.886e-6, rel=1e-4)
+    assert rl["tokens_per_s"] == pytest.approx(1 / 2.94912e-6, rel=1e-6)
+    assert rl["call_tokens_per_s"] == pytest.approx(63 / 269.68e-6, rel=1e-4)
