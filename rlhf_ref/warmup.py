@@ -5,7 +5,7 @@
     add_arguments(parser) / main(args, out=None) -> int; warm(jobs, dtypes, log) -> dict (the API)
 
 Why: the numba backend compiles its kernels at their first call. With an empty cache a new user's
-first rollout waits about 5 s and the first training step about 14 s (benchmarks/RESULTS.md, this
+first rollout waits 5–8 s and the first training step 13–22 s (benchmarks/RESULTS.md, this
 2-core machine); with the cache filled, import + first call takes about 0.5 s. ``warmup`` pays the
 compilation once per machine, Numba version and kernel source (the cache is stamped with a hash
 of every kernel file, ``_nb_common.kernel``), so the first real call only loads machine code.
