@@ -328,8 +328,8 @@ def weight_grads(DA, HS, dW_hh, db):
 
 
 @kernel
-def input_backward_table(DA, ids, E, W_ih, dP, dW_ih, dE):
-    """Sum da per token into dP (V, 4H), then dW_ih = dPᵀ E and dE = dP W_ih.  DA (T·B, 4H) time-major."""
+def _sum_per_token(DA, ids, dP):
+    """dP (V, 4H) = the rows of DA (T·B, 4H, time-major) summed per token id ids (B, T)."""
     B, T = ids.shape
     G = DA.shape[1]
     dP[:] = 0.0
@@ -338,6 +338,12 @@ def input_backward_table(DA, ids, E, W_ih, dP, dW_ih, dE):
             v = ids[b, t]
             for g in range(G):
                 dP[v, g] += DA[t * B + b, g]
+
+
+@kernel
+def input_backward_table(DA, ids, E, W_ih, dP, dW_ih, dE):
+    """Sum da per token into dP (V, 4H), then dW_ih = dPᵀ E and dE = dP W_ih.  DA (T·B, 4H) time-major."""
+    _sum_per_token(DA, ids, dP)
     np.dot(dP.T, E, dW_ih)
     np.dot(dP, W_ih, dE)
 
@@ -347,14 +353,7 @@ def input_backward_table_rows(DA, ids, E, W_ih, rows, dP, X, dPu, dW_ih, dEu, dE
     """``input_backward_table`` when the batch reads only the vocabulary rows ``rows`` (U of them): dP
     summed per token as there, then the two GEMMs over those U rows (X (U, E), dPu (U, 4H), dEu (U, E)
     scratch): dW_ih = dP[rows]ᵀ E[rows], dE[rows] = dP[rows] W_ih, dE 0 elsewhere."""
-    B, T = ids.shape
-    G = DA.shape[1]
-    dP[:] = 0.0
-    for t in range(T):                                       # a fixed order: deterministic
-        for b in range(B):
-            v = ids[b, t]
-            for g in range(G):
-                dP[v, g] += DA[t * B + b, g]
+    _sum_per_token(DA, ids, dP)
     for i in range(rows.shape[0]):
         dPu[i] = dP[rows[i]]
         X[i] = E[rows[i]]
