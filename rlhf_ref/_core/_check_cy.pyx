@@ -5,7 +5,8 @@ that its loss and gradients are. With NumPy that is a few calls per array, each 
 cost of microseconds (an ``errstate``, a temporary, a reduction): 40 µs for the nine arrays of
 a small model, 14 % of a B = 1 rollout (issue 12). Here one call takes every array: a
 branch-free OR over the exponent bits (an entry is NaN or ±inf exactly when all its exponent
-bits are set), compiled for AVX-512, AVX2 and the baseline (``RR_CLONES`` of ``_common_cy``).
+bits are set), compiled for AVX-512, AVX2 and the baseline (``RR_CLONES`` of ``_isa_cy.pxd``). It
+imports with NumPy alone (no SciPy BLAS), as the argument checks must.
 
 ``first_nonfinite`` answers the same question as ``np.isfinite(a.astype(dtype)).all()`` for
 each array, so ``_validate`` gives the same errors with or without this module.
@@ -13,7 +14,7 @@ each array, so ``_validate`` gives the same errors with or without this module.
 
 import numpy as np
 
-from ._common_cy cimport rr_openmp            # pulls in _common_cy's C block (RR_CLONES) before ours
+from ._isa_cy cimport RR_HAVE_CLONES         # its C block (RR_CLONES) comes before ours; not _common_cy (scipy)
 
 cdef extern from *:
     """

@@ -45,6 +45,8 @@ from cython.parallel cimport prange
 from libc.math cimport log, log1p, exp as libm_exp, INFINITY
 from scipy.linalg.cython_blas cimport sgemm, dgemm, sgemv, dgemv
 
+from ._isa_cy cimport RR_HAVE_CLONES     # RR_UNUSED, RR_CLONES (its C block comes first)
+
 cdef extern from *:
     """
     #include <stddef.h>
@@ -52,22 +54,6 @@ cdef extern from *:
     #include <string.h>
     #include <math.h>
 
-    #if defined(__GNUC__)
-    #define RR_UNUSED __attribute__((unused))       /* not every module calls every kernel */
-    #else
-    #define RR_UNUSED
-    #endif
-    /* RR_CLONES: compile a row kernel for AVX-512, AVX2 and the baseline, the best picked when the
-       module loads (an ifunc; GCC >= 8 or Clang >= 14 on x86-64 glibc Linux; elsewhere one
-       baseline build). Define RLHF_REF_NO_CLONES to turn it off. */
-    #if defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__) && !defined(RLHF_REF_NO_CLONES) && \
-        ((defined(__clang__) && __clang_major__ >= 14) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 8))
-    #define RR_CLONES RR_UNUSED __attribute__((target_clones("avx512f", "avx2", "default")))
-    #define RR_HAVE_CLONES 1
-    #else
-    #define RR_CLONES RR_UNUSED
-    #define RR_HAVE_CLONES 0
-    #endif
     static inline uint64_t rr_bits64(double x) { uint64_t u; memcpy(&u, &x, 8); return u; }
     static inline double rr_from64(uint64_t u) { double x; memcpy(&x, &u, 8); return x; }
     static inline uint32_t rr_bits32(float x) { uint32_t u; memcpy(&u, &x, 4); return u; }
@@ -342,7 +328,6 @@ cdef extern from *:
     float rr_sigmoidf(float x) noexcept nogil
     int rr_openmp() noexcept nogil
     int rr_max_threads() noexcept nogil
-    int RR_HAVE_CLONES
     void rr_exp_row_f32(const float* x, Py_ssize_t n, float alpha, float beta, float* out) noexcept nogil
     void rr_exp_row_f64(const double* x, Py_ssize_t n, double alpha, double beta, double* out) noexcept nogil
     void rr_tanh_row_f32(const float* x, Py_ssize_t n, float alpha, float beta, float* out) noexcept nogil
