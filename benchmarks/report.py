@@ -72,7 +72,8 @@ def _threads_text(t):
 
 
 def roofline(run, case):
-    """B = 1 rollout: the fastest a call can be on this machine. Per call it must tabulate the input
+    """B = 1 rollout: an estimate of the fastest a call can be on this machine (the bandwidth is
+    NumPy's dot's; a hand-written loop can read L2 somewhat faster). Per call it must tabulate the input
     projection P = E W_ihᵀ + b (V × E × 4H multiply-adds), at best at the GEMM peak (projecting each
     token instead reads W_ih, 4H × E, per token: slower at these sizes), and per token read the
     weights W_hh and the head from cache (they fit in L2), at best at the cache read bandwidth; both
@@ -152,10 +153,10 @@ def run_section(run):
              f"Cython {lib.get('Cython')}, PyTorch {lib.get('torch')}, JAX {lib.get('jax')} (jaxlib {lib.get('jaxlib')}), "
              f"rlhf_ref {lib.get('rlhf_ref')}",
              f"- Thread settings: environment {lib['threads_env']}; set in the process: {run.get('thread_limits')}",
-             f"- BLAS (threadpoolctl): " + (", ".join(f"{b['internal_api']} {b['version']} kernel **{b['architecture']}** "
+             "- BLAS (threadpoolctl): " + (", ".join(f"{b['internal_api']} {b['version']} kernel **{b['architecture']}** "
                                                       f"({b['num_threads']} threads, {os.path.basename(str(b['filepath']))})"
                                                       for b in lib["blas"]) if isinstance(lib["blas"], list) else str(lib["blas"])),
-             f"- Backends: " + ", ".join(f"{n}: {r}" for n, r in run["backends"].items()),
+             "- Backends: " + ", ".join(f"{n}: {r}" for n, r in run["backends"].items()),
              f"- float32 GEMM peak (numpy, {run['gemm_peak']['n']}²): **{peak:.0f} GFLOP/s** "
              f"(min {run['gemm_peak']['gflops_min']:.0f}, max {run['gemm_peak']['gflops_max']:.0f}; the higher of the "
              f"medians measured before and after the cases: " + ", ".join(f"{k} {v['gflops_median']:.0f}" for k, v in run.get("gemm_peaks", {}).items()) + ")"]
@@ -204,8 +205,8 @@ def run_section(run):
                   "implementation's own import; the wait is import + first call.", ""]
         for r in run["cold_start"]:
             if r["state"] == "warmup run":
-                lines += [f"`rlhf-ref warmup` itself (paid once per machine, Numba version and kernel source; a fresh "
-                          f"process, empty cache): "
+                lines += ["`rlhf-ref warmup` itself (paid once per machine, Numba version and kernel source; a fresh "
+                          "process, empty cache): "
                           + (f"**error** {r['error']}" if "error" in r else f"{r['warmup_s']:.1f} s"), ""]
         lines += ["| impl | job | state | import | first call | wait (import + first) | second call | process wall | ≤ 2 s |",
                   "|---|---|---|---|---|---|---|---|---|"]

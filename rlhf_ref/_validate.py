@@ -180,14 +180,22 @@ def check_params(params, expected, name="params"):
     missing = sorted(set(expected) - set(params))
     if missing:
         raise ValueError(f"{name} is missing {missing}; expected keys {sorted(expected)}")
-    for k, shape in expected.items():
-        a = params[k]
-        if not isinstance(a, np.ndarray) or a.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name}[{k!r}] must be a float32 or float64 ndarray, got "
-                            f"{type(a).__name__}{'' if not hasattr(a, 'dtype') else ' ' + str(a.dtype)}")
-        if a.shape != tuple(shape):
-            raise ValueError(f"{name}[{k!r}] must have shape {tuple(shape)}, got {a.shape}")
     keys = list(expected)
+    for j, k in enumerate(keys):                    # per key: dtype, then shape, then finite (in that order)
+        a, shape = params[k], tuple(expected[k])
+        if not isinstance(a, np.ndarray) or a.dtype not in FLOAT_DTYPES:
+            err = TypeError(f"{name}[{k!r}] must be a float32 or float64 ndarray, got "
+                            f"{type(a).__name__}{'' if not hasattr(a, 'dtype') else ' ' + str(a.dtype)}")
+        elif a.shape != shape:
+            err = ValueError(f"{name}[{k!r}] must have shape {shape}, got {a.shape}")
+        else:
+            continue
+        _raise_nonfinite(params, keys[:j], name)     # an earlier key's non-finite entry is reported first
+        raise err
+    _raise_nonfinite(params, keys, name)            # one pass over every array (the common case: all good)
+
+
+def _raise_nonfinite(params, keys, name):
     bad = first_nonfinite([params[k] for k in keys])
     if bad >= 0:
         raise ValueError(f"{name}[{keys[bad]!r}] must be finite")

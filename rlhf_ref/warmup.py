@@ -42,9 +42,11 @@ import time
 JOBS = ("rollout", "logprobs", "reinforce", "sft", "reward")
 DTYPES = ("float32", "float64")
 
-# (B, T, V): one row with B·T < V (serial kernels, direct input projection) and three rows with
-# B·T ≥ V (row-block kernels when Numba has ≥ 2 threads, the input table): see _backend_numba._Body.
-SHAPES = ((1, 4, 16), (3, 8, 16))
+# (B, T, V): one row with B·T < V (serial kernels, direct input projection); three rows with
+# B·T ≥ V (row-block kernels when Numba has ≥ 2 threads, the input table over the rows the batch
+# reads: ≤ NUMBA_TABLE_ROWS_FRACTION of them); four rows whose tokens cover the vocabulary (the
+# whole table, forward and backward). (B, T, V, every id read): see _backend_numba._Body.
+SHAPES = ((1, 4, 16, False), (3, 8, 16, False), (4, 8, 16, True))
 H = 8
 
 
@@ -106,7 +108,7 @@ def cache_location(K):
     return None, "unknown (Numba's internals moved)"
 
 
-def _calls(b, dtype, job, B, T, V):
+def _calls(b, dtype, job, B, T, V, every=False):
     """(label, thunk) pairs: the backend calls of one job on one tiny shape."""
     import numpy as np
     from .lstm import init_params
@@ -118,6 +120,8 @@ def _calls(b, dtype, job, B, T, V):
     pol = init_params(V, H, H, rng, heads=("head", "value", "qvalue"), dtype=dt)
     ref = init_params(V, H, H, rng, heads=("head",), dtype=dt)
     tokens = rng.integers(4, V, size=(B, T)).astype(np.int64)
+    if every:                                               # ids 4 … V−1 all read, and BOS
+        tokens[:, 1:] = 4 + np.arange(B * (T - 1)).reshape(B, T - 1) % (V - 4)
     tokens[:, 0] = BOS
     mask = np.ones((B, T))
     mask[0, T - 1] = 0.0                                     # a padded position
@@ -170,8 +174,8 @@ def warm(jobs=JOBS, dtypes=DTYPES, log=print):
             for job in jobs:
                 m0, h0 = cache_counts(K)
                 t = time.perf_counter()
-                for B, T, V in SHAPES:
-                    for label, call in _calls(b, dtype, job, B, T, V):
+                for B, T, V, every in SHAPES:
+                    for label, call in _calls(b, dtype, job, B, T, V, every):
                         try:
                             call()
                         except Exception as e:      # a bug: say which call, keep the traceback chained

@@ -130,3 +130,35 @@ def test_check_batch_accepts_and_refuses_as_the_definition(data):
     else:
         with pytest.raises(ValueError, match=want):
             check_batch(tokens, mask, pl, vocab_size=V)
+
+
+def test_unaligned_arrays_are_read_by_numpy():
+    """An array that is not aligned for its dtype (a view into a byte buffer at an odd offset) is not
+    handed to the compiled pass (which reads whole float32/float64 values); NumPy answers."""
+    buf = np.zeros(8 * 9 + 1, np.uint8)
+    a = np.frombuffer(buf.data, np.float64, count=9, offset=1)
+    assert not a.flags.aligned
+    assert first_nonfinite([a]) == -1
+    b = a.copy()
+    b[4] = np.inf
+    buf[1:] = np.frombuffer(b.tobytes(), np.uint8)
+    assert first_nonfinite([a]) == 0 and first_nonfinite([a], np.float32) == 0
+    if _validate._first_nonfinite_compiled is not None:
+        assert _validate._first_nonfinite_compiled([a], False) is None
+
+
+def test_params_errors_keep_the_per_key_order():
+    """Per key in the expected order: dtype, shape, finite; so a non-finite earlier key is reported
+    before a later key's wrong dtype or shape, and a wrong earlier key before a later non-finite one."""
+    from rlhf_ref._validate import check_params
+    expected = {"a": (2,), "b": (3,), "c": (2,)}
+    good = {"a": np.zeros(2), "b": np.zeros(3), "c": np.zeros(2)}
+    check_params(good, expected)
+    cases = [({"a": np.array([np.nan, 0.0]), "b": np.zeros(4)}, ValueError, r"params\['a'\] must be finite"),
+             ({"a": np.array([np.nan, 0.0]), "c": np.zeros(2, np.int64)}, ValueError, r"params\['a'\] must be finite"),
+             ({"a": np.zeros(3), "b": np.array([np.inf, 0, 0])}, ValueError, r"params\['a'\] must have shape"),
+             ({"b": np.zeros(3, np.int32), "c": np.array([np.nan, 0])}, TypeError, r"params\['b'\] must be a float"),
+             ({"b": np.array([0.0, np.inf, 0.0]), "c": np.array([np.nan, 0])}, ValueError, r"params\['b'\] must be finite")]
+    for change, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            check_params({**good, **change}, expected)

@@ -217,6 +217,9 @@ def test_rollout_small_product_and_blas_paths_agree(dt, monkeypatch):
     the same tokens, log-probs and values up to the rounding of a differently ordered product."""
     p, prompt, pl, u = problem(dt, B=9, T=12, V=7, E=6, H=20)
     pr = lstm.init_params(7, 6, 17, np.random.default_rng(9), heads=("head",), dtype=dt)
+    use = nbk._require().lstm.use_smm
+    for rows in (4, 5, 9):       # the blocks of 1 or 2 threads: h (rows × H) [W_hhᵀ | heads] (≥ 4H wide)
+        assert use(rows, 20, 80, 1, 64) and use(rows, 17, 68, 1, 64) and not use(rows, 20, 80, 0, -1)
     res = {}
     for name, rows in (("smm", (1, 64)), ("blas", (0, -1))):
         monkeypatch.setattr(_config, "NUMBA_SMM_ROWS", rows)
@@ -233,6 +236,9 @@ def test_training_small_product_and_blas_paths_agree(dt, monkeypatch):
     """The LSTM forward and BPTT with their per-step products in ``smm`` (H = 64: every product has a
     full tile, the backward one included) and in BLAS: the same loss and gradients up to rounding."""
     p, prompt, pl, u = problem(dt, B=9, T=12, V=7, E=6, H=64)
+    use = nbk._require().lstm.use_smm
+    for rows in (4, 5, 9):       # forward h (rows × H) W_hhᵀ (H × 4H); backward da (rows × 4H) W_hh (4H × H)
+        assert use(rows, 64, 256, 1, 64) and use(rows, 256, 64, 1, 64) and not use(rows, 64, 256, 0, -1)
     ro = nbk.rollout(p, prompt, pl, u, eos_id=EOS)
     reward = np.linspace(-1, 1, len(pl))
     cfg = reinforce.ReinforceConfig(entropy_coef=0.1, eps=0.1)

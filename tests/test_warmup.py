@@ -77,6 +77,37 @@ def test_warmup_fills_the_cache_and_a_fresh_first_rollout_compiles_nothing(tmp_p
     assert "already warm, nothing compiled" in again, again
 
 
+# A user's first training steps after the warm-up: one row (the input projected directly), a batch
+# reading few vocabulary rows (the table over those rows only) and one reading nearly all of them
+# (the whole table, forward and backward): _backend_numba._Body's three paths.
+FIRST_STEP = """
+    import json
+    import numpy as np
+    from rlhf_ref import backends, lstm
+    from rlhf_ref.warmup import cache_counts
+    b = backends.get("numba")
+    rng = np.random.default_rng(7)
+    V, T = 20, 9
+    p = lstm.init_params(V, 12, 24, rng, heads=("head", "value"), dtype=np.float32)
+    for B, ids in ((1, range(4, V)), (4, range(4, 8)), (6, None)):
+        tokens = rng.choice(list(ids), size=(B, T)) if ids is not None else \\
+            4 + np.arange(B * T).reshape(B, T) % (V - 4)
+        tokens[:, 0] = 1
+        b.reinforce_loss_and_grad(p, tokens, np.ones((B, T)), np.ones(B, np.int64), rng.standard_normal(B),
+                                  ref_logp=np.zeros((B, T)))
+    compiled, loaded = cache_counts(b._require())
+    print(json.dumps({"compiled": compiled, "loaded": loaded}))
+"""
+
+
+@needs_numba
+def test_warmup_covers_a_first_training_step_on_every_input_path(tmp_path):
+    cache = tmp_path / "numba-cache"
+    _run(["warmup", "--dtype", "float32", "--jobs", "reinforce"], cache)
+    first = json.loads(_run(None, cache, FIRST_STEP).strip().splitlines()[-1])
+    assert first["compiled"] == 0 and first["loaded"] > 0, first
+
+
 @pytest.mark.parametrize("argv, msg", [(["warmup", "--jobs", "rollout,bogus"], "unknown job 'bogus'"),
                                        (["warmup", "--jobs", ","], "at least one of")])
 def test_bad_jobs_exit_2_naming_the_argument(argv, msg, capsys):

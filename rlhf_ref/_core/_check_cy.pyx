@@ -62,15 +62,15 @@ cdef extern from *:
 def first_nonfinite(arrays, bint as_float32=False):
     """Index of the first array in ``arrays`` (a sequence of ndarrays) with an entry that is NaN or
     ±inf — with ``as_float32``, NaN or ±inf once cast to float32 — or −1 when every entry of every
-    array is finite. Only C-contiguous native-order float32 / float64 ndarrays are read here; for
-    any other the answer is None and the caller decides with NumPy."""
+    array is finite. Only C-contiguous, aligned, native-order float32 / float64 ndarrays are read
+    here; for any other the answer is None and the caller decides with NumPy."""
     cdef Py_ssize_t i
     cdef const float[::1] f
     cdef const double[::1] d
     cdef int bad
     for i in range(len(arrays)):
         a = arrays[i]
-        if type(a) is not np.ndarray or not a.flags.c_contiguous or not a.dtype.isnative:
+        if type(a) is not np.ndarray or not a.flags.c_contiguous or not a.flags.aligned or not a.dtype.isnative:
             return None
         if a.size == 0:
             continue

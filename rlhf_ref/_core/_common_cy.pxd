@@ -425,7 +425,8 @@ cdef inline void smm(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const floating* A
 cdef enum:
     PAR_MIN_MNK = 1 << 24
     PAR_MIN_ENTRIES = 1 << 18
-    SMM_MIN_ROWS = 4        # per-step products of SMM_MIN_ROWS..SMM_MAX_ROWS rows use smm, not BLAS
+    SMM_MIN_ROWS = 4        # per-step products of SMM_MIN_ROWS..SMM_MAX_ROWS rows (and of one row where
+                            # the ISA clones are built: use_smm) use smm, not BLAS
     SMM_MAX_ROWS = 64
 
 # Row-major products on top of the column-major BLAS: C (M×N) = α·op(A)·op(B) + β·C with

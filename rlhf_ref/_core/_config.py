@@ -38,6 +38,7 @@ NUMBA_PARALLEL = os.environ.get("RLHF_REF_NUMBA_PARALLEL", "auto")
 #: own register-tiled product (``_lstm_nb.smm``) instead of BLAS, which packs the weights on every call.
 #: Measured float32, 1 thread (GFLOP/s, smm vs OpenBLAS): 2 rows 60 vs 105; 16 × 128 × 576: 97 vs 55;
 #: 64 × 256 × 1152: 105 vs 87; 256 × 512 × 2304: 106 vs 97–101; 1024 × 128 × 576: 89 vs 102
+#: (``_lstm_nb.use_smm`` also asks for a full 64-column tile and rows·K ≤ 2^18)
 NUMBA_SMM_ROWS = (4, 256)
 #: the rollout's [W_hhᵀ | Wcᵀ] is padded to a width that is a multiple of this: OpenBLAS's B = 1
 #: product is then ~30% faster (measured)

@@ -4,7 +4,7 @@ Same equations, gate order (i, f, g, o) and padding rule as the reference (state
 unchanged over padding; padded ids never read). What differs is only the layout and the
 order of the sums:
 
-* **Time-major buffers** so that every per-step matrix product is one contiguous BLAS call:
+* **Time-major buffers** so that every per-step matrix product is one contiguous product:
   ``gates (T, B, 4H)`` post-activation, ``cs (T+1, B, H)`` and ``hs (T+1, B, H)`` with
   ``cs[t+1] = c_t``, ``hs[t+1] = h_t`` (carried over padding) and ``hs[0] = h_{-1} = 0``.
   So ``hs[t]`` is the state token t is chosen in (the reference's ``hprev[:, t]``).
@@ -24,13 +24,12 @@ order of the sums:
 * ``tanh(c_t)`` is recomputed in the backward pass rather than stored.
 * **Rows are independent in the recurrences**, so ``forward``/``backward`` (one block, BLAS may
   thread each product) have ``*_par`` twins that run row blocks on Numba's threads, each block
-  with its own single-threaded BLAS products; one body (``*_rows``) serves both. With 2 cores
-  this beat one block with 2 BLAS threads at every benchmark size (B = 16: 8-row products also
-  take OpenBLAS's faster small-matrix path).
+  with its own single-threaded products; one body (``*_rows``) serves both. With 2 cores this
+  beat one block with 2 BLAS threads at every benchmark size.
 
 The matrix products are ``np.dot`` inside the kernels (SciPy's BLAS, one runtime for the
-whole hot loop), except the per-step products of blocks of a few rows (``_config.NUMBA_SMM_ROWS``),
-which run in ``smm`` (register tiles; OpenBLAS packs the weights on every call, which at 16 rows
+whole hot loop), except the per-step products of blocks of ``_config.NUMBA_SMM_ROWS`` rows with at
+least 64 columns and rows·K ≤ 2^18 (``use_smm``), which run in ``smm`` (register tiles; OpenBLAS packs the weights on every call, which at 16 rows
 costs more than the product); the elementwise work is fused loops over SIMD ``vsigmoid``/``vtanh``.
 """
 
