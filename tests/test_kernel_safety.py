@@ -101,6 +101,14 @@ def _overflowing(dtype=np.float32, V=7, seed=0):
     return p
 
 
+def _batch():
+    """Two episodes, BOS first, the second padded after three tokens: (tokens (2, 4), mask)."""
+    tokens = np.array([[1, 3, 4, 2], [1, 5, 6, 0]])
+    mask = (tokens > 0).astype(float)
+    mask[:, 0] = 1
+    return tokens, mask
+
+
 @pytest.mark.parametrize("name", CPU_AND_CUDA)
 @pytest.mark.parametrize("kind", ["boltzmann", "greedy"])
 def test_overflowing_params_in_rollout_name_params(name, kind):
@@ -120,9 +128,7 @@ def test_overflowing_params_in_rollout_name_params(name, kind):
 @pytest.mark.parametrize("name", CPU_AND_CUDA)
 def test_overflowing_params_in_sequence_logprobs(name):
     be = backend(name)
-    tokens = np.array([[1, 3, 4, 2], [1, 5, 6, 0]])
-    mask = (tokens > 0).astype(float)
-    mask[:, 0] = 1
+    tokens, mask = _batch()
     with pytest.raises(ValueError) as e:
         be.sequence_logprobs(_overflowing(), tokens, mask, np.array([1, 1]))
     assert str(e.value) == str(policy.scores_error("params", 1.0, "boltzmann", np.float32))
@@ -131,9 +137,7 @@ def test_overflowing_params_in_sequence_logprobs(name):
 @pytest.mark.parametrize("name", CPU)
 def test_overflowing_params_in_training_name_the_same_argument(name):
     be = backend(name)
-    tokens = np.array([[1, 3, 4, 2], [1, 5, 6, 0]])
-    mask = (tokens > 0).astype(float)
-    mask[:, 0] = 1
+    tokens, mask = _batch()
     p = _overflowing()
     with pytest.raises(ValueError) as e:
         be.sft_loss_and_grad(p, tokens, mask)

@@ -22,37 +22,23 @@ cdef extern from *:
     #include <string.h>
     #include <stddef.h>
 
-    /* 1 when some entry is NaN or +-inf: all eight (eleven) exponent bits set. */
-    RR_CLONES static int rrc_nonfinite_f32(const float* x, ptrdiff_t n) {
-        uint32_t acc = 0;
-        for (ptrdiff_t i = 0; i < n; i++) {
-            uint32_t u;
-            memcpy(&u, x + i, 4);
-            acc |= (uint32_t)((u & 0x7f800000u) == 0x7f800000u);
-        }
-        return acc != 0;
+    /* NAME(x, n): 1 when some entry of x (IN), converted to OUT (the identity, or float64 rounded to
+       float32 as astype(float32) rounds it: |x| >= 2^128 - 2^103 becomes inf), is NaN or +-inf, i.e.
+       has every exponent bit (EXP, in OUT's bits UINT) set. */
+    #define RRC_NONFINITE(NAME, IN, OUT, UINT, EXP)                                                  \\
+    RR_CLONES static int NAME(const IN* x, ptrdiff_t n) {                                           \\
+        UINT acc = 0;                                                                               \\
+        for (ptrdiff_t i = 0; i < n; i++) {                                                         \\
+            OUT v = (OUT)x[i];                                                                      \\
+            UINT u;                                                                                 \\
+            memcpy(&u, &v, sizeof u);                                                               \\
+            acc |= (UINT)((u & EXP) == EXP);                                                        \\
+        }                                                                                           \\
+        return acc != 0;                                                                            \\
     }
-    RR_CLONES static int rrc_nonfinite_f64(const double* x, ptrdiff_t n) {
-        uint64_t acc = 0;
-        for (ptrdiff_t i = 0; i < n; i++) {
-            uint64_t u;
-            memcpy(&u, x + i, 8);
-            acc |= (uint64_t)((u & 0x7ff0000000000000ull) == 0x7ff0000000000000ull);
-        }
-        return acc != 0;
-    }
-    /* float64 entries that are not finite once rounded to float32 (what astype(float32) gives:
-       round to nearest, so |x| >= 2^128 - 2^103 becomes inf), or not finite at all. */
-    RR_CLONES static int rrc_nonfinite_f64_as_f32(const double* x, ptrdiff_t n) {
-        uint32_t acc = 0;
-        for (ptrdiff_t i = 0; i < n; i++) {
-            float f = (float)x[i];
-            uint32_t u;
-            memcpy(&u, &f, 4);
-            acc |= (uint32_t)((u & 0x7f800000u) == 0x7f800000u);
-        }
-        return acc != 0;
-    }
+    RRC_NONFINITE(rrc_nonfinite_f32, float, float, uint32_t, 0x7f800000u)
+    RRC_NONFINITE(rrc_nonfinite_f64, double, double, uint64_t, 0x7ff0000000000000ull)
+    RRC_NONFINITE(rrc_nonfinite_f64_as_f32, double, float, uint32_t, 0x7f800000u)
     """
     int rrc_nonfinite_f32(const float* x, Py_ssize_t n) noexcept nogil
     int rrc_nonfinite_f64(const double* x, Py_ssize_t n) noexcept nogil
