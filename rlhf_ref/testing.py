@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from .golden import vectors as _gv
 from .golden import verify as _verify
 
-__all__ = ["GoldenCase", "golden_dir", "load_case", "assert_matches_golden", "check"]
+__all__ = ["GoldenCase", "golden_dir", "case_names", "load_case", "assert_matches_golden", "check"]
 
 _DEFAULT = {}
 
@@ -72,6 +72,16 @@ def _entry(name, golden):
             return man, e
     raise KeyError(f"case: no golden case named {name!r} in {man['_folder']}; "
                    f"cases: {', '.join(e['name'] for e in man['cases'])}")
+
+
+def case_names(golden=None, where=None, section="rl"):
+    """Names of the golden cases your implementation can be checked on: those with the section
+    ``section`` ("rl", "rm", "sft", "rollout"; None: any) for which ``where(config, inputs)`` is true
+    (``config`` the case's switches by name, ``inputs`` the names of its input arrays; None: every
+    case), in the manifest's order."""
+    man = _gv.load_manifest(golden_dir() if golden is None else os.fspath(golden))
+    return [e["name"] for e in man["cases"]
+            if (section is None or section in e["sections"]) and (where is None or where(e["config"], e["inputs"]))]
 
 
 def load_case(name, golden=None):

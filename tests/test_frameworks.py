@@ -44,14 +44,11 @@ def golden(tmp_path_factory):
 
 
 def _cases(golden, applicable):
-    man = gv.load_manifest(golden)
-    return [e["name"] for e in man["cases"] if "rl" in e["sections"] and applicable(e["config"])
-            and "old_logp" not in e["inputs"]]
+    return testing.case_names(golden, lambda config, inputs: applicable(config) and "old_logp" not in inputs)
 
 
 def _trl_cases(golden, trl_ex):
-    man = gv.load_manifest(golden)
-    return [e["name"] for e in man["cases"] if "rl" in e["sections"] and trl_ex.applicable(e["config"], e["inputs"])]
+    return testing.case_names(golden, trl_ex.applicable)
 
 
 # ------------------------------------------------------------------ Stable-Baselines3 GAE
@@ -72,7 +69,7 @@ def test_sb3_gae_matches_every_value_baseline_case(sb3, golden):
 
 
 def test_sb3_gae_lambda_cases_are_checked_when_present(sb3, golden):
-    gae = [e["name"] for e in gv.load_manifest(golden)["cases"] if e["config"].get("returns") == "gae"]
+    gae = testing.case_names(golden, lambda config, inputs: config.get("returns") == "gae", section=None)
     for n in gae:                                        # i9ref's returns="gae" cases (λ < 1), once they exist
         rep = sb3.check(n, golden)
         assert "returns" in rep.checked

@@ -25,6 +25,18 @@ def test_load_case_gives_inputs_config_and_expected(golden):
     assert "returns" in case.output_names
 
 
+def test_case_names_filters_by_section_and_by_the_callers_predicate(tmp_path):
+    g = testing.golden_dir(tmp_path, names=["base", "gamma_0_9", "ppo", "gae_lam_0_95", "rloo"])
+    every = sorted(["base", "gamma_0_9", "ppo", "gae_lam_0_95", "rloo"])
+    assert sorted(testing.case_names(g)) == every                # all five have the "rl" section
+    gae = testing.case_names(g, lambda config, inputs: config["returns"] == "gae")
+    assert sorted(gae) == ["gae_lam_0_95", "ppo"]
+    fresh = testing.case_names(g, lambda config, inputs: "old_logp" not in inputs)
+    assert "ppo" not in fresh and "base" in fresh                # ppo's batch carries old log-probs
+    assert testing.case_names(g, section="no such section") == []
+    assert sorted(testing.case_names(g, section=None)) == every
+
+
 def test_golden_dir_writes_once(golden):
     assert testing.golden_dir(golden) == str(golden)           # a manifest is there: not rewritten
 

@@ -89,9 +89,7 @@ def check(name, golden=None):
 
 
 def applicable_cases(golden=None):
-    from rlhf_ref.golden import vectors as gv
-    man = gv.load_manifest(testing.golden_dir() if golden is None else golden)
-    return [e["name"] for e in man["cases"] if "rl" in e["sections"] and applicable(e["config"])]
+    return testing.case_names(golden, lambda config, inputs: applicable(config))
 
 
 def main(argv=None):

@@ -236,11 +236,8 @@ def check(name, golden=None):
 
 
 def applicable_cases(golden=None):
-    from rlhf_ref.golden import vectors as gv
-    man = gv.load_manifest(testing.golden_dir() if golden is None else golden)
-    return [e["name"] for e in man["cases"] if "rl" in e["sections"]
-            and (applicable(e["config"], e["inputs"])
-                 or (rloo_applicable(e["config"]) and "old_logp" not in e["inputs"]))]
+    return testing.case_names(golden, lambda config, inputs: applicable(config, inputs)
+                              or (rloo_applicable(config) and "old_logp" not in inputs))
 
 
 def main(argv=None):
